@@ -1,0 +1,19 @@
+"""kvant: post-training weight-only quantization of transformer language models.
+
+Public names::
+
+    kvant.quantize(model, config, calib)        # in place, block by block
+    kvant.save_quantized(model, "out/")         # packed safetensors + quantization_config
+    kvant.load_quantized("out/")                # no calibration, identical outputs
+    kvant.RTNConfig / GPTQConfig / QuantArgs    # frozen, versioned configs
+"""
+
+from kvant.config import (ConfigError, EngineOptions, GPTQConfig, MethodConfig, QuantArgs,
+                          RTNConfig)
+from kvant.api import load_quantized, quantize, save_quantized
+
+__all__ = [
+    "ConfigError", "EngineOptions", "GPTQConfig", "MethodConfig", "QuantArgs", "RTNConfig",
+    "quantize", "save_quantized", "load_quantized",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,57 @@
+"""Method name -> (config class, method class). Algorithms register themselves."""
+
+from __future__ import annotations
+
+import importlib
+
+from kvant.config import ConfigError, MethodConfig
+
+_METHODS: dict[str, tuple[type, type]] = {}
+# modules that register methods when imported
+_MODULES = ("rtn", "gptq", "awq", "quip", "spqr")
+
+
+def register(config_cls: type):
+    """Class decorator: ``@register(GPTQConfig) class GPTQ(QuantMethod)``."""
+
+    def deco(cls):
+        _METHODS[config_cls.method] = (config_cls, cls)
+        return cls
+
+    return deco
+
+
+def _load_all() -> None:
+    for mod in _MODULES:
+        try:
+            importlib.import_module(f"kvant.algorithms.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"kvant.algorithms.{mod}":
+                raise
+
+
+def available() -> list[str]:
+    """Names of the registered methods."""
+    _load_all()
+    return sorted(_METHODS)
+
+
+def config_class(method: str) -> type:
+    """The config class of ``method``."""
+    _load_all()
+    if method not in _METHODS:
+        raise ConfigError(f"unknown method {method!r}; available: {sorted(_METHODS)}")
+    return _METHODS[method][0]
+
+
+def build(config: MethodConfig):
+    """The method object for a config."""
+    cls = config_class(config.method)
+    return _METHODS[config.method][1](config)
+
+
+def config_from_dict(d: dict) -> MethodConfig:
+    """Any method's config from its ``to_dict`` form."""
+    if "method" not in d:
+        raise ConfigError("config dict has no 'method' key")
+    return config_class(d["method"]).from_dict(d)

@@ -1,0 +1,66 @@
+"""The public verbs. No algorithm logic lives here: it calls the engine and the formats."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from kvant.calib.engine import QuantReport, quantize_model
+from kvant.config import EngineOptions, MethodConfig
+from kvant.formats import checkpoint as ckpt
+from kvant.model import nanogpt
+
+
+def quantize(model: nn.Module, config: MethodConfig, calib: torch.Tensor | None = None,
+             options: EngineOptions | None = None) -> QuantReport:
+    """Quantize ``model`` in place. ``calib``: token ids (n_samples, seq_len) when the method
+    needs calibration. Returns the per-layer :class:`QuantReport`."""
+    return quantize_model(model, config, calib, options)
+
+
+def _spec(model: nn.Module, tokenizer):
+    if isinstance(model, nanogpt.GPTLanguageModel):
+        if tokenizer is None:
+            raise ValueError("saving a nanoGPT model needs its tokenizer (the vocabulary)")
+        return "nanogpt", nanogpt.spec(model, tokenizer), {}
+    if hasattr(model, "config") and hasattr(model.config, "to_dict"):
+        from kvant.model import hf
+        return "hf", hf.spec(model), hf.tokenizer_files(tokenizer)
+    raise ValueError(f"cannot save a {type(model).__name__}: kvant knows nanoGPT models and "
+                     "Hugging Face PreTrainedModels")
+
+
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
+    """Write a quantized model in kvant's format (docs/FORMAT.md), atomically."""
+    config = getattr(model, "kvant_quantization_config", None)
+    if config is None:
+        raise ValueError("model has not been quantized by kvant.quantize")
+    model_type, spec, files = _spec(model, tokenizer)
+    qc = config.to_dict()
+    qc["ignored_modules"] = list(config.ignore)
+    return ckpt.save_checkpoint(model, out_dir, model_type, spec, qc, files)
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Load a kvant checkpoint -> (model, tokenizer). Needs no calibration."""
+    from kvant.algorithms.registry import config_from_dict
+
+    meta = ckpt.read_config(path)
+    if meta["model_type"] == "nanogpt":
+        model, tok = nanogpt.from_spec(meta["model_config"])
+    elif meta["model_type"] == "hf":
+        from kvant.model import hf
+        model, tok = hf.from_spec(meta["model_config"], path)
+    else:
+        raise ckpt.CheckpointError(f"unknown model_type {meta['model_type']!r} in {path}")
+    qc = dict(meta["quantization_config"])
+    modules = qc.pop("modules")
+    for key in ("format", "format_version", "ignored_modules"):
+        qc.pop(key, None)
+    ckpt.install_quant_shells(model, modules)
+    ckpt.load_state(model, ckpt.read_tensors(path, meta))
+    model.kvant_quantization_config = config_from_dict(qc)
+    return model.to(device).eval(), tok

@@ -1,0 +1,213 @@
+"""The one block-by-block quantization loop every method runs through.
+
+For each decoder block, on the compute device:
+1. find the block's linear layers and, with one traced-by-hooks forward, the order in which
+   they run and which of them read the same input tensor ("sequential groups", e.g. q/k/v,
+   then o, then gate/up, then down) — found from the forward, not from names;
+2. let the method prepare the block (``prepare_block``; AWQ's scale search lives there);
+3. for each group in execution order (true-sequential) — or for all layers at once — run the
+   block on the calibration inputs with hooks that hand each layer's input to its quantizer,
+   quantize, and install the packed :class:`QuantLinear`; later groups thus see the quantized
+   outputs of earlier ones;
+4. run the quantized block to produce the next block's inputs (or the float outputs, if asked).
+The engine never tests a method's name: it reads ``needs_calibration`` and the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from kvant.algorithms.registry import build
+from kvant.calib.capture import BlockInput, capture_block_inputs, run_block
+from kvant.config import EngineOptions, MethodConfig
+from kvant.core.grid import check_group_size
+from kvant.model.discovery import find_blocks, find_linears, linear_weight, set_submodule
+from kvant.nn.qlinear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantReport:
+    """What a quantization run did: per-layer losses and extras, timings."""
+
+    config: dict
+    layers: dict[str, dict] = field(default_factory=dict)
+    blocks: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    n_calib: int = 0
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None`` -> cuda when available, else cpu."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def validate_model(model: nn.Module, config: MethodConfig) -> tuple[str, nn.Module]:
+    """Checks that must pass before any work: blocks found, weights finite, groups divide."""
+    prefix, blocks = find_blocks(model)
+    for i, block in enumerate(blocks):
+        for name, lin in find_linears(block, config.ignore, f"{prefix}.{i}.").items():
+            full = f"{prefix}.{i}.{name}"
+            w = linear_weight(lin)
+            if not torch.isfinite(w).all():
+                raise ValueError(f"layer {full!r} has NaN or Inf weights")
+            check_group_size(w.shape[1], config.group_size, full)
+    return prefix, blocks
+
+
+@torch.no_grad()
+def sequential_groups(block: nn.Module, linears: dict, inp: BlockInput) -> list[list[str]]:
+    """Linears grouped by shared input tensor, groups in order of first execution."""
+    seen: list[tuple[str, torch.Tensor]] = []
+    handles = [lin.register_forward_pre_hook(
+        lambda m, a, name=name: seen.append((name, a[0]))) for name, lin in linears.items()]
+    try:
+        block(*inp.args, **inp.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    done = set()
+    for name, x in seen:
+        if name in done:
+            continue
+        done.add(name)
+        for gx, names in groups:
+            if gx is x:
+                names.append(name)
+                break
+        else:
+            groups.append((x, [name]))
+    out = [names for _, names in groups]
+    missing = [n for n in linears if n not in done]
+    if missing:  # layers the forward never used: quantize them last, without data
+        out.append(missing)
+    return out
+
+
+def _calibrate_group(block, names, linears, method, inputs, prefix) -> dict:
+    quantizers = {n: method.layer_quantizer(f"{prefix}{n}", linear_weight(linears[n]).detach()
+                                            .float()) for n in names}
+    if method.needs_calibration:
+        handles = [linears[n].register_forward_pre_hook(
+            lambda m, a, q=quantizers[n]: q.observe(a[0])) for n in names]
+        try:
+            run_block(block, inputs)
+        finally:
+            for h in handles:
+                h.remove()
+    results = {}
+    for n in names:
+        lin = linears[n]
+        res = quantizers[n].quantize()
+        dtype = lin.weight.dtype if lin.weight.dtype != torch.float32 else torch.float32
+        ql = QuantLinear.from_result(res, lin.bias, dtype=dtype).to(lin.weight.device)
+        set_submodule(block, n, ql)
+        results[n] = {"loss": res.loss, "bits_per_weight": ql.bits_per_weight(), **res.info}
+    return results
+
+
+def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor | None = None,
+                   options: EngineOptions | None = None) -> QuantReport:
+    """Quantize ``model`` in place with ``config``; ``calib`` is token ids (n, seq_len).
+
+    Returns a :class:`QuantReport`. Raises before any work on bad input.
+    """
+    options = options or EngineOptions()
+    t0 = time.perf_counter()
+    prefix, blocks = validate_model(model, config)
+    method = build(config)
+    if method.needs_calibration and (calib is None or len(calib) == 0):
+        raise ValueError(f"method {config.method!r} needs calibration data; none was given")
+    device = resolve_device(options.device)
+    report = QuantReport(config=config.to_dict())
+    true_seq = getattr(config, "true_sequential", True)
+
+    inputs: list[BlockInput] = []
+    if method.needs_calibration:
+        report.n_calib = len(calib)
+        batches = torch.split(calib, options.batch_size)
+        with _on_device_except_blocks(model, blocks, device):
+            blocks[0].to(device)
+            inputs = capture_block_inputs(model, blocks[0], batches, device)
+
+    bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} blocks",
+               disable=not options.show_progress)
+    for i, block in bar:
+        tb = time.perf_counter()
+        home = next(block.parameters()).device
+        block.to(device)
+        bprefix = f"{prefix}.{i}."
+        linears = find_linears(block, config.ignore, bprefix)
+        if not linears:
+            continue
+        if method.needs_calibration:
+            groups = sequential_groups(block, linears, inputs[0])
+            float_out = run_block(block, inputs) if options.propagate == "float" else None
+            extra = method.prepare_block(block, linears, groups, inputs, run_block)
+            linears = find_linears(block, config.ignore, bprefix)  # prepare may swap modules
+        else:
+            groups, extra = [list(linears)], {}
+        if not true_seq:
+            groups = [[n for g in groups for n in g]]
+        for names in groups:
+            res = _calibrate_group(block, names, linears, method, inputs, bprefix)
+            for n, r in res.items():
+                report.layers[bprefix + n] = r
+        if method.needs_calibration:
+            outs = float_out if float_out is not None else run_block(block, inputs)
+            inputs = [inp.with_hidden(o) for inp, o in zip(inputs, outs)]
+        block.to(home)
+        report.blocks.append({"block": i, "seconds": time.perf_counter() - tb, **extra})
+        log.info("block %d quantized in %.2fs", i, time.perf_counter() - tb)
+    report.seconds = time.perf_counter() - t0
+    model.kvant_quantization_config = config  # read by save_quantized
+    return report
+
+
+class _on_device_except_blocks:
+    """Context: move every parameter/buffer outside the blocks to ``device``, then back."""
+
+    def __init__(self, model: nn.Module, blocks: nn.Module, device: torch.device):
+        self.model, self.blocks, self.device = model, blocks, device
+        self.moved: list[tuple[nn.Module, torch.device]] = []
+
+    def _outside(self):
+        inside = {id(m) for m in self.blocks.modules()}
+        for m in self.model.modules():
+            if id(m) in inside:
+                continue
+            tensors = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+            if tensors:
+                yield m, tensors[0].device
+
+    def __enter__(self):
+        for m, dev in self._outside():
+            if dev != self.device:
+                self.moved.append((m, dev))
+                m.to(self.device) if not list(m.children()) else _move_own(m, self.device)
+        return self
+
+    def __exit__(self, *exc):
+        for m, dev in self.moved:
+            m.to(dev) if not list(m.children()) else _move_own(m, dev)
+        return False
+
+
+def _move_own(m: nn.Module, device: torch.device) -> None:
+    # move only the module's own parameters and buffers, not its children
+    for name, p in list(m._parameters.items()):
+        if p is not None:
+            p.data = p.data.to(device)
+    for name, b in list(m._buffers.items()):
+        if b is not None:
+            m._buffers[name] = b.to(device)

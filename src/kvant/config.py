@@ -1,0 +1,179 @@
+"""Typed, frozen, versioned configurations.
+
+Every method has one config class. All share the grid fields of :class:`QuantArgs`
+(``bits``, ``group_size``, ``sym``, ``clip``) and add their own knobs. ``to_dict`` writes the
+method name and the config version; ``from_dict`` rejects unknown keys and validation errors
+name the field and the bad value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+VALID_BITS = (2, 3, 4, 8)
+
+
+class ConfigError(ValueError):
+    """A configuration field holds an invalid value, or a dict holds an unknown key."""
+
+
+@dataclass(frozen=True)
+class QuantArgs:
+    """The integer grid of weights.
+
+    bits: 2, 3, 4 or 8.
+    group_size: -1 one scale per output channel, 0 one scale for the whole tensor, or a
+        positive group of consecutive input columns (32, 64, 128, ...).
+    sym: symmetric grid (zero point fixed at 2**(bits-1), zero exactly representable) or
+        asymmetric min-max grid with an integer zero point.
+    clip: search a shrink factor of the range per row/group that minimises the
+        quantization error (GPTQ's ``mse`` option) instead of plain min-max.
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    clip: bool = False
+
+    def __post_init__(self) -> None:
+        _validate_grid(self)
+
+
+def _validate_grid(cfg: Any) -> None:
+    if not isinstance(cfg.bits, int) or isinstance(cfg.bits, bool) or cfg.bits not in VALID_BITS:
+        raise ConfigError(f"bits must be one of {VALID_BITS}, got {cfg.bits!r}")
+    gs = cfg.group_size
+    if not isinstance(gs, int) or isinstance(gs, bool) or gs < -1:
+        raise ConfigError(
+            f"group_size must be -1 (per channel), 0 (per tensor) or a positive int, got {gs!r}")
+    for name in ("sym", "clip"):
+        if not isinstance(getattr(cfg, name), bool):
+            raise ConfigError(f"{name} must be a bool, got {getattr(cfg, name)!r}")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method config: the grid fields plus modules to leave in float.
+
+    ignore: module names (exact, or ending in ``.name``) that stay unquantized.
+    """
+
+    method: ClassVar[str] = ""
+    version: ClassVar[int] = 1
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    clip: bool = False
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        _validate_grid(self)
+        if isinstance(self.ignore, list):
+            object.__setattr__(self, "ignore", tuple(self.ignore))
+        if not all(isinstance(s, str) for s in self.ignore):
+            raise ConfigError(f"ignore must be a list of module names, got {self.ignore!r}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Method-specific checks; subclasses raise :class:`ConfigError` naming the field."""
+
+    @property
+    def qargs(self) -> QuantArgs:
+        """The grid part of this config."""
+        return QuantArgs(self.bits, self.group_size, self.sym, self.clip)
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict with ``method`` and ``version``."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["ignore"] = list(self.ignore)
+        return {"method": self.method, "version": self.version, **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MethodConfig":
+        """Build from :meth:`to_dict` output; unknown keys or a wrong method are errors."""
+        d = dict(d)
+        method = d.pop("method", cls.method)
+        if method != cls.method:
+            raise ConfigError(f"config is for method {method!r}, not {cls.method!r}")
+        version = d.pop("version", cls.version)
+        if version != cls.version:
+            raise ConfigError(f"{cls.__name__} version {version!r} is not supported "
+                              f"(this kvant reads version {cls.version})")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} keys: {unknown}; known: {sorted(names)}")
+        if "ignore" in d:
+            d["ignore"] = tuple(d["ignore"])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class RTNConfig(MethodConfig):
+    """Round-to-nearest on the grid; needs no calibration data.
+
+    ``RTNConfig(bits=b, group_size=0, sym=True)`` is the seed's naive rounding: one absmax
+    scale for the whole tensor.
+    """
+
+    method: ClassVar[str] = "rtn"
+
+
+@dataclass(frozen=True)
+class GPTQConfig(MethodConfig):
+    """GPTQ (Frantar et al., 2023): column-wise rounding with inverse-Hessian correction.
+
+    damp_percent: damping added to diag(H), as a fraction of its mean.
+    block_size: columns per lazy-batch block.
+    act_order: quantize columns in order of decreasing diag(H); stores ``g_idx``.
+    static_groups: with act_order, fix the group grids before reordering.
+    true_sequential: calibrate Linears of a block in execution order, later ones on the
+        quantized outputs of earlier ones.
+    hessian_dtype: "float32" or "float64" accumulation.
+    """
+
+    method: ClassVar[str] = "gptq"
+
+    damp_percent: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    hessian_dtype: str = "float32"
+
+    def validate(self) -> None:
+        if not 0 < self.damp_percent < 1:
+            raise ConfigError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ConfigError(f"block_size must be a positive int, got {self.block_size!r}")
+        if self.hessian_dtype not in ("float32", "float64"):
+            raise ConfigError(f"hessian_dtype must be 'float32' or 'float64', "
+                              f"got {self.hessian_dtype!r}")
+        if self.group_size == 0:
+            raise ConfigError("group_size=0 (one scale per tensor) is not supported by GPTQ; "
+                              "use -1 (per channel) or a positive group")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the block-by-block engine runs (not part of any method's math).
+
+    device: compute device for one block at a time ("cpu", "cuda", or None = cuda if present).
+    propagate: "quantized" feeds each block the outputs of the already quantized previous
+        block; "float" feeds it the float model's outputs.
+    batch_size: calibration samples per forward call.
+    """
+
+    device: str | None = None
+    propagate: str = "quantized"
+    batch_size: int = 8
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.propagate not in ("quantized", "float"):
+            raise ConfigError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
+        if self.batch_size <= 0:
+            raise ConfigError(f"batch_size must be positive, got {self.batch_size!r}")

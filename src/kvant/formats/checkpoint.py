@@ -1,0 +1,162 @@
+"""kvant's own checkpoint format: safetensors shards plus ``config.json`` (docs/FORMAT.md).
+
+Writing goes to a temporary sibling directory that is renamed into place at the end, so a
+failed or interrupted save never leaves a half-written output. Loading checks that every
+shard is present and has the recorded size before reading it, and needs no calibration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from kvant.model.discovery import set_submodule
+from kvant.nn.qlinear import QuantLinear
+
+FORMAT = "kvant"
+FORMAT_VERSION = 1
+MAX_SHARD_BYTES = 2 * 1024 ** 3
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, truncated or not a kvant checkpoint."""
+
+
+def _module_entries(model: nn.Module) -> dict:
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            out[name] = {"in_features": m.in_features, "out_features": m.out_features,
+                         "bits": m.bits, "group_size": m.group_size,
+                         "act_order": m.g_idx is not None, "bias": m.bias is not None,
+                         "input_scale": m.input_scale is not None,
+                         "bias_dtype": str(m.bias.dtype).removeprefix("torch.")
+                         if m.bias is not None else None}
+    return out
+
+
+def _dedupe(state: dict) -> tuple[dict, dict]:
+    """Drop tensors that share storage with an earlier one (tied embeddings); keep aliases."""
+    seen: dict[tuple, str] = {}
+    tensors, aliases = {}, {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().contiguous().cpu()
+    return tensors, aliases
+
+
+def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, model_type: str,
+                    model_config: dict, quantization_config: dict,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write ``model`` (with its QuantLinear modules) to ``out_dir`` atomically."""
+    out = Path(out_dir)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        tensors, aliases = _dedupe(model.state_dict())
+        shards: list[dict] = [{}]
+        size = 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if size and size + nbytes > MAX_SHARD_BYTES:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        files = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+            files[fname] = {"bytes": (tmp / fname).stat().st_size, "tensors": sorted(shard)}
+        qc = dict(quantization_config)
+        qc.update({"format": FORMAT, "format_version": FORMAT_VERSION,
+                   "modules": _module_entries(model)})
+        meta = {"model_type": model_type, "model_config": model_config,
+                "quantization_config": qc, "files": files, "tied": aliases}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        for fname, data in (extra_files or {}).items():
+            (tmp / fname).write_bytes(data)
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_config(ckpt_dir: str | os.PathLike) -> dict:
+    """The parsed ``config.json`` of a checkpoint, with clear errors."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory {str(d)!r} does not exist")
+    cfg = d / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{str(d)!r} has no config.json: not a kvant checkpoint")
+    try:
+        meta = json.loads(cfg.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg} is not valid JSON (truncated?): {e}") from None
+    qc = meta.get("quantization_config", {})
+    if qc.get("format") != FORMAT:
+        raise CheckpointError(f"{str(d)!r} is not a kvant-format checkpoint "
+                              f"(format={qc.get('format')!r})")
+    if qc.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format version {qc['format_version']} is newer than "
+                              f"this kvant reads ({FORMAT_VERSION}); upgrade kvant")
+    return meta
+
+
+def read_tensors(ckpt_dir: str | os.PathLike, meta: dict) -> dict:
+    """All tensors of a checkpoint (aliases restored); missing/truncated shards are errors."""
+    d = Path(ckpt_dir)
+    state = {}
+    for fname, info in meta["files"].items():
+        f = d / fname
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint file {str(f)!r} is missing")
+        if f.stat().st_size != info["bytes"]:
+            raise CheckpointError(f"checkpoint file {str(f)!r} is truncated or altered: "
+                                  f"{f.stat().st_size} bytes, expected {info['bytes']}")
+        try:
+            state.update(load_file(str(f)))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"checkpoint file {str(f)!r} cannot be read: {e}") from None
+    for name, src in meta.get("tied", {}).items():
+        state[name] = state[src]
+    return state
+
+
+def install_quant_shells(model: nn.Module, modules: dict) -> None:
+    """Replace the listed Linears of a freshly built model by empty QuantLinear modules."""
+    for name, e in modules.items():
+        dtype = getattr(torch, e["bias_dtype"]) if e.get("bias_dtype") else torch.float16
+        shell = QuantLinear(e["in_features"], e["out_features"], e["bits"], e["group_size"],
+                            bias=e["bias"], act_order=e["act_order"],
+                            input_scale=e.get("input_scale", False), dtype=dtype)
+        set_submodule(model, name, shell)
+
+
+def load_state(model: nn.Module, state: dict) -> None:
+    """Load ``state`` strictly, naming missing and unexpected tensors on failure."""
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not m.endswith(".tril")]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint does not match the model: missing {missing[:8]}, "
+                              f"unexpected {unexpected[:8]}")
