@@ -29,6 +29,7 @@ class LayerResult:
     extras: method tensors stored beside the grid (e.g. "input_scale" (K,), outliers);
         :class:`kvant.nn.qlinear.QuantLinear` documents which it understands.
     loss: the method's error proxy for this layer (e.g. GPTQ's sum (w-q)^2 / d^2).
+    layer_kind: which QuantLinear class stores it (kvant.nn.qlinear.register_kind).
     """
 
     qweight: torch.Tensor
@@ -40,6 +41,7 @@ class LayerResult:
     extras: dict[str, Any] = field(default_factory=dict)
     loss: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    layer_kind: str = "quant"
 
 
 class LayerQuantizer:

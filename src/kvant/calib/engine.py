@@ -28,7 +28,7 @@ from kvant.calib.capture import BlockInput, capture_block_inputs, run_block
 from kvant.config import EngineOptions, MethodConfig
 from kvant.core.grid import check_group_size
 from kvant.model.discovery import find_blocks, find_linears, linear_weight, set_submodule
-from kvant.nn.qlinear import QuantLinear
+from kvant.nn.qlinear import quant_linear_class
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def _calibrate_group(block, names, linears, method, inputs, prefix) -> dict:
         lin = linears[n]
         res = quantizers[n].quantize()
         dtype = lin.weight.dtype if lin.weight.dtype != torch.float32 else torch.float32
-        ql = QuantLinear.from_result(res, lin.bias, dtype=dtype).to(lin.weight.device)
+        ql = quant_linear_class(res.layer_kind).from_result(res, lin.bias, dtype=dtype).to(lin.weight.device)
         set_submodule(block, n, ql)
         results[n] = {"loss": res.loss, "bits_per_weight": ql.bits_per_weight(), **res.info}
     return results

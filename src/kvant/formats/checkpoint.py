@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kvant.model.discovery import set_submodule
-from kvant.nn.qlinear import QuantLinear
+from kvant.nn.qlinear import QuantLinear, quant_linear_class
 
 FORMAT = "kvant"
 FORMAT_VERSION = 1
@@ -31,16 +31,8 @@ class CheckpointError(ValueError):
 
 
 def _module_entries(model: nn.Module) -> dict:
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            out[name] = {"in_features": m.in_features, "out_features": m.out_features,
-                         "bits": m.bits, "group_size": m.group_size,
-                         "act_order": m.g_idx is not None, "bias": m.bias is not None,
-                         "input_scale": m.input_scale is not None,
-                         "bias_dtype": str(m.bias.dtype).removeprefix("torch.")
-                         if m.bias is not None else None}
-    return out
+    return {name: {"kind": m.kind, **m.init_kwargs()}
+            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
 def _dedupe(state: dict) -> tuple[dict, dict]:
@@ -146,11 +138,9 @@ def read_tensors(ckpt_dir: str | os.PathLike, meta: dict) -> dict:
 def install_quant_shells(model: nn.Module, modules: dict) -> None:
     """Replace the listed Linears of a freshly built model by empty QuantLinear modules."""
     for name, e in modules.items():
-        dtype = getattr(torch, e["bias_dtype"]) if e.get("bias_dtype") else torch.float16
-        shell = QuantLinear(e["in_features"], e["out_features"], e["bits"], e["group_size"],
-                            bias=e["bias"], act_order=e["act_order"],
-                            input_scale=e.get("input_scale", False), dtype=dtype)
-        set_submodule(model, name, shell)
+        e = dict(e)
+        cls = quant_linear_class(e.pop("kind", "quant"))
+        set_submodule(model, name, cls(**e))
 
 
 def load_state(model: nn.Module, state: dict) -> None:

@@ -22,13 +22,42 @@ from kvant.formats.packing import pack, packed_width
 from kvant.kernels import ops
 
 
+_KINDS: dict[str, type] = {}
+
+
+def register_kind(cls: type) -> type:
+    """Class decorator: make a QuantLinear subclass loadable by its ``kind`` string."""
+    _KINDS[cls.kind] = cls
+    return cls
+
+
+def quant_linear_class(kind: str) -> type:
+    """The QuantLinear class stored under ``kind`` (``LayerResult.layer_kind``)."""
+    if kind not in _KINDS:
+        import kvant.algorithms.registry as reg  # importing methods registers their layers
+        reg.available()
+    if kind not in _KINDS:
+        raise ValueError(f"unknown quantized layer kind {kind!r}; known: {sorted(_KINDS)}")
+    return _KINDS[kind]
+
+
+@register_kind
 class QuantLinear(nn.Module):
-    """Packed weight-only quantized replacement for ``nn.Linear`` (and GPT-2's Conv1D)."""
+    """Packed weight-only quantized replacement for ``nn.Linear`` (and GPT-2's Conv1D).
+
+    Subclasses (QuIP's rotated layer, SpQR's outliers) set their own ``kind``, add buffers in
+    ``__init__``, and override ``from_result``, ``init_kwargs`` and ``forward``; the
+    checkpoint stores ``kind`` and ``init_kwargs()`` per module and rebuilds empty shells
+    with ``quant_linear_class(kind)(**init_kwargs)`` before loading the tensors.
+    """
+
+    kind = "quant"
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  *, bias: bool = False, act_order: bool = False, input_scale: bool = False,
-                 dtype: torch.dtype = torch.float16):
+                 dtype: torch.dtype | str = torch.float16):
         super().__init__()
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         n_groups = in_features // group_size if group_size > 0 else 1
@@ -43,6 +72,13 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
         self.register_buffer("input_scale", torch.ones(in_features, dtype=torch.float16)
                              if input_scale else None)
+        self._init_kwargs = dict(in_features=in_features, out_features=out_features, bits=bits,
+                                 group_size=group_size, bias=bias, act_order=act_order,
+                                 input_scale=input_scale, dtype=str(dtype).removeprefix("torch."))
+
+    def init_kwargs(self) -> dict:
+        """JSON-ready constructor arguments (dtype as a string) to rebuild an empty shell."""
+        return dict(self._init_kwargs)
 
     @classmethod
     def from_result(cls, result: LayerResult, bias: torch.Tensor | None,
