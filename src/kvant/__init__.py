@@ -10,10 +10,10 @@ Public names::
 
 from kvant.config import (ConfigError, EngineOptions, GPTQConfig, MethodConfig, QuantArgs,
                           RTNConfig)
-from kvant.api import load_quantized, quantize, save_quantized
+from kvant.api import calibration_for, evaluate, load_quantized, quantize, save_quantized
 
 __all__ = [
     "ConfigError", "EngineOptions", "GPTQConfig", "MethodConfig", "QuantArgs", "RTNConfig",
-    "quantize", "save_quantized", "load_quantized",
+    "quantize", "save_quantized", "load_quantized", "calibration_for", "evaluate",
 ]
 __version__ = "0.1.0"

@@ -64,3 +64,47 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu"):
     ckpt.load_state(model, ckpt.read_tensors(path, meta))
     model.kvant_quantization_config = config_from_dict(qc)
     return model.to(device).eval(), tok
+
+
+def _is_char_model(model: nn.Module) -> bool:
+    return isinstance(model, nanogpt.GPTLanguageModel)
+
+
+def calibration_for(model: nn.Module, tokenizer, source=None, n_samples: int = 128,
+                    seq_len: int | None = None, seed: int = 0, calib_file=None):
+    """Calibration token windows (n_samples, seq_len) suited to ``model``.
+
+    nanoGPT: random windows of the embedded training text (or of ``source``, a text file).
+    Other models: :func:`kvant.calib.data.calibration_data` (c4, wikitext2, files, lists).
+    """
+    from kvant.calib.data_char import char_windows
+
+    if _is_char_model(model):
+        seq_len = seq_len or model.config.block_size
+        if seq_len > model.config.block_size:
+            raise ValueError(f"seq_len {seq_len} exceeds the model's context "
+                             f"{model.config.block_size}")
+        text = Path(source).read_text() if source else nanogpt.training_text()
+        return char_windows(tokenizer, text, n_samples, seq_len, seed)
+    from kvant.calib.data import calibration_data, check_seq_len
+
+    seq_len = seq_len or 2048
+    check_seq_len(model, seq_len)
+    return calibration_data(tokenizer, source or "c4", n_samples=n_samples, seq_len=seq_len,
+                            seed=seed, calib_file=calib_file)
+
+
+def evaluate(model: nn.Module, tokenizer, dataset=None, seq_len: int | None = None,
+             max_windows: int | None = None, eval_file=None) -> dict:
+    """Perplexity of ``model``: nanoGPT on the embedded validation text (or a text file),
+    other models on WikiText-2 test with the papers' protocol (or ``dataset``)."""
+    from kvant.eval.perplexity import char_perplexity
+
+    if _is_char_model(model):
+        text = Path(dataset).read_text() if dataset else nanogpt.validation_text()
+        return char_perplexity(model, tokenizer, text, seq_len=seq_len or model.config.block_size,
+                               max_windows=max_windows)
+    from kvant.eval.perplexity import perplexity
+
+    return perplexity(model, tokenizer, dataset or "wikitext2", seq_len=seq_len or 2048,
+                      eval_file=eval_file, max_windows=max_windows)

@@ -158,6 +158,108 @@ class GPTQConfig(MethodConfig):
 
 
 @dataclass(frozen=True)
+class SpQRConfig(MethodConfig):
+    """SpQR (Dettmers et al., 2024): small groups, quantized statistics, fp16 outliers.
+
+    bits / group_size: the dense grid (asymmetric min-max), groups of input columns.
+    stat_bits: bits of the second-level quantization of every group's scale and zero, in
+        groups of ``stat_group_size`` output rows (each such group keeps an fp16 base and
+        step); 16 stores plain fp16 scales and integer zeros (the ordinary GPTQ/RTN grid).
+    outlier_threshold: the paper's relative threshold ``tau``: a weight stays in fp16 when
+        keeping it lowers the layer's inverse-Hessian-weighted error by more than
+        ``tau * mean_j(Var(W[:, j]) / d_j^2)``; ``inf`` disables it. Only with base="gptq"
+        and outlier_budget == 0.
+    outlier_budget: when > 0, keep exactly this fraction of each layer's weights in fp16,
+        chosen up front by the same sensitivity score; works with any base (this is the
+        separable "outlier budget" path; outlier_threshold is then not used).
+    base: the rounding of the dense part: "gptq" (column walk with error feedback) or
+        "rtn" (round to nearest).
+    act_order, damp_percent, block_size, true_sequential: as in :class:`GPTQConfig`.
+    """
+
+    method: ClassVar[str] = "spqr"
+
+    bits: int = 3
+    group_size: int = 16
+    stat_bits: int = 3
+    stat_group_size: int = 16
+    outlier_threshold: float = 0.2
+    outlier_budget: float = 0.0
+    base: str = "gptq"
+    act_order: bool = True
+    damp_percent: float = 0.01
+    block_size: int = 128
+    true_sequential: bool = True
+
+    def validate(self) -> None:
+        if self.stat_bits not in VALID_BITS + (16,):
+            raise ConfigError(f"stat_bits must be one of {VALID_BITS + (16,)}, "
+                              f"got {self.stat_bits!r}")
+        if not isinstance(self.stat_group_size, int) or self.stat_group_size <= 0:
+            raise ConfigError(f"stat_group_size must be a positive int, "
+                              f"got {self.stat_group_size!r}")
+        if not isinstance(self.outlier_threshold, (int, float)) or self.outlier_threshold <= 0:
+            raise ConfigError(f"outlier_threshold must be > 0 (inf disables it), "
+                              f"got {self.outlier_threshold!r}")
+        if not isinstance(self.outlier_budget, (int, float)) or not 0 <= self.outlier_budget < 0.5:
+            raise ConfigError(f"outlier_budget must be a fraction in [0, 0.5), "
+                              f"got {self.outlier_budget!r}")
+        if self.base not in ("gptq", "rtn"):
+            raise ConfigError(f"base must be 'gptq' or 'rtn', got {self.base!r}")
+        if self.group_size == 0:
+            raise ConfigError("group_size=0 (one scale per tensor) is not supported by SpQR; "
+                              "use -1 (per channel) or a positive group")
+        if self.sym or self.clip:
+            raise ConfigError("SpQR uses the plain asymmetric min-max grid; "
+                              "sym=True and clip=True are not supported")
+        if not 0 < self.damp_percent < 1:
+            raise ConfigError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ConfigError(f"block_size must be a positive int, got {self.block_size!r}")
+
+
+@dataclass(frozen=True)
+class QuIPConfig(MethodConfig):
+    """QuIP (Chee et al., 2023) with QuIP#'s randomized Hadamard transforms: round
+    ``W̃ = U W Vᵀ`` against ``H̃ = V H Vᵀ``, and run ``y = Uᵀ Q(W̃) V x``.
+
+    seed: derives the per-layer sign vectors (with the layer name).
+    rounding: "ldlq" (GPTQ's update in the rotated basis = QuIP's LDLQ) or "rtn" (rotation
+        then round-to-nearest; needs no calibration unless ``rescale``).
+    rescale: QuIP's diagonal rescaling ``W ← W D``, ``H ← D⁻¹ H D⁻¹`` with
+        ``D = (diag(H) / diag(WᵀW))^(1/4)`` before the rotation; stores D (K,) per layer.
+    damp_percent, block_size, act_order, true_sequential: as in :class:`GPTQConfig`.
+    """
+
+    method: ClassVar[str] = "quip"
+
+    seed: int = 0
+    rounding: str = "ldlq"
+    rescale: bool = False
+    damp_percent: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    true_sequential: bool = True
+
+    def validate(self) -> None:
+        if self.rounding not in ("ldlq", "rtn"):
+            raise ConfigError(f"rounding must be 'ldlq' or 'rtn', got {self.rounding!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
+        if not isinstance(self.rescale, bool):
+            raise ConfigError(f"rescale must be a bool, got {self.rescale!r}")
+        if not 0 < self.damp_percent < 1:
+            raise ConfigError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
+        if not isinstance(self.block_size, int) or self.block_size <= 0:
+            raise ConfigError(f"block_size must be a positive int, got {self.block_size!r}")
+        if self.act_order and self.rounding != "ldlq":
+            raise ConfigError("act_order needs rounding='ldlq'")
+        if self.group_size == 0 and self.rounding == "ldlq":
+            raise ConfigError("group_size=0 (one scale per tensor) is not supported with "
+                              "rounding='ldlq'; use -1 (per channel) or a positive group")
+
+
+@dataclass(frozen=True)
 class EngineOptions:
     """How the block-by-block engine runs (not part of any method's math).
 

@@ -55,3 +55,30 @@ def config_from_dict(d: dict) -> MethodConfig:
     if "method" not in d:
         raise ConfigError("config dict has no 'method' key")
     return config_class(d["method"]).from_dict(d)
+
+
+def _parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def config_from_spec(spec: str) -> MethodConfig:
+    """A config from a compact spec, e.g. ``"gptq:bits=3,group_size=128,act_order=true"``.
+
+    Used by benchmark scripts and the CLI to name a configuration in one string.
+    """
+    method, _, rest = spec.partition(":")
+    fields = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"bad item {item!r} in spec {spec!r}: expected key=value")
+        fields[key.strip()] = _parse_value(value.strip())
+    return config_class(method.strip()).from_dict(fields)

@@ -1,0 +1,173 @@
+"""The layer Hessian of GPTQ-style methods: accumulate, repair, damp, invert.
+
+For a Linear with weight W (N, K) and calibration inputs x_1..x_n (each (K,)), the layer
+reconstruction error ``||W X - Ŵ X||²`` has the Hessian ``H = 2/n Σ x xᵀ`` (K, K) with respect
+to every row of Ŵ. :class:`HessianAccumulator` keeps H as a running mean over the rows seen so
+far (n counts rows, i.e. tokens), so its scale does not grow with the calibration set.
+
+Before inversion (Frantar et al., 2023, and the reference implementation):
+- dead inputs — columns whose diag(H) is exactly 0 (an input that is always zero) — get
+  ``H[k, k] = 1`` and their weight column is set to 0, so they cannot affect anything;
+- ``damp_percent`` of the mean diagonal is added to the diagonal (:func:`dampen`).
+:func:`inverse_cholesky` then returns the upper Cholesky factor U of H⁻¹ (H⁻¹ = Uᵀ U), the
+matrix whose rows GPTQ uses to spread each column's rounding error. When the Cholesky
+factorisation fails, the damping is raised tenfold (up to :data:`MAX_DAMP`); if it still
+fails, :class:`HessianError` names the layer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# the largest damping tried, as a fraction of the mean diagonal (100%: H + mean(diag) I)
+MAX_DAMP = 1.0
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_HAS_MM_DTYPE = True  # torch.mm(..., out_dtype=) on CUDA; cleared on first failure
+
+
+class HessianError(ValueError):
+    """A layer's Hessian cannot be inverted, even with the largest damping."""
+
+
+def hessian_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"float32"`` / ``"float64"`` (or a torch dtype of those) -> torch dtype."""
+    if isinstance(name, torch.dtype):
+        if name not in _DTYPES.values():
+            raise ValueError(f"Hessian dtype must be float32 or float64, got {name}")
+        return name
+    if name not in _DTYPES:
+        raise ValueError(f"Hessian dtype must be 'float32' or 'float64', got {name!r}")
+    return _DTYPES[name]
+
+
+def gram(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``xᵀ x`` (K, K) in ``dtype`` for rows ``x`` (M, K), on x's device.
+
+    On CUDA, bf16/fp16 inputs are multiplied on the tensor cores with a float32 result
+    (``torch.mm(..., out_dtype=float32)``): products of 8- or 11-bit mantissas are exact in
+    float32 and the sums accumulate in float32, so this equals the float32 matmul of the
+    upcast inputs up to summation order, at a fraction of its cost.
+    """
+    global _HAS_MM_DTYPE
+    if (_HAS_MM_DTYPE and x.is_cuda and dtype == torch.float32
+            and x.dtype in (torch.bfloat16, torch.float16)):
+        try:
+            return torch.mm(x.t(), x, out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _HAS_MM_DTYPE = False  # this torch lacks mm.dtype for CUDA; upcast instead
+    x = x.to(dtype)
+    return x.t() @ x
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n Σ x xᵀ`` over every input row seen, for a layer of input width k.
+
+    ``add(x)`` takes inputs of any leading shape (..., k); ``n`` counts rows (tokens).
+    H lives on ``device`` in ``dtype`` (float32, or float64 for the float64 option).
+    """
+
+    def __init__(self, k: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype | str = torch.float32):
+        self.k = k
+        self.dtype = hessian_dtype(dtype)
+        self.H = torch.zeros(k, k, device=device, dtype=self.dtype)
+        self.n = 0
+
+    @property
+    def device(self) -> torch.device:
+        """The device H lives on."""
+        return self.H.device
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.k:
+            raise ValueError(f"input of shape {tuple(x.shape)} does not end in the layer's "
+                             f"input width {self.k}")
+        return x.detach().reshape(-1, self.k).to(self.device)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate inputs ``x`` (..., k)."""
+        rows = self._rows(x)
+        if rows.shape[0]:
+            self.add_gram(gram(rows, self.dtype), rows.shape[0])
+
+    def add_gram(self, g: torch.Tensor, m: int) -> None:
+        """Accumulate a precomputed ``xᵀ x`` (k, k) of ``m`` rows (lets layers that read the
+        same input share one matmul)."""
+        if g.shape != (self.k, self.k):
+            raise ValueError(f"Gram matrix of shape {tuple(g.shape)} for a Hessian of width "
+                             f"{self.k}")
+        total = self.n + m
+        # running mean: H_new = n/(n+m) H + 2/(n+m) xᵀx
+        self.H.mul_(self.n / total).add_(g.to(self.device, self.dtype), alpha=2.0 / total)
+        self.n = total
+
+
+def zero_dead(H: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
+    """Repair dead inputs in place: where diag(H) == 0 set H[k, k] = 1 and W[:, k] = 0.
+
+    Returns the (K,) bool mask of dead inputs.
+    """
+    diag = H.diagonal()
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)
+    if W is not None:
+        W.masked_fill_(dead.unsqueeze(0), 0.0)
+    return dead
+
+
+def dampen(H: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Add ``damp_percent * mean(diag(H))`` to the diagonal of H, in place; returns H."""
+    H.diagonal().add_(damp_percent * H.diagonal().mean())
+    return H
+
+
+def _check(H: torch.Tensor, layer: str) -> None:
+    where = f" of layer {layer!r}" if layer else ""
+    if H.ndim != 2 or H.shape[0] != H.shape[1]:
+        raise HessianError(f"Hessian{where} must be square, got shape {tuple(H.shape)}")
+    if not torch.isfinite(H).all():
+        raise HessianError(f"Hessian{where} holds NaN or Inf (non-finite calibration "
+                           "activations?)")
+    diag = H.diagonal()
+    if (diag < 0).any() or not diag.mean() > 0:
+        raise HessianError(f"Hessian{where} has a negative diagonal (min {float(diag.min()):.3g}):"
+                           " it is no Gram matrix XXᵀ and cannot be repaired by damping")
+
+
+def inverse_cholesky(H: torch.Tensor, damp_percent: float = 0.01, layer: str = "",
+                     max_damp: float = MAX_DAMP) -> torch.Tensor:
+    """Upper Cholesky factor U of ``(H + λ I)⁻¹`` (H⁻¹ = Uᵀ U), on H's device and dtype.
+
+    λ = ``damp_percent`` × mean(diag(H)), raised tenfold while the factorisation fails, up to
+    ``max_damp``. H is not modified (repair dead inputs first with :func:`zero_dead`).
+    Raises :class:`HessianError` naming ``layer`` when H is non-finite, has a negative
+    diagonal, or stays indefinite at the largest damping.
+    """
+    _check(H, layer)
+    mean_diag = H.diagonal().mean()
+    damp = damp_percent
+    while True:
+        Hd = H.clone()
+        Hd.diagonal().add_(damp * mean_diag)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        del Hd
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            del Hinv
+            if int(info) == 0 and bool(torch.isfinite(U).all()):
+                if damp != damp_percent:
+                    log.warning("layer %s: Cholesky needed damping %.3g (asked %.3g)",
+                                layer or "?", damp, damp_percent)
+                return U
+        if damp >= max_damp:
+            break
+        damp = min(damp * 10, max_damp)
+    where = f" of layer {layer!r}" if layer else ""
+    raise HessianError(f"Hessian{where} is not positive definite even with damping "
+                       f"{damp:.3g} x mean diagonal; check the calibration data")

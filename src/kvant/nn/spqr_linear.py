@@ -1,0 +1,233 @@
+"""SpQRLinear: a packed low-bit weight with quantized statistics plus fp16 outliers in CSR.
+
+The stored weight is ``W = dense + S``:
+
+- dense: ``(q[n, k] - z[n, g]) * s[n, g]`` with ``q`` the ``bits``-bit integers (``qweight``,
+  packed as every QuantLinear) and ``g = g_idx[k]``. With act-order the permutation is
+  stored (``perm``, int16 when K < 32768) and ``g_idx[perm[j]] = j // group_size``: groups
+  are consecutive columns in the order the column walk quantized them.
+- statistics, ``stat_bits < 16`` (the paper's bilevel scheme): every first-level scale and
+  zero (N, G) is itself quantized to ``stat_bits`` in groups of ``stat_group_size``
+  consecutive output rows of one column group; each such group keeps an fp16 ``base`` and
+  ``step``: ``s = base + s_int * step``. Zeros are real numbers, not integers, as in SpQR.
+  ``stat_bits == 16``: plain fp16 ``scales`` and packed integer ``qzeros`` (the GPTQ grid).
+- S: a sparse (N, K) matrix of fp16 residuals ``w - dense`` at the outlier positions, in CSR:
+  ``outlier_rowptr`` int32 (N+1,), ``outlier_cols`` int16 (int32 when K >= 32768),
+  ``outlier_vals`` float16. Storing the residual (not the raw weight) makes the sum exact
+  without masking the dense part.
+
+Buffers (state_dict names are the checkpoint contract): ``qweight``, ``scale_q``, ``zero_q``
+(int32 words of the flattened (N, G) statistic integers, packed as one row), ``scale_stats``,
+``zero_stats`` (float16 (2, N/stat_group_size, G): base, step), or ``scales``/``qzeros`` when
+stat_bits == 16; ``perm``; the three CSR arrays; ``bias``. The forward is the dense
+dequantized matmul plus the sparse product, on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvant.algorithms.base import LayerResult
+from kvant.formats.packing import pack, packed_width, unpack
+from kvant.nn.qlinear import QuantLinear, register_kind
+
+# scales never reach zero after second-level rounding, so the weight division stays defined
+MIN_SCALE = 1e-8
+
+
+def quantize_stats(x: torch.Tensor, bits: int, group: int, positive: bool = False):
+    """Second-level quantization of statistics ``x`` (N, G) in groups of ``group`` rows.
+
+    Returns (ints (N, G) int32 in [0, 2**bits), params float16 (2, N/group, G) = base, step,
+    dequantized float32 (N, G)). The dequantized values are exactly what
+    :func:`dequantize_stats` rebuilds from the stored tensors.
+    """
+    n, g = x.shape
+    if n % group:
+        raise ValueError(f"stat_group_size {group} does not divide the {n} output rows")
+    xg = x.float().reshape(n // group, group, g)
+    lo, hi = xg.amin(1), xg.amax(1)  # (N/group, G)
+    base = lo.to(torch.float16)
+    step = ((hi - base.float()) / (2 ** bits - 1)).clamp_min(0).to(torch.float16)
+    safe = torch.where(step > 0, step.float(), torch.ones_like(lo))
+    q = torch.round((xg - base.float()[:, None]) / safe[:, None]).clamp_(0, 2 ** bits - 1)
+    q = torch.where(step[:, None] > 0, q, torch.zeros_like(q))
+    q = q.reshape(n, g).to(torch.int32)
+    params = torch.stack([base, step])
+    return q, params, dequantize_stats(q, params, positive)
+
+
+def dequantize_stats(q: torch.Tensor, params: torch.Tensor, positive: bool = False):
+    """``base + q * step`` per group of rows -> float32 (N, G); scales clamped > 0."""
+    n, g = q.shape
+    base, step = params.float()  # (N/group, G) each
+    group = n // base.shape[0]
+    x = base[:, None] + q.float().reshape(-1, group, g) * step[:, None]
+    x = x.reshape(n, g)
+    return x.clamp_min(MIN_SCALE) if positive else x
+
+
+def csr_matmul(x: torch.Tensor, rowptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
+               n: int) -> torch.Tensor:
+    """``x @ Sᵀ`` for a CSR matrix S (n, K): x (..., K) -> (..., n) in x's dtype.
+
+    Index-based reference (gather the columns, scatter-add into rows), float32 accumulation;
+    works on every device and for nnz == 0.
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.zeros(x2.shape[0], n, dtype=torch.float32, device=x.device)
+    if vals.numel():
+        counts = (rowptr[1:] - rowptr[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(n, device=x.device), counts)
+        contrib = x2[:, cols.long()].float() * vals.float()  # (B, nnz)
+        out.index_add_(1, rows, contrib)
+    return out.to(x.dtype).reshape(*lead, n)
+
+
+def to_csr(mask: torch.Tensor, values: torch.Tensor, index_dtype: torch.dtype):
+    """CSR arrays of the entries of ``values`` (N, K) where ``mask`` is true (row-major)."""
+    n = mask.shape[0]
+    idx = mask.nonzero()  # (nnz, 2), sorted row-major
+    counts = torch.bincount(idx[:, 0], minlength=n)
+    rowptr = torch.zeros(n + 1, dtype=torch.int32)
+    rowptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return rowptr, idx[:, 1].to(index_dtype), values[mask].to(torch.float16)
+
+
+@register_kind
+class SpQRLinear(QuantLinear):
+    """Weight-only quantized Linear in SpQR's layout (see the module docstring)."""
+
+    kind = "spqr"
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 *, stat_bits: int = 3, stat_group_size: int = 16, nnz: int = 0,
+                 act_order: bool = False, bias: bool = False,
+                 dtype: torch.dtype | str = torch.float16):
+        super().__init__(in_features, out_features, bits, group_size, bias=bias, dtype=dtype)
+        self.stat_bits, self.stat_group_size, self.nnz = stat_bits, stat_group_size, nnz
+        n_groups = in_features // group_size if group_size > 0 else 1
+        if stat_bits < 16:
+            if out_features % stat_group_size:
+                raise ValueError(f"stat_group_size {stat_group_size} does not divide "
+                                 f"out_features {out_features}")
+            # the parent's plain grid buffers are replaced by the quantized statistics
+            self.register_buffer("scales", None)
+            self.register_buffer("qzeros", None)
+            words = packed_width(out_features * n_groups, stat_bits)
+            shape2 = (2, out_features // stat_group_size, n_groups)
+            for name in ("scale", "zero"):
+                self.register_buffer(f"{name}_q", torch.zeros(words, dtype=torch.int32))
+                self.register_buffer(f"{name}_stats", torch.zeros(shape2, dtype=torch.float16))
+        idx_dtype = torch.int16 if in_features < 2 ** 15 else torch.int32
+        self.register_buffer("perm", torch.arange(in_features, dtype=idx_dtype)
+                             if act_order and group_size > 0 else None)
+        self.register_buffer("outlier_rowptr", torch.zeros(out_features + 1, dtype=torch.int32))
+        self.register_buffer("outlier_cols", torch.zeros(nnz, dtype=idx_dtype))
+        self.register_buffer("outlier_vals", torch.zeros(nnz, dtype=torch.float16))
+        kw = self._init_kwargs
+        for key in ("input_scale",):
+            kw.pop(key)
+        kw.update(stat_bits=stat_bits, stat_group_size=stat_group_size, nnz=nnz,
+                  act_order=act_order)
+
+    @classmethod
+    def from_result(cls, result: LayerResult, bias: torch.Tensor | None,
+                    dtype: torch.dtype = torch.float16) -> "SpQRLinear":
+        """Pack a SpQR :class:`LayerResult` (extras as written by kvant.algorithms.spqr)."""
+        ex = result.extras
+        known = {"stat_bits", "stat_group_size", "scale_q", "scale_stats", "zero_q",
+                 "zero_stats", "perm", "outlier_mask", "outlier_vals"}
+        unknown = set(ex) - known
+        if unknown:
+            raise NotImplementedError(f"SpQRLinear cannot store method extras {sorted(unknown)}")
+        n, k = result.qweight.shape
+        mask = ex["outlier_mask"].cpu()
+        sb = ex["stat_bits"]
+        m = cls(k, n, result.bits, result.group_size, stat_bits=sb,
+                stat_group_size=ex["stat_group_size"], nnz=int(mask.sum()),
+                act_order=ex.get("perm") is not None, bias=bias is not None, dtype=dtype)
+        m.qweight.copy_(pack(result.qweight.cpu(), result.bits))
+        if sb < 16:
+            for name in ("scale", "zero"):
+                getattr(m, f"{name}_q").copy_(pack(ex[f"{name}_q"].cpu().reshape(1, -1), sb)[0])
+                getattr(m, f"{name}_stats").copy_(ex[f"{name}_stats"].cpu())
+        else:
+            m.scales.copy_(result.scales.to(torch.float16).cpu())
+            m.qzeros.copy_(pack(result.zeros.round().to(torch.int32).cpu(), result.bits))
+        if m.perm is not None:
+            m.perm.copy_(ex["perm"].cpu().to(m.perm.dtype))
+        rowptr, cols, vals = to_csr(mask, ex["outlier_vals"].cpu(), m.outlier_cols.dtype)
+        m.outlier_rowptr.copy_(rowptr)
+        m.outlier_cols.copy_(cols)
+        m.outlier_vals.copy_(vals)
+        if bias is not None:
+            m.bias.copy_(bias.detach().to(dtype).cpu())
+        return m
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """First-level scale and zero, float32 (N, G), as the dense part uses them."""
+        n, g = self.out_features, max(self.in_features // self.group_size, 1) \
+            if self.group_size > 0 else 1
+        if self.stat_bits >= 16:
+            z = unpack(self.qzeros, self.bits, g).float()
+            return self.scales.float(), z
+        s = dequantize_stats(unpack(self.scale_q[None], self.stat_bits, n * g)[0]
+                             .reshape(n, g), self.scale_stats, positive=True)
+        z = dequantize_stats(unpack(self.zero_q[None], self.stat_bits, n * g)[0]
+                             .reshape(n, g), self.zero_stats)
+        return s, z
+
+    def group_index(self) -> torch.Tensor:
+        """(K,) group of every input column (from ``perm`` under act-order)."""
+        k, gs = self.in_features, self.group_size
+        if gs <= 0:
+            return torch.zeros(k, dtype=torch.long, device=self.qweight.device)
+        j = torch.arange(k, device=self.qweight.device)
+        if self.perm is None:
+            return j // gs
+        g_idx = torch.empty_like(j)
+        g_idx[self.perm.long()] = j // gs
+        return g_idx
+
+    def dense_weight(self) -> torch.Tensor:
+        """The dense part (N, K) float32: ``(q - z) * s`` without the outliers."""
+        s, z = self.grid()
+        idx = self.group_index()
+        q = unpack(self.qweight, self.bits, self.in_features).float()
+        return (q - z[:, idx]) * s[:, idx]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The whole weight this layer multiplies by, dense part plus outliers, float32."""
+        w = self.dense_weight()
+        counts = (self.outlier_rowptr[1:] - self.outlier_rowptr[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(self.out_features, device=w.device), counts)
+        w.index_put_((rows, self.outlier_cols.long()), self.outlier_vals.float(), accumulate=True)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., N): dense dequantized matmul plus the CSR outlier product."""
+        y = torch.matmul(x, self.dense_weight().to(x.dtype).t())
+        y = y + csr_matmul(x, self.outlier_rowptr, self.outlier_cols, self.outlier_vals,
+                           self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def bits_breakdown(self) -> dict[str, float]:
+        """Bits per weight of each part: dense, statistics, permutation, outliers."""
+        per = 8 / (self.in_features * self.out_features)
+        nbytes = {name: t.numel() * t.element_size() for name, t in self.named_buffers()}
+        stats = ("scale_q", "zero_q", "scale_stats", "zero_stats", "scales", "qzeros")
+        outl = ("outlier_rowptr", "outlier_cols", "outlier_vals")
+        return {"dense": per * nbytes["qweight"],
+                "stats": per * sum(nbytes.get(n, 0) for n in stats),
+                "perm": per * nbytes.get("perm", 0),
+                "outliers": per * sum(nbytes[n] for n in outl)}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, group_size={self.group_size}, stat_bits={self.stat_bits}, "
+                f"stat_group_size={self.stat_group_size}, nnz={self.nnz}, "
+                f"act_order={self.perm is not None}")
