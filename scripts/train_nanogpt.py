@@ -299,6 +299,8 @@ def main(argv=None) -> int:
         "best_step": best["step"],
         "final_train_loss_estimate": best["train"],
         "final_val_loss_estimate": best["val"],
+        "final_estimates_note": "estimates at best_step (the kept state); the last step's are "
+                                "history[-1]",
         "history": history,
         "exact_val_loss": val_exact,
         "exact_val_windows": val_win,

@@ -10,10 +10,14 @@ Public names::
 
 from kvant.config import (ConfigError, EngineOptions, GPTQConfig, MethodConfig, QuantArgs,
                           RTNConfig)
-from kvant.api import calibration_for, evaluate, load_quantized, quantize, save_quantized
+from kvant.api import (calibration_for, evaluate, load_model, load_quantized, quantize,
+                       save_quantized)
+from kvant.calib.data import calibration_data
+from kvant.eval.perplexity import perplexity
 
 __all__ = [
     "ConfigError", "EngineOptions", "GPTQConfig", "MethodConfig", "QuantArgs", "RTNConfig",
     "quantize", "save_quantized", "load_quantized", "calibration_for", "evaluate",
+    "load_model", "calibration_data", "perplexity",
 ]
 __version__ = "0.1.0"

@@ -66,6 +66,42 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu"):
     return model.to(device).eval(), tok
 
 
+def load_model(path_or_id: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"):
+    """Load any model kvant knows -> (model, tokenizer).
+
+    - ``"nanogpt"`` / ``"default"``: the embedded nanoGPT Shakespeare model;
+    - a ``.gguf`` file: dequantized into a float Hugging Face model (float32 by default);
+    - a directory whose config.json says ``quantization_config.format == "kvant"``: a kvant
+      checkpoint (:func:`load_quantized`);
+    - a directory whose config.json says ``model_type == "nanogpt"``: nanoGPT weights;
+    - any other directory or a hub id: a Hugging Face causal LM (``dtype`` None = as stored).
+    """
+    import json
+
+    if str(path_or_id) in ("nanogpt", "default"):
+        return nanogpt.load_embedded(dtype or torch.float32)
+    path = Path(path_or_id)
+    if path.is_file() and (path.suffix.lower() == ".gguf"):
+        from kvant.model.gguf import load_gguf
+        return load_gguf(path, dtype or "float32", device)
+    if path.is_file():
+        raise ValueError(f"{str(path)!r} is a file kvant cannot load: expected a .gguf file or "
+                         "a model directory")
+    cfg_file = path / "config.json"
+    if path.is_dir() and cfg_file.is_file():
+        try:
+            meta = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
+        if (meta.get("quantization_config") or {}).get("format") == ckpt.FORMAT:
+            return load_quantized(path, device)
+        if meta.get("model_type") == "nanogpt":
+            model, tok = nanogpt.load_nanogpt_dir(path, dtype or torch.float32)
+            return model.to(device), tok
+    from kvant.model import hf
+    return hf.load_hf(path_or_id, dtype or "auto", device)
+
+
 def _is_char_model(model: nn.Module) -> bool:
     return isinstance(model, nanogpt.GPTLanguageModel)
 

@@ -206,9 +206,9 @@ class SpQRConfig(MethodConfig):
                               f"got {self.outlier_budget!r}")
         if self.base not in ("gptq", "rtn"):
             raise ConfigError(f"base must be 'gptq' or 'rtn', got {self.base!r}")
-        if self.group_size == 0:
-            raise ConfigError("group_size=0 (one scale per tensor) is not supported by SpQR; "
-                              "use -1 (per channel) or a positive group")
+        if self.group_size <= 0:
+            raise ConfigError(f"SpQR needs groups of input columns (group_size > 0, e.g. 16), "
+                              f"got {self.group_size!r}")
         if self.sym or self.clip:
             raise ConfigError("SpQR uses the plain asymmetric min-max grid; "
                               "sym=True and clip=True are not supported")
@@ -257,6 +257,56 @@ class QuIPConfig(MethodConfig):
         if self.group_size == 0 and self.rounding == "ldlq":
             raise ConfigError("group_size=0 (one scale per tensor) is not supported with "
                               "rounding='ldlq'; use -1 (per channel) or a positive group")
+
+
+@dataclass(frozen=True)
+class AWQConfig(MethodConfig):
+    """AWQ (Lin et al., 2024): activation-aware per-input-channel scaling, then rounding.
+
+    n_grid: grid points of the exponent alpha in [0, 1) of ``s = act_mean**alpha``.
+    duo_scaling: AutoAWQ's ``s = act_mean**alpha / w_mean**(1 - alpha)``.
+    clip_search: search a per-group weight-range shrink minimising each Linear's output error.
+    clip_grid, clip_max_shrink: shrink factors ``1 - i/clip_grid`` down to ``1 - clip_max_shrink``.
+    clip_tokens: calibration tokens sampled per Linear for the clip search.
+    rounding: "rtn" (AWQ) or "gptq" (AWQ scales, then GPTQ rounding of the scaled weights).
+    damp_percent, act_order, block_size: GPTQ knobs, used when rounding="gptq".
+    fold: fold 1/s into the preceding operation where the block allows it; False keeps every
+        scale as the QuantLinear's ``input_scale``.
+    true_sequential: with rounding="gptq", calibrate later groups on quantized earlier ones.
+    """
+
+    method: ClassVar[str] = "awq"
+
+    n_grid: int = 20
+    duo_scaling: bool = False
+    clip_search: bool = True
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.5
+    clip_tokens: int = 512
+    rounding: str = "rtn"
+    damp_percent: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    fold: bool = True
+    true_sequential: bool = True
+
+    def validate(self) -> None:
+        for name in ("n_grid", "clip_grid", "clip_tokens", "block_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        if not 0 <= self.clip_max_shrink < 1:
+            raise ConfigError(f"clip_max_shrink must be in [0, 1), got {self.clip_max_shrink!r}")
+        if self.rounding not in ("rtn", "gptq"):
+            raise ConfigError(f"rounding must be 'rtn' or 'gptq', got {self.rounding!r}")
+        if not 0 < self.damp_percent < 1:
+            raise ConfigError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
+        for name in ("duo_scaling", "clip_search", "act_order", "fold", "true_sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.rounding == "gptq" and self.group_size == 0:
+            raise ConfigError("rounding='gptq' does not support group_size=0 (one scale per "
+                              "tensor); use -1 (per channel) or a positive group")
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def _strip_cache(kwargs: dict) -> dict:
     # A cache object carried from one sample to the next makes attention read the other
     # samples' keys: calibrate without any cache.
     out = dict(kwargs)
-    for key in ("past_key_value", "past_key_values", "layer_past"):
+    for key in ("past_key_value", "past_key_values", "layer_past", "cache"):
         if key in out:
             out[key] = None
     if "use_cache" in out:

@@ -66,3 +66,108 @@ def char_perplexity(model, tokenizer, text: str, seq_len: int = 256,
     nll = r["nll_sum"] / r["tokens"]
     return {"ppl": math.exp(nll), "bpc": nll / math.log(2), "nll": nll,
             "tokens": r["tokens"], "windows": r["windows"], "seq_len": seq_len}
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face models: WikiText-2 with the papers' protocol (GPTQ, AWQ, QuIP#, SpQR)
+
+EVAL_SETS = ("wikitext2",)
+
+
+def lm_logits(model, batch: torch.Tensor) -> torch.Tensor:
+    """Logits (B, T, V) of a causal LM on token ids (B, T); HF models run without KV cache."""
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        out = model(input_ids=batch, use_cache=False)
+    else:
+        out = model(batch)
+    if isinstance(out, tuple):
+        out = out[0]
+    return getattr(out, "logits", out)
+
+
+def eval_text(dataset="wikitext2", eval_file=None) -> str:
+    """The evaluation text: WikiText-2 test rows joined by ``"\\n\\n"``, or a text file's content.
+
+    ``dataset="wikitext2"`` reads ``eval_file`` (the raw ``wiki.test.raw``; each line is one
+    row) or, without it, the hub's test split through ``datasets``. Any other string is a
+    path to a plain text file, scored as it is.
+    """
+    import os
+
+    from kvant.calib.data import CalibrationDataError, wikitext_rows
+
+    name = str(dataset)
+    if name == "wikitext2":
+        if eval_file is not None:
+            if not os.path.isfile(eval_file):
+                raise FileNotFoundError(f"eval file {str(eval_file)!r} does not exist")
+            return "\n\n".join(wikitext_rows(eval_file))
+        try:
+            import datasets
+        except ImportError:
+            raise CalibrationDataError(
+                "wikitext2 needs a local copy of wiki.test.raw (eval_file=..., CLI --eval-file) "
+                "or the `datasets` package to download it") from None
+        try:
+            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+        except Exception as e:  # network errors come in many types
+            raise CalibrationDataError(f"could not load wikitext2 from the hub ({type(e).__name__}"
+                                       f"); offline? pass eval_file=<wiki.test.raw>") from None
+        return "\n\n".join(rows)
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"eval set {name!r} is neither {list(EVAL_SETS)} nor a text file")
+    with open(name, encoding="utf-8") as f:
+        return f.read()
+
+
+def eval_windows(tokenizer, dataset="wikitext2", seq_len: int = 2048, eval_file=None,
+                 max_windows: int | None = None) -> torch.Tensor:
+    """The text tokenized once (with the tokenizer's own special tokens, as the papers do)
+    and cut into non-overlapping windows -> LongTensor (windows, seq_len); the tail that does
+    not fill a window is dropped."""
+    from kvant.calib.data import encode
+
+    text = eval_text(dataset, eval_file)
+    ids = torch.tensor(encode(tokenizer, text, add_special_tokens=True), dtype=torch.long)
+    n = ids.numel() // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"eval text of {ids.numel()} tokens is shorter than one window of "
+                         f"{seq_len}")
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+@torch.no_grad()
+def windows_nll(model, windows: torch.Tensor, batch_size: int = 1, device=None,
+                show_progress: bool = True, desc: str = "perplexity") -> torch.Tensor:
+    """Sum of next-token NLL of each window (W,) float64; logits taken in float32."""
+    device = torch.device(device) if device is not None else _device_of(model)
+    out = torch.zeros(len(windows), dtype=torch.float64)
+    for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not show_progress):
+        batch = windows[start:start + batch_size].to(device)
+        logits = lm_logits(model, batch)[:, :-1].float()  # (B, T-1, V)
+        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (B, T-1)
+        out[start:start + len(batch)] = nll.double().sum(1).cpu()
+    return out
+
+
+def perplexity(model, tokenizer, dataset="wikitext2", seq_len: int = 2048, eval_file=None,
+               max_windows: int | None = None, batch_size: int = 1, device=None,
+               show_progress: bool = True) -> dict:
+    """Perplexity of a causal LM with the papers' protocol: exp of the mean next-token NLL
+    over non-overlapping windows of ``seq_len`` (each window scores its last seq_len - 1).
+
+    Returns ppl, nll (mean nats per scored token), tokens (scored), windows, seq_len, dataset.
+    """
+    from kvant.calib.data import check_seq_len
+
+    check_seq_len(model, seq_len)
+    windows = eval_windows(tokenizer, dataset, seq_len, eval_file, max_windows)
+    if device is not None:
+        model.to(device)
+    nll = windows_nll(model, windows, batch_size, device, show_progress)
+    tokens = windows.shape[0] * (seq_len - 1)
+    mean = float(nll.sum()) / tokens
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": tokens, "windows": windows.shape[0],
+            "seq_len": seq_len, "dataset": str(dataset)}

@@ -28,6 +28,12 @@ def _check_bits(bits: int) -> None:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
 
 
+def _positions(k: int, bits: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Word index and bit offset of each of ``k`` values in a row's stream."""
+    start = torch.arange(k, device=device, dtype=torch.int64) * bits
+    return start // 32, start % 32
+
+
 def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack unsigned ints ``q`` (..., K), each in ``[0, 2**bits)``, into int32 (..., words)."""
     _check_bits(bits)
@@ -39,22 +45,13 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     *lead, k = q.shape
     n_words = packed_width(k, bits)
     q = q.reshape(-1, k).to(torch.int64)
-    rows = q.shape[0]
-    if 32 % bits == 0:
-        per = 32 // bits
-        pad = n_words * per - k
-        q = torch.nn.functional.pad(q, (0, pad)).reshape(rows, n_words, per)
-        shifts = torch.arange(per, device=q.device, dtype=torch.int64) * bits
-        words = (q << shifts).sum(-1)  # disjoint bit ranges: sum == bitwise or
-    else:
-        # general case: scatter every bit of every value into the stream
-        bit_idx = torch.arange(bits, device=q.device, dtype=torch.int64)
-        bitvals = (q.unsqueeze(-1) >> bit_idx) & 1  # (rows, k, bits)
-        stream = bitvals.reshape(rows, k * bits)
-        stream = torch.nn.functional.pad(stream, (0, n_words * 32 - k * bits))
-        stream = stream.reshape(rows, n_words, 32)
-        words = (stream << torch.arange(32, device=q.device, dtype=torch.int64)).sum(-1)
-    # wrap to int32 two's complement
+    word, off = _positions(k, bits, q.device)
+    # bit ranges are disjoint, so adding the shifted values is a bitwise or; a value that
+    # crosses into the next word leaves its high bits there (one spare word absorbs the last)
+    words = torch.zeros(q.shape[0], n_words + 1, dtype=torch.int64, device=q.device)
+    words.index_add_(1, word, (q << off) & 0xFFFFFFFF)
+    words.index_add_(1, word + 1, q >> (32 - off))
+    words = words[:, :n_words]
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     return words.reshape(*lead, n_words)
 
@@ -68,15 +65,16 @@ def unpack(words: torch.Tensor, bits: int, k: int) -> torch.Tensor:
     if n_words != packed_width(k, bits):
         raise ValueError(f"{n_words} words cannot hold exactly {k} values of {bits} bits "
                          f"(expected {packed_width(k, bits)} words)")
-    w = words.reshape(-1, n_words).to(torch.int64) & 0xFFFFFFFF
-    rows = w.shape[0]
+    w = words.reshape(-1, n_words)
     mask = (1 << bits) - 1
     if 32 % bits == 0:
+        # word-aligned widths: int32 arithmetic shifts, the mask drops the sign extension
         per = 32 // bits
-        shifts = torch.arange(per, device=w.device, dtype=torch.int64) * bits
-        vals = ((w.unsqueeze(-1) >> shifts) & mask).reshape(rows, n_words * per)[:, :k]
-    else:
-        stream = (w.unsqueeze(-1) >> torch.arange(32, device=w.device, dtype=torch.int64)) & 1
-        stream = stream.reshape(rows, n_words * 32)[:, : k * bits].reshape(rows, k, bits)
-        vals = (stream << torch.arange(bits, device=w.device, dtype=torch.int64)).sum(-1)
-    return vals.to(torch.int32).reshape(*lead, k)
+        shifts = torch.arange(per, device=w.device, dtype=torch.int32) * bits
+        vals = ((w.unsqueeze(-1) >> shifts) & mask).reshape(w.shape[0], n_words * per)[:, :k]
+        return vals.reshape(*lead, k)
+    w = torch.nn.functional.pad(w.to(torch.int64) & 0xFFFFFFFF, (0, 1))
+    word, off = _positions(k, bits, w.device)
+    lo = w[:, word] >> off
+    hi = w[:, word + 1] << (32 - off)
+    return ((lo | hi) & mask).to(torch.int32).reshape(*lead, k)

@@ -51,3 +51,8 @@ def wq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 @wq_linear.register_fake
 def _(x, qweight, scales, qzeros, g_idx, bits, group_size, in_features):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+# the repacked-layout op; where CUDA and Triton exist it also registers the GPU kernels for
+# both ops (kernels/triton/dispatch.py). A CPU-only install never imports Triton.
+from kvant.kernels import packed as _packed  # noqa: E402,F401

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from kvant.algorithms.base import LayerResult
 from kvant.formats.packing import pack, packed_width
-from kvant.kernels import ops
+from kvant.kernels import ops, packed
 
 
 _KINDS: dict[str, type] = {}
@@ -92,9 +92,11 @@ class QuantLinear(nn.Module):
         m = cls(k, n, result.bits, result.group_size, bias=bias is not None,
                 act_order=result.g_idx is not None, input_scale=input_scale is not None,
                 dtype=dtype)
-        m.qweight.copy_(pack(result.qweight.cpu(), result.bits))
+        # pack where the result lives (the GPU during quantization): CPU packing of a 7B
+        # block's ints costs seconds; copy_ brings the words to the module
+        m.qweight.copy_(pack(result.qweight, result.bits))
         m.scales.copy_(result.scales.to(torch.float16).cpu())
-        m.qzeros.copy_(pack(result.zeros.round().to(torch.int32).cpu(), result.bits))
+        m.qzeros.copy_(pack(result.zeros.round().to(torch.int32), result.bits))
         if result.g_idx is not None:
             m.g_idx.copy_(result.g_idx.to(torch.int32).cpu())
         if bias is not None:
@@ -112,8 +114,11 @@ class QuantLinear(nn.Module):
         """x (..., K) -> (..., N) in x's dtype."""
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
-        y = ops.wq_linear(x, self.qweight, self.scales, self.qzeros, self.g_idx,
-                          self.bits, self.group_size, self.in_features)
+        if x.is_cuda:  # cached repacked layout + Triton kernels (kernels/packed.py)
+            y = packed.cuda_linear(self, x)
+        else:
+            y = ops.wq_linear(x, self.qweight, self.scales, self.qzeros, self.g_idx,
+                              self.bits, self.group_size, self.in_features)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

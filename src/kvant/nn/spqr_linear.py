@@ -168,8 +168,8 @@ class SpQRLinear(QuantLinear):
 
     def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
         """First-level scale and zero, float32 (N, G), as the dense part uses them."""
-        n, g = self.out_features, max(self.in_features // self.group_size, 1) \
-            if self.group_size > 0 else 1
+        n = self.out_features
+        g = self.in_features // self.group_size if self.group_size > 0 else 1
         if self.stat_bits >= 16:
             z = unpack(self.qzeros, self.bits, g).float()
             return self.scales.float(), z

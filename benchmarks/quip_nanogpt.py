@@ -1,0 +1,113 @@
+"""QuIP (incoherence + LDLQ) and rotation + RTN against GPTQ and RTN on the embedded nanoGPT.
+
+The embedded character-level GPT (Tiny Shakespeare, n_embd 384, 6 blocks) is quantized with
+every config below — calibration: 128 windows x 256 characters of the training split, seed 0 —
+and scored by per-character perplexity on the whole validation split (windows of 256).
+Grids of issue 6: W4 g128, W3 g128, W2 per channel, W2 g64. Writes
+``quip_nanogpt.{json,md,png}`` into ``--out`` (default benchmarks/results).
+
+    python benchmarks/quip_nanogpt.py                 # the full table (CPU, ~minutes)
+    python benchmarks/quip_nanogpt.py --max-windows 8 --grid bits=2,group_size=-1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+import kvant
+from kvant import report as rep
+from kvant.algorithms.registry import config_from_spec
+from kvant.calib.data_char import char_windows
+from kvant.eval.perplexity import char_perplexity
+from kvant.model.nanogpt import load_embedded, training_text, validation_text
+
+MODEL = "nanogpt-shakespeare"
+GRID = ["bits=4,group_size=128", "bits=3,group_size=128", "bits=2,group_size=-1",
+        "bits=2,group_size=64"]
+# (label, spec without the grid)
+METHODS = [
+    ("rtn", "rtn:"),
+    ("gptq", "gptq:"),
+    ("gptq-clip", "gptq:clip=true"),
+    ("rot+rtn-clip", "quip:rounding=rtn,clip=true"),
+    ("quip", "quip:"),
+    ("quip-clip", "quip:clip=true"),
+    ("quip-clip-rescale", "quip:clip=true,rescale=true"),
+]
+N_CALIB, SEQ_LEN, SEED = 128, 256, 0
+
+
+def run_one(model, tok, label: str, spec: str, calib, args, device: str) -> dict:
+    """Quantize a copy of ``model`` with ``spec`` and score it; one benchmark record."""
+    cfg = config_from_spec(spec)
+    q = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    kvant.quantize(q, cfg, calib, options=kvant.EngineOptions(device=device,
+                                                                show_progress=False))
+    seconds = time.perf_counter() - t0
+    ev = char_perplexity(q, tok, validation_text(), seq_len=SEQ_LEN,
+                         max_windows=args.max_windows)
+    return {"model": MODEL, "method": label, "spec": spec, "bits": cfg.bits,
+            "group_size": cfg.group_size, "sym": cfg.sym,
+            "bits_per_weight": rep.quantized_bits_per_weight(q), "ppl": ev["ppl"],
+            "bpc": ev["bpc"], "size_mb": rep.model_bytes(q) / 1e6, "quant_seconds": seconds,
+            "peak_gpu_gb": None,
+            "peak_cpu_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+            "device": rep.device_name(device),
+            "calib": f"training split, {N_CALIB} x {SEQ_LEN} chars, seed {SEED}",
+            "eval": f"validation split, seq_len {SEQ_LEN}, {ev['tokens']} chars, "
+                    f"{ev['windows']} windows",
+            "date": rep.today(), "commit": rep.git_commit()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--grid", nargs="*", default=GRID)
+    p.add_argument("--methods", nargs="*", default=[m[0] for m in METHODS],
+                   help=f"labels from {[m[0] for m in METHODS]}")
+    p.add_argument("--max-windows", type=int, default=None, help="eval windows (default all)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_grad_enabled(False)
+    specs = dict(METHODS)
+    unknown = set(args.methods) - set(specs)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; known {sorted(specs)}")
+
+    model, tok = load_embedded()
+    calib = char_windows(tok, training_text(), N_CALIB, SEQ_LEN, seed=SEED)
+    ev = char_perplexity(model, tok, validation_text(), seq_len=SEQ_LEN,
+                         max_windows=args.max_windows)
+    records = [{"model": MODEL, "method": "float", "bits": None, "group_size": None,
+                "bits_per_weight": None, "ppl": ev["ppl"], "bpc": ev["bpc"],
+                "size_mb": rep.model_bytes(model) / 1e6, "quant_seconds": 0.0,
+                "device": rep.device_name(args.device), "date": rep.today(),
+                "commit": rep.git_commit()}]
+    print(f"float ppl {ev['ppl']:.4f} ({ev['tokens']} chars)", flush=True)
+    for grid in args.grid:
+        for label in args.methods:
+            name, _, opts = specs[label].partition(":")
+            spec = f"{name}:{','.join(filter(None, [grid, opts]))}"
+            r = run_one(model, tok, label, spec, calib, args, args.device)
+            records.append(r)
+            print(f"{label:20s} {grid:24s} bpw {r['bits_per_weight']:.3f} "
+                  f"ppl {r['ppl']:.4f} ({r['quant_seconds']:.1f}s)", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rep.write_json(records, out / "quip_nanogpt.json")
+    title = f"QuIP vs GPTQ on {MODEL} ({records[1]['device'] if len(records) > 1 else ''})"
+    (out / "quip_nanogpt.md").write_text(rep.markdown_table(records, title))
+    rep.plot_ppl_vs_bits(records, out / "quip_nanogpt.png", title)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

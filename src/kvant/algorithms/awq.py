@@ -1,0 +1,228 @@
+"""AWQ (Lin, Tang, Tang, Yang, Chen, Wang, Xiao, Dang, Gan, Han, MLSys 2024).
+
+Not all weights matter equally: input channels that see large activations carry the salient
+weights. For every group of Linears that read the same input, AWQ multiplies their input
+columns by ``s`` (K,) before rounding — salient columns then lose relatively less — and divides
+the input by ``s``, folded into the operation that produced it (kvant.model.fold) or, where
+none can absorb it, kept as the QuantLinear's ``input_scale``. ``s = act_mean**alpha`` with
+alpha chosen on a grid to minimise the output error of the smallest module holding the group
+(kvant.algorithms.awq_search). A clipping search then shrinks each weight group's range to
+minimise the layer's output error, and the scaled, clipped weights are rounded with RTN — or
+with GPTQ (``rounding="gptq"``), whose Hessian is that of the scaled inputs ``x / s``.
+
+Everything block-level happens in :meth:`AWQ.prepare_block`, on the float block, before the
+engine quantizes any Linear of it: per group (in execution order) capture, plan the fold,
+search, apply and verify; then clip. The dict it returns (stored per block in the report)
+says which layers got a fold and which an input scale.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from kvant.algorithms.awq_search import (capture_group, inspected_module, search_clip,
+                                         search_scale, set_weight)
+from kvant.algorithms.base import LayerQuantizer, LayerResult, QuantMethod
+from kvant.algorithms.registry import register
+from kvant.calib.capture import block_output
+from kvant.config import AWQConfig
+from kvant.core.grid import rtn
+from kvant.model import fold
+from kvant.model.discovery import linear_weight
+from kvant.model.mappings import awq_skips_clip
+
+log = logging.getLogger(__name__)
+
+
+class _AWQLayer(LayerQuantizer):
+    """Rounds one (already scaled and clipped) Linear with RTN or GPTQ."""
+
+    def __init__(self, name: str, weight: torch.Tensor, config: AWQConfig,
+                 input_scale: torch.Tensor | None, info: dict):
+        self.name, self.weight, self.config = name, weight, config
+        self.input_scale, self.info = input_scale, info
+        self.acc = None
+        if config.rounding == "gptq":
+            from kvant.core.hessian import HessianAccumulator
+            self.acc = HessianAccumulator(weight.shape[1], weight.device)
+
+    def observe(self, x: torch.Tensor) -> None:
+        if self.acc is not None:
+            self.acc.add(x)
+
+    def quantize(self) -> LayerResult:
+        cfg = self.config
+        if self.acc is not None:
+            from kvant.algorithms.gptq import gptq_quantize
+            H = self.acc.H
+            if self.acc.n == 0:
+                log.warning("layer %s saw no calibration input: H = I", self.name)
+                H = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+            res = gptq_quantize(self.weight, H, cfg.qargs, block_size=cfg.block_size,
+                                damp_percent=cfg.damp_percent, act_order=cfg.act_order,
+                                layer=self.name)
+            self.acc = None
+        else:
+            q, p = rtn(self.weight, cfg.qargs, self.name)
+            s, z = p.expand(q.shape[1])
+            loss = float(((self.weight.float() - (q.float() - z) * s) ** 2).sum())
+            res = LayerResult(q, p.scales, p.zeros, cfg.bits, p.group_size, loss=loss)
+        if self.input_scale is not None:
+            res.extras["input_scale"] = self.input_scale
+        res.info.update(self.info)
+        return res
+
+
+def _structure_key(block: nn.Module, names: list[str]) -> tuple:
+    shapes = tuple((n, tuple(p.shape), p.dtype) for n, p in block.named_parameters())
+    return type(block).__qualname__, tuple(names), shapes
+
+
+@register(AWQConfig)
+class AWQ(QuantMethod):
+    """AWQ scale search, fold and clip per block; RTN or GPTQ rounding per layer."""
+
+    needs_calibration = True
+
+    def __init__(self, config: AWQConfig):
+        super().__init__(config)
+        self._plans: dict = {}        # structure key -> (inspected module, FoldPlan)
+        self._input_scales: dict = {}  # Linear name in the current block -> (K,) scale
+        self._layer_info: dict = {}    # Linear name in the current block -> report entries
+
+    # -- per block ---------------------------------------------------------------------
+    @torch.no_grad()
+    def prepare_block(self, block, linears, groups, block_inputs, run_block) -> dict:
+        """Search, fold and verify the scale of every group, then clip every Linear."""
+        self._input_scales, self._layer_info = {}, {}
+        probe = block_inputs[0]
+        dtype = next(iter(linears.values())).weight.dtype
+        tol = fold.probe_tolerance(dtype)
+        y_ref = block_output(block(*probe.args, **probe.kwargs)).float()
+        report = []
+        for names in groups:
+            names = [n for n in names if n in linears]
+            if names:
+                report.append(self._group(block, linears, names, block_inputs, probe,
+                                          tol, y_ref))
+        clip = self._clip(block, linears, block_inputs) if self.config.clip_search else {}
+        return {"awq": report, "awq_clip": clip}
+
+    def _plan(self, block, linears, names, probe, tol, fresh: bool = False):
+        """(inspected module name, FoldPlan, whether it came from an earlier block)."""
+        key = _structure_key(block, names)
+        cached = key in self._plans and not fresh
+        if not cached:
+            module = inspected_module(block, names, probe)
+            if self.config.fold:
+                plan = fold.find_fold_plan(block, names[0], set(names), probe, tol)
+            else:
+                k = linear_weight(linears[names[0]]).shape[1]
+                plan = fold.FoldPlan(dead=torch.zeros(k, dtype=torch.bool),
+                                     free=torch.ones(k, dtype=torch.bool))
+            self._plans[key] = (module, plan)
+        return (*self._plans[key], cached)
+
+    def _group(self, block, linears, names, inputs, probe, tol, y_ref) -> dict:
+        cfg = self.config
+        module_name, plan, cached = self._plan(block, linears, names, probe, tol)
+        cap = capture_group(block, names[0], module_name, inputs)
+        if cap.tokens == 0:
+            return {"layers": names, "treatment": "unused (no calibration input)"}
+        module = block.get_submodule(module_name) if module_name else block
+        lins = [linears[n] for n in names]
+        s, info = search_scale(module, lins, cap, cfg.qargs, cfg.n_grid, cfg.duo_scaling,
+                               ~plan.dead)
+        del cap
+        ok, err = self._apply(block, linears, names, plan, s, probe, tol, y_ref)
+        if not ok and cached:
+            # a plan cached from an earlier block may not fit this one: probe this block
+            _, plan, _ = self._plan(block, linears, names, probe, tol, fresh=True)
+            ok, err = self._apply(block, linears, names, plan, s, probe, tol, y_ref)
+        if not ok:
+            log.warning("AWQ fold of %s failed verification (error %.3g); keeping the scale "
+                        "as input_scale", names, err)
+            k = s.numel()
+            plan = fold.FoldPlan(dead=plan.dead, free=torch.ones(k, dtype=torch.bool))
+            ok, err = self._apply(block, linears, names, plan, s, probe, tol, y_ref)
+        treatment = plan.describe() if ok else "not scaled (verification failed)"
+        for n in names:
+            self._layer_info[n] = {"awq_alpha": info["alpha"], "awq_scale": treatment}
+        return {"layers": names, "module": module_name or "<block>", "treatment": treatment,
+                "alpha": info["alpha"], "loss": info["loss"], "loss_rtn": info["loss_rtn"],
+                "verify_error": err}
+
+    def _apply(self, block, linears, names, plan, s, probe, tol, y_ref):
+        """Scale the group's columns, fold 1/s, add input scales; verify on the probe that
+        the group now sees ``x / s`` and the block output is unchanged.
+
+        Returns (ok, error); on failure everything is undone exactly."""
+        first = block.get_submodule(names[0])
+        x_before, _ = fold.probe_input(block, first, probe)
+        snap = fold.snapshot(block, [src.module for src in plan.sources] + names)
+        in_scale, handles = fold.apply_scales(block, names, plan, s)
+        x_after, _ = fold.probe_input(block, first, probe)
+        y = block_output(block(*probe.args, **probe.kwargs)).float()
+        amax = x_before.abs().amax(0).clamp(min=1e-30)
+        err_x = float(((x_after * s.to(x_after.device) - x_before).abs().amax(0) / amax).max())
+        err_y = float((y - y_ref).norm() / y_ref.norm().clamp(min=1e-30))
+        err = max(err_x, err_y)
+        if err <= fold.verify_tolerance(first.weight.dtype):
+            if in_scale is not None:
+                for n in names:
+                    self._input_scales[n] = in_scale.detach().float().cpu()
+            return True, err
+        for h in handles:
+            h.remove()
+        fold.restore(block, snap)
+        return False, err
+
+    # -- clipping -------------------------------------------------------------------------
+    def _clip(self, block, linears, inputs) -> dict:
+        cfg = self.config
+        names = [n for n in linears if not awq_skips_clip(n)]
+        if not names:
+            return {}
+        n_calls = len(inputs)
+        per_call = max(1, -(-cfg.clip_tokens // n_calls))
+        samples: dict[str, list] = {n: [] for n in names}
+
+        def take(_m, a, n):
+            x = a[0].detach().reshape(-1, a[0].shape[-1])
+            step = max(1, x.shape[0] // per_call)
+            samples[n].append(x[::step][:per_call].float())
+
+        handles = [linears[n].register_forward_pre_hook(lambda m, a, n=n: take(m, a, n))
+                   for n in names]
+        try:
+            for inp in inputs:
+                block(*inp.args, **inp.kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        out = {}
+        for n in names:
+            if not samples[n]:
+                continue
+            x = torch.cat(samples[n])[: cfg.clip_tokens]
+            w = linear_weight(linears[n]).detach().float()
+            w_new, shrink = search_clip(w, x, cfg.qargs, cfg.clip_grid, cfg.clip_max_shrink)
+            set_weight(linears[n], w_new)
+            out[n] = round(shrink, 4)
+            self._layer_info.setdefault(n, {})["awq_clip"] = round(shrink, 4)
+        return out
+
+    # -- per layer ------------------------------------------------------------------------
+    def _lookup(self, table: dict, name: str):
+        best = None
+        for rel in table:
+            if (name == rel or name.endswith("." + rel)) and (best is None or len(rel) > len(best)):
+                best = rel
+        return table.get(best) if best is not None else None
+
+    def layer_quantizer(self, name: str, weight: torch.Tensor) -> LayerQuantizer:
+        return _AWQLayer(name, weight, self.config, self._lookup(self._input_scales, name),
+                         dict(self._lookup(self._layer_info, name) or {}))

@@ -1,0 +1,217 @@
+"""AWQ's two searches: the per-channel scale of a group, and the per-group weight clip.
+
+Scale search (Lin et al., 2024, section 3.3): for a group of Linears reading the same input
+``x`` (..., K), with per-channel activation magnitude ``a = mean |x|`` (K,), try
+``s = a**alpha`` (or, with duo scaling, ``a**alpha / w**(1-alpha)`` with ``w`` the mean
+group-normalised weight magnitude of each column) for ``alpha`` on a grid in [0, 1); replace
+every weight ``W`` of the group by ``Q(W * s) / s`` (which is what the model computes after
+the columns are scaled by ``s`` and the input divided by ``s``) and measure the output of the
+smallest module that contains the group against its float output. ``alpha = 0`` is plain
+rounding, so the search never does worse than RTN on its own objective.
+
+Clip search: for each Linear, shrink the range of each (row, group) of the scaled weight by
+``p`` in ``1, 1 - 1/n, ...`` and keep the ``p`` that minimises the group's contribution to the
+layer output on a sample of its inputs; the weight is clamped to the chosen range, so plain
+min-max rounding afterwards reproduces the clipped grid exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from kvant.calib.capture import block_output
+from kvant.config import QuantArgs
+from kvant.core.grid import fake_quantize, find_params, weight_params
+from kvant.model.discovery import is_conv1d, linear_weight
+
+
+@dataclass
+class GroupCapture:
+    """What one pass over the calibration inputs records for a group.
+
+    abs_sum: (K,) float32 sum of |x| over all tokens; tokens: how many; calls: the inspected
+    module's (args, kwargs, float output) of every call.
+    """
+
+    abs_sum: torch.Tensor | None = None
+    tokens: int = 0
+    calls: list = field(default_factory=list)
+
+    @property
+    def act_mean(self) -> torch.Tensor:
+        """(K,) mean |x| per input channel."""
+        return self.abs_sum / max(self.tokens, 1)
+
+
+def inspected_module(block: nn.Module, names: list[str], probe) -> str:
+    """Name of the smallest module containing all ``names`` that the forward calls ("" =
+    the block itself): the lowest common ancestor, or its nearest ancestor that runs (a
+    ModuleList of heads has no forward of its own)."""
+    parts = [n.split(".") for n in names]
+    common = []
+    for comps in zip(*parts):
+        if len(set(comps)) != 1:
+            break
+        common.append(comps[0])
+    if len(names) == 1:
+        common = parts[0]
+    chain = [".".join(common[:i]) for i in range(len(common), 0, -1)]
+    fired: set[str] = set()
+    handles = [block.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: fired.add(n)) for n in chain]
+    try:
+        block(*probe.args, **probe.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return next((n for n in chain if n in fired), "")
+
+
+@torch.no_grad()
+def capture_group(block: nn.Module, first: str, module_name: str, inputs) -> GroupCapture:
+    """Run the block on every input; record |x| of ``first``'s input and the inspected
+    module's calls (the block's own calls when ``module_name`` is "")."""
+    cap = GroupCapture()
+
+    def stats(_m, a):
+        x = a[0].detach()
+        s = x.abs().float().reshape(-1, x.shape[-1]).sum(0)
+        cap.abs_sum = s if cap.abs_sum is None else cap.abs_sum + s
+        cap.tokens += x.numel() // x.shape[-1]
+
+    handles = [block.get_submodule(first).register_forward_pre_hook(stats)]
+    pending: list = []
+    if module_name:
+        mod = block.get_submodule(module_name)
+        handles.append(mod.register_forward_pre_hook(
+            lambda m, a, kw: pending.append((a, kw)), with_kwargs=True))
+        handles.append(mod.register_forward_hook(
+            lambda m, a, out: cap.calls.append((*pending.pop(), block_output(out).detach()))))
+    try:
+        for inp in inputs:
+            out = block_output(block(*inp.args, **inp.kwargs))
+            if not module_name:
+                cap.calls.append((inp.args, inp.kwargs, out.detach()))
+    finally:
+        for h in handles:
+            h.remove()
+    return cap
+
+
+def set_weight(lin: nn.Module, w: torch.Tensor) -> None:
+    """Set the (N, K) weight of a Linear or Conv1D (stored (K, N)) in the layer's dtype."""
+    w = w.t() if is_conv1d(lin) else w
+    lin.weight.data.copy_(w.to(lin.weight.dtype))
+
+
+def column_importance(weights: list[torch.Tensor], qargs: QuantArgs) -> torch.Tensor:
+    """(K,) mean over rows of |W| normalised by its group's max: AutoAWQ's duo-scaling w."""
+    w = torch.cat(weights, 0).abs()  # (sum N, K)
+    n, k = w.shape
+    gs = qargs.group_size if qargs.group_size > 0 else k
+    g = w.reshape(n, k // gs, gs)
+    return (g / (g.amax(-1, keepdim=True) + 1e-6)).reshape(n, k).mean(0)
+
+
+def scale_candidates(act_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float,
+                     keep: torch.Tensor) -> torch.Tensor:
+    """The scale ``s`` (K,) for one ``alpha``: normalised so max*min = 1, fp16-exact,
+    1 on channels outside ``keep``."""
+    s = act_mean.clamp(min=1e-8).pow(alpha)
+    if w_mean is not None:
+        s = s / (w_mean.pow(1 - alpha) + 1e-4)
+    s = s.clamp(min=1e-4)
+    live = s[keep] if keep.any() else s
+    s = s / (live.max() * live.min()).sqrt()
+    s = torch.where(keep, s, torch.ones_like(s))
+    s = torch.nan_to_num(s, nan=1.0, posinf=1.0).clamp(1e-4, 1e4)
+    return s.half().float()  # stored exactly when it ends up as a QuantLinear input_scale
+
+
+def _module_error(module: nn.Module, calls) -> float:
+    """Mean squared difference between the module's output and the recorded float outputs."""
+    total, count = 0.0, 0
+    for args, kwargs, ref in calls:
+        out = block_output(module(*args, **kwargs))
+        total += float((out.float() - ref.float()).pow(2).sum())
+        count += ref.numel()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def search_scale(module: nn.Module, lins: list[nn.Module], cap: GroupCapture,
+                 qargs: QuantArgs, n_grid: int, duo: bool, keep: torch.Tensor):
+    """Grid search of alpha for the group ``lins`` inside ``module``.
+
+    Returns (s (K,) float32 on the weights' device, info dict with alpha, loss, loss_rtn).
+    """
+    weights = [linear_weight(l).detach().float().clone() for l in lins]
+    saved = [l.weight.data.clone() for l in lins]
+    dev = weights[0].device
+    act = cap.act_mean.to(dev)
+    keep = keep.to(dev)
+    w_mean = column_importance(weights, qargs) if duo else None
+    grid_args = QuantArgs(qargs.bits, qargs.group_size, qargs.sym, False)
+    best = (float("inf"), 0.0, torch.ones_like(act))
+    losses = []
+    try:
+        for i in range(n_grid):
+            alpha = i / n_grid
+            s = scale_candidates(act, w_mean, alpha, keep)
+            for lin, w in zip(lins, weights):
+                ws = w * s
+                p = weight_params(ws, grid_args)
+                sc, z = p.expand(ws.shape[1])
+                set_weight(lin, fake_quantize(ws, sc, z, qargs.bits) / s)
+            loss = _module_error(module, cap.calls)
+            losses.append(loss)
+            if loss < best[0]:
+                best = (loss, alpha, s)
+    finally:
+        for lin, data in zip(lins, saved):
+            lin.weight.data.copy_(data)
+    return best[2], {"alpha": best[1], "loss": best[0], "loss_rtn": losses[0]}
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, x: torch.Tensor, qargs: QuantArgs, n_grid: int,
+                max_shrink: float, max_elems: int = 2 ** 26):
+    """Clamp each (row, group) of ``w`` (N, K) to the shrunk range that minimises
+    ``|| x_g (Q(w_g) - w_g)ᵀ ||²`` on the token sample ``x`` (T, K).
+
+    Returns (clamped w (N, K) float32, mean shrink factor). Per-tensor grids are returned as is.
+    """
+    n, k = w.shape
+    if qargs.group_size == 0 or max_shrink == 0:
+        return w, 1.0
+    gs = qargs.group_size if qargs.group_size > 0 else k
+    g = k // gs
+    t = x.shape[0]
+    xg = x.float().reshape(t, g, gs)
+    out = w.float().clone()
+    shrink_sum = 0.0
+    chunk = max(1, max_elems // max(g * t, 1))
+    steps = max(1, int(max_shrink * n_grid))
+    for r0 in range(0, n, chunk):
+        wc = out[r0:r0 + chunk].reshape(-1, g, gs)  # (n_c, G, gs)
+        ref = torch.einsum("ngk,tgk->ngt", wc, xg)
+        lo = wc.amin(-1, keepdim=True).clamp(max=0)
+        hi = wc.amax(-1, keepdim=True).clamp(min=0)
+        best_err = torch.full(wc.shape[:2], float("inf"), device=w.device)
+        best_p = torch.ones(wc.shape[:2], device=w.device)
+        for i in range(steps):
+            p = 1 - i / n_grid
+            wcl = torch.minimum(torch.maximum(wc, p * lo), p * hi)
+            s, z = find_params(wcl.reshape(-1, gs), qargs.bits, qargs.sym)
+            q = fake_quantize(wcl.reshape(-1, gs), s, z, qargs.bits).reshape(wc.shape)
+            err = (torch.einsum("ngk,tgk->ngt", q, xg) - ref).pow(2).mean(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_p = torch.where(better, torch.full_like(best_p, p), best_p)
+        bp = best_p[..., None]
+        out[r0:r0 + chunk] = torch.minimum(torch.maximum(wc, bp * lo), bp * hi).reshape(-1, k)
+        shrink_sum += float(best_p.sum())
+    return out, shrink_sum / (n * g)

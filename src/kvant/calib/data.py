@@ -1,0 +1,218 @@
+"""Calibration token windows from text: files, JSONL (C4 style), lists, HF datasets, names.
+
+GPTQ's protocol: ``n_samples`` random windows of ``seq_len`` tokens, seeded. Here every
+document is tokenized (no special tokens), the documents are joined into one token stream
+with the tokenizer's end-of-sequence token between them (so short documents are concatenated
+and long ones may give several windows), and the windows are drawn from that stream:
+non-overlapping windows in random order when the stream holds at least ``n_samples`` of
+them, otherwise random (possibly overlapping) start positions. The same seed gives the same
+windows on every machine.
+
+Names: ``"c4"`` and ``"wikitext2"`` resolve to the user's local copy (``calib_file``) or,
+without one, to the Hugging Face hub through the optional ``datasets`` package.
+Works with Hugging Face tokenizers and with kvant's ``CharTokenizer`` (``encode``/``decode``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+NAMED_SOURCES = ("c4", "wikitext2")
+# where the named sets live on the hub (used only when no local file is given)
+_HUB = {
+    "c4": dict(path="allenai/c4", data_files={"train": "en/c4-train.00000-of-01024.json.gz"},
+               split="train"),
+    "wikitext2": dict(path="wikitext", name="wikitext-2-raw-v1", split="train"),
+}
+
+
+class CalibrationDataError(ValueError):
+    """Calibration or evaluation text is missing, unreadable or too short."""
+
+
+def encode(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
+    """Token ids of ``text`` with a HF tokenizer or a kvant ``CharTokenizer``.
+
+    HF tokenizers warn when a text exceeds their model_max_length; that is expected here
+    (long texts are cut into windows afterwards), so the warning is switched off.
+    """
+    if hasattr(tokenizer, "__call__") and hasattr(tokenizer, "pad_token_id"):
+        return list(tokenizer(text, add_special_tokens=add_special_tokens,
+                              verbose=False)["input_ids"])
+    return list(tokenizer.encode(text))
+
+
+def separator_ids(tokenizer) -> list[int]:
+    """Tokens placed between documents: the EOS token, else an encoded blank line."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        return [eos]
+    try:
+        return encode(tokenizer, "\n\n")
+    except ValueError:  # a character vocabulary without newlines
+        return []
+
+
+def wikitext_rows(path: str | os.PathLike) -> list[str]:
+    """Rows of a raw WikiText file as Hugging Face's ``wikitext`` builder yields them.
+
+    Each line of the file is one row; a non-blank row keeps its trailing newline, a blank
+    line becomes the empty row. The papers' protocol joins these rows with ``"\\n\\n"``.
+    """
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.splitlines(keepends=True)
+    return [line if line.strip() else "" for line in lines]
+
+
+def read_jsonl(path: str | os.PathLike, field: str = "text") -> list[str]:
+    """The ``field`` of every JSON line of ``path`` (C4's layout: text, timestamp, url)."""
+    docs = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CalibrationDataError(f"{path}:{i} is not valid JSON: {e}") from None
+            if not isinstance(row, dict) or field not in row:
+                raise CalibrationDataError(f"{path}:{i} has no {field!r} field")
+            docs.append(str(row[field]))
+    return docs
+
+
+def _hub_documents(name: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise CalibrationDataError(
+            f"calibration source {name!r} needs a local copy (calib_file=..., CLI "
+            f"--calib-file) or the `datasets` package to download it from the hub; "
+            "neither is available") from None
+    spec = dict(_HUB[name])
+    try:
+        ds = datasets.load_dataset(**spec)
+    except Exception as e:  # network errors come in many types
+        raise CalibrationDataError(
+            f"could not load {name!r} from the Hugging Face hub ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}); offline? pass a local copy with "
+            "calib_file=... (CLI --calib-file)") from None
+    return dataset_texts(ds)
+
+
+def dataset_texts(ds) -> list[str]:
+    """The ``text`` column of a Hugging Face dataset (duck-typed: no import of datasets)."""
+    cols = getattr(ds, "column_names", None)
+    if cols is not None and "text" not in cols:
+        raise CalibrationDataError(f"dataset has no 'text' column (columns: {cols})")
+    return [str(t) for t in ds["text"]]
+
+
+def _is_dataset(obj) -> bool:
+    return hasattr(obj, "column_names") and hasattr(obj, "__getitem__")
+
+
+def load_documents(source, calib_file: str | os.PathLike | None = None) -> list[str]:
+    """Documents of a calibration ``source`` (see :func:`calibration_data`)."""
+    if _is_dataset(source):
+        return dataset_texts(source)
+    if isinstance(source, (list, tuple)):
+        if not all(isinstance(s, str) for s in source):
+            raise CalibrationDataError("a calibration list must hold strings only")
+        return list(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise CalibrationDataError(f"unknown calibration source of type {type(source).__name__}: "
+                                   "expected a file path, 'c4', 'wikitext2', a list of strings "
+                                   "or a Hugging Face dataset")
+    name = str(source)
+    if name in NAMED_SOURCES:
+        if calib_file is None:
+            return _hub_documents(name)
+        if name == "wikitext2":
+            return ["\n\n".join(wikitext_rows(calib_file))]
+        return load_documents(calib_file)
+    path = Path(name)
+    if not path.is_file():
+        raise CalibrationDataError(f"calibration source {name!r} is neither a file nor one of "
+                                   f"{list(NAMED_SOURCES)}")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        return read_jsonl(path)
+    return [path.read_text(encoding="utf-8")]
+
+
+def token_stream(tokenizer, docs: Iterable[str]) -> torch.Tensor:
+    """All documents tokenized and joined by the separator -> 1-D LongTensor."""
+    sep = separator_ids(tokenizer)
+    ids: list[int] = []
+    for doc in docs:
+        if not doc:
+            continue
+        if ids:
+            ids.extend(sep)
+        ids.extend(encode(tokenizer, doc))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int = 0,
+                   what: str = "calibration text") -> torch.Tensor:
+    """``n_samples`` seeded windows (n_samples, seq_len) of a 1-D token ``stream``."""
+    if n_samples <= 0 or seq_len <= 0:
+        raise CalibrationDataError(f"n_samples and seq_len must be positive, "
+                                   f"got {n_samples}, {seq_len}")
+    n_tok = stream.numel()
+    if n_tok < seq_len:
+        raise CalibrationDataError(f"{what} has {n_tok} tokens, fewer than one window of "
+                                   f"seq_len={seq_len}")
+    g = torch.Generator().manual_seed(seed)
+    n_chunks = n_tok // seq_len
+    if n_chunks >= n_samples:
+        # distinct, non-overlapping windows at a random offset, in random order
+        offset = int(torch.randint(0, n_tok - n_chunks * seq_len + 1, (1,), generator=g))
+        chunks = torch.randperm(n_chunks, generator=g)[:n_samples]
+        starts = offset + chunks * seq_len
+    else:
+        starts = torch.randint(0, n_tok - seq_len + 1, (n_samples,), generator=g)
+    return torch.stack([stream[s:s + seq_len] for s in starts.tolist()])
+
+
+def calibration_data(tokenizer, source="c4", n_samples: int = 128, seq_len: int = 2048,
+                     seed: int = 0, calib_file: str | os.PathLike | None = None) -> torch.Tensor:
+    """Calibration token ids (n_samples, seq_len), seeded.
+
+    source: a text file, a ``.jsonl`` file with a ``text`` field (C4 style), a list of
+    strings, a Hugging Face dataset with a ``text`` column, or ``"c4"`` / ``"wikitext2"``
+    (read from ``calib_file`` when given, else from the hub via ``datasets``).
+    Raises :class:`CalibrationDataError` when the text is shorter than one window.
+    """
+    docs = load_documents(source, calib_file)
+    label = f"calibration source {str(calib_file or source)[:80]!r}" if isinstance(
+        source, (str, os.PathLike)) else "calibration text"
+    if not any(docs):
+        raise CalibrationDataError(f"{label} is empty")
+    return sample_windows(token_stream(tokenizer, docs), n_samples, seq_len, seed, label)
+
+
+def context_length(model) -> int | None:
+    """The longest sequence ``model`` accepts, where its config says (else None)."""
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length",
+                "seq_length", "block_size"):
+        val = getattr(cfg, key, None)
+        if isinstance(val, int) and val > 0:
+            return val
+    return None
+
+
+def check_seq_len(model, seq_len: int, what: str = "seq_len") -> None:
+    """Raise before any work when ``seq_len`` exceeds the model's context length."""
+    if not isinstance(seq_len, int) or seq_len <= 0:
+        raise CalibrationDataError(f"{what} must be a positive int, got {seq_len!r}")
+    ctx = context_length(model)
+    if ctx is not None and seq_len > ctx:
+        raise CalibrationDataError(f"{what} {seq_len} exceeds the model's context length {ctx} "
+                                   f"({type(model).__name__}); use --seq-len {ctx} or less")

@@ -1,0 +1,257 @@
+"""Kernel choice by shape and batch, launches, tuning, and the CUDA registrations.
+
+Importing this module (kernels/packed.py does, where CUDA and Triton exist) registers CUDA
+implementations of ``kvant::wq_linear_packed`` (the repacked layout; the fast path that
+QuantLinear uses) and of ``kvant::wq_linear`` (the stored layout; repacks once per weight
+tensor and caches the result while that tensor lives). docs/KERNELS.md has the dispatch table.
+
+Launch configurations come from :func:`heuristic` unless :func:`tune` (or ``KVANT_AUTOTUNE=1``,
+which tunes on the first call of each shape outside graph capture) has timed the candidates
+for that shape. Nothing in the hot path synchronises with the host or allocates outside
+PyTorch's caching allocator, so calls are captured by CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from kvant.kernels import ops, packed
+from kvant.kernels.triton import repack as rp
+from kvant.kernels.triton.gemm import dequant_kernel, wq_dot_kernel
+from kvant.kernels.triton.gemv import wq_gemv_kernel
+
+log = logging.getLogger(__name__)
+
+GEMV_MAX_M = 4  # rows of x the CUDA-core kernel takes
+DOT_MAX_M = 512  # above: dequantize + cuBLAS
+_COUNTER_SLOTS = 1 << 16  # split-K tile counters per device
+MAGIC = 0x4B000000  # float bits of 2**23, passed at run time (see planes.py)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch: ``kernel`` in {"gemv", "dot", "dequant"}; BN output channels and BM rows
+    of x per program; ``split`` programs along K; Triton's warps and pipeline stages."""
+
+    kernel: str
+    bn: int = 64
+    bm: int = 16
+    split: int = 1
+    warps: int = 4
+    stages: int = 2
+
+
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _pow2(m: int) -> int:
+    return 1 << max(0, (m - 1).bit_length())
+
+
+def block_m(kernel: str, m: int) -> int:
+    """Rows of x per program: the power of two >= m within 16..128 for tl.dot, 1 for gemv."""
+    if kernel == "gemv":
+        return 1
+    return min(max(_pow2(m), 16), 128)
+
+
+def _split_for(tiles: int, n_chunks: int, sms: int, min_chunks: int = 2) -> int:
+    """K splits that bring the program count near 4 per SM, each split >= min_chunks."""
+    split = 1
+    while tiles * split * 2 <= 4 * sms and n_chunks // (split * 2) >= min_chunks:
+        split *= 2
+    return split
+
+
+def heuristic(m: int, n: int, k: int, bits: int, device: torch.device) -> Config:
+    """The default configuration for x (m, k) times an (n, k) weight of ``bits`` bits."""
+    n_chunks = -(-k // rp.chunk_k(bits))
+    sms = _sms(device)
+    if m > DOT_MAX_M:
+        return Config("dequant", bn=32, bm=0)
+    if m <= GEMV_MAX_M:
+        bn = 32
+        tiles = -(-n // bn) * m
+        return Config("gemv", bn=bn, bm=1, split=_split_for(tiles, n_chunks, sms))
+    bm = block_m("dot", m)
+    bn = 64 if bm <= 64 else 128
+    tiles = -(-n // bn) * -(-m // bm)
+    return Config("dot", bn=bn, bm=bm, split=_split_for(tiles, n_chunks, sms),
+                  warps=4 if bn * bm <= 64 * 64 else 8)
+
+
+_TUNED: dict[tuple, Config] = {}
+_COUNTERS: dict[int, torch.Tensor] = {}
+
+
+def _bucket(m: int) -> int:
+    return _pow2(m) if m <= DOT_MAX_M else DOT_MAX_M * 2
+
+
+def _tune_key(m: int, p: rp.PackedWeight, dtype: torch.dtype) -> tuple:
+    return (_bucket(m), p.out_features, p.in_features, p.bits, p.group_size,
+            p.perm is not None, dtype)
+
+
+def _counters(device: torch.device) -> Optional[torch.Tensor]:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    cnt = _COUNTERS.get(idx)
+    if cnt is None and not torch.cuda.is_current_stream_capturing():
+        cnt = _COUNTERS[idx] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return cnt
+
+
+def launch(x2: torch.Tensor, p: rp.PackedWeight, cfg: Config,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out (M, N) = x2 (M, K) @ Wᵀ with one configuration; x2 fp16/bf16, last dim contiguous."""
+    m, k = x2.shape
+    n = p.out_features
+    if out is None:
+        out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0:
+        return out
+    if cfg.kernel == "dequant":
+        w = dequantize(p, x2.dtype)[:, :k]
+        xp = x2 if p.perm is None else x2.index_select(1, p.perm.long())
+        return torch.matmul(xp, w.t(), out=out)
+    ck = rp.chunk_k(p.bits)
+    n_chunks = p.k_padded // ck
+    bm = block_m(cfg.kernel, m) if cfg.kernel == "gemv" else cfg.bm
+    grid_m, grid_n = -(-m // bm), -(-n // cfg.bn)
+    cps = -(-n_chunks // max(1, min(cfg.split, n_chunks)))
+    split = -(-n_chunks // cps)
+    cnt = _counters(x2.device) if split > 1 else None
+    if split > 1 and (cnt is None or grid_m * grid_n > cnt.numel()):
+        split, cps = 1, n_chunks
+    part = (torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
+            if split > 1 else out)
+    args = (x2, p.qweight, p.scales, p.zeros, p.perm if p.perm is not None else p.qweight,
+            out, part, cnt if cnt is not None else p.qweight,
+            m, n, k, p.qweight.shape[1], x2.stride(0), out.stride(0), cps, n_chunks, MAGIC)
+    meta = dict(BITS=p.bits, GS=p.group_size, HAS_PERM=p.perm is not None, SPLIT=split > 1,
+                BN=cfg.bn, num_warps=cfg.warps, num_stages=cfg.stages)
+    if cfg.kernel == "gemv":
+        wq_gemv_kernel[(grid_m, grid_n, split)](*args, **meta)
+    else:
+        wq_dot_kernel[(grid_m, grid_n, split)](*args, BM=bm, **meta)
+    return out
+
+
+def dequantize(p: rp.PackedWeight, dtype: torch.dtype, bn: int = 32) -> torch.Tensor:
+    """(N, Kp) weight in ``dtype`` (rounded through fp16 like the reference), columns in the
+    repacked (act-order sorted) order; the padding columns past K are garbage."""
+    n, kp = p.out_features, p.k_padded
+    out = torch.empty((n, kp), dtype=dtype, device=p.qweight.device)
+    n_chunks = kp // rp.chunk_k(p.bits)
+    dequant_kernel[(-(-n // bn), n_chunks)](
+        p.qweight, p.scales, p.zeros, out, n, p.in_features, p.qweight.shape[1], n_chunks,
+        out.stride(0), MAGIC,
+        BITS=p.bits, GS=p.group_size, BN=bn, num_warps=4)
+    return out
+
+
+def candidates(m: int, p: rp.PackedWeight, device: torch.device) -> list[Config]:
+    """The configurations :func:`tune` times for batch ``m``."""
+    base = heuristic(m, p.out_features, p.in_features, p.bits, device)
+    out = {base}
+    if m > DOT_MAX_M:
+        return [base]
+    splits = (1, 2, 4, 8, 16)
+    if m <= GEMV_MAX_M:
+        for bn in (16, 32, 64):
+            out.update(Config("gemv", bn=bn, bm=1, split=s) for s in splits)
+    bm = block_m("dot", m)
+    for bn in (32, 64, 128):
+        for stages in (2, 3):
+            warps = 4 if bn * bm <= 64 * 64 else 8
+            out.update(Config("dot", bn=bn, bm=bm, split=s, warps=warps, stages=stages)
+                       for s in splits)
+    if m >= 64:
+        out.add(Config("dequant", bn=32, bm=0))
+    return sorted(out, key=repr)
+
+
+def tune(x2: torch.Tensor, p: rp.PackedWeight, reps_ms: int = 20) -> tuple[Config, dict]:
+    """Time every candidate for this input shape, remember the fastest for its shape bucket.
+    Returns (best, {config: median microseconds})."""
+    times = {}
+    for cfg in candidates(x2.shape[0], p, x2.device):
+        try:
+            times[cfg] = 1e3 * triton.testing.do_bench(lambda: launch(x2, p, cfg), warmup=5,
+                                                       rep=reps_ms, return_mode="median")
+        except Exception as e:  # a configuration that does not compile or fit is skipped
+            log.info("config %s failed: %s", cfg, e)
+    best = min(times, key=times.get)
+    _TUNED[_tune_key(x2.shape[0], p, x2.dtype)] = best
+    return best, times
+
+
+def choose(x2: torch.Tensor, p: rp.PackedWeight) -> Config:
+    """The configuration for this call: tuned if known, else the heuristic."""
+    cfg = _TUNED.get(_tune_key(x2.shape[0], p, x2.dtype))
+    if cfg is not None:
+        return cfg
+    if os.environ.get("KVANT_AUTOTUNE") == "1" and not torch.cuda.is_current_stream_capturing():
+        return tune(x2, p)[0]
+    return heuristic(x2.shape[0], p.out_features, p.in_features, p.bits, x2.device)
+
+
+def linear(x: torch.Tensor, p: rp.PackedWeight) -> torch.Tensor:
+    """x (..., K) @ Wᵀ -> (..., N) in x's dtype through the chosen kernel."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return launch(x2, p, choose(x2, p)).reshape(*lead, p.out_features)
+
+
+@torch.library.register_kernel("kvant::wq_linear_packed", "cuda")
+def _packed_cuda(x, qweight, scales, zeros, perm, bits, group_size, in_features):
+    p = rp.PackedWeight(qweight, scales, zeros, perm, bits, group_size, in_features,
+                        qweight.shape[0])
+    if x.dtype not in (torch.float16, torch.bfloat16):  # kernels take 16-bit activations
+        w = rp.dequantize_packed(p, torch.float16)
+        return torch.matmul(x, w.to(x.dtype).t())
+    return linear(x, p)
+
+
+# stored-layout op: repacked form per live qweight tensor (id -> (weakref, key, packed))
+_STORED: dict[int, tuple] = {}
+
+
+def _stored_packed(qweight, scales, qzeros, g_idx, bits, group_size, in_features):
+    key = rp.source_key(qweight, scales, qzeros, g_idx) + (bits, group_size, in_features)
+    hit = _STORED.get(id(qweight))
+    if hit is not None and hit[0]() is qweight and hit[1] == key:
+        return hit[2]
+    if torch.cuda.is_current_stream_capturing():
+        return None
+    try:
+        p = rp.repack(qweight, scales, qzeros, g_idx, bits, group_size, in_features)
+    except NotImplementedError:
+        p = None
+    ident = id(qweight)
+    _STORED[ident] = (weakref.ref(qweight, lambda _: _STORED.pop(ident, None)), key, p)
+    return p
+
+
+@torch.library.register_kernel("kvant::wq_linear", "cuda")
+def _stored_cuda(x, qweight, scales, qzeros, g_idx, bits, group_size, in_features):
+    p = _stored_packed(qweight, scales, qzeros, g_idx, bits, group_size, in_features)
+    if p is None or x.dtype not in (torch.float16, torch.bfloat16):
+        w = ops.dequantize_weight(qweight, scales, qzeros, g_idx, bits, group_size,
+                                  in_features)
+        return torch.matmul(x, w.to(x.dtype).t())
+    return linear(x, p)
+
+
+__all__ = ["Config", "heuristic", "launch", "tune", "choose", "linear", "dequantize",
+           "candidates", "packed"]

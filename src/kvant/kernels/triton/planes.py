@@ -1,0 +1,76 @@
+"""Triton device helpers shared by the kernels: unpack one plane, and the split-K epilogue.
+
+A *plane* is value slot ``J`` of every word of a (rows, 32) tile in the repacked layout
+(repack.py): the weights of 32 consecutive input columns. It is turned into ``q - z`` in fp32
+without an integer-to-float conversion instruction (those issue at 1/8 of the FMA rate on
+Hopper): the bits are or-ed into the mantissa of 2**23, ``0x4B000000 | (q << SH)`` is the
+float ``2**23 + q * 2**SH``, and one FFMA ``f * 2**-SH - (2**(23-SH) + z)`` gives ``q - z``
+exactly. Keeping ``q`` at its bit position ``SH`` (instead of shifting it down) saves the
+shift; slots above bit 16 come from the word shifted once by 16, so the mantissa never
+overflows.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def plane_qz(w, w_hi, zneg, magic, J: tl.constexpr, BITS: tl.constexpr):
+    """(q - z) fp32 (R, 32) of slot J of words ``w`` (R, 32) int32; ``w_hi = w >> 16``,
+    ``zneg`` (R,) fp32 = -zero point of each row, ``magic`` = 0x4B000000 passed at run time
+    (in a register, ptxas fuses mask-and-or into one LOP3)."""
+    SH: tl.constexpr = (J * BITS) % 16  # bit position in w (slots < 16) or in w_hi
+    MASK: tl.constexpr = ((1 << BITS) - 1) << SH
+    INV: tl.constexpr = 1.0 / (1 << SH)
+    OFF: tl.constexpr = 1 << (23 - SH)
+    if J * BITS < 16:
+        f = ((w & MASK) | magic).to(tl.float32, bitcast=True)
+    else:
+        f = ((w_hi & MASK) | magic).to(tl.float32, bitcast=True)
+    return f * INV + (zneg - OFF)[:, None]
+
+
+@triton.jit
+def plane3_qz(lo, lo_hi, hw, zneg, magic, P: tl.constexpr):
+    """(q - z) fp32 of plane P (0..31) of a 3-bit chunk: ``lo`` the 2-bit words of this half
+    (planes P // 16), ``lo_hi = lo >> 16``, ``hw`` the 1-bit words (high bit of plane P at
+    bit P)."""
+    J: tl.constexpr = P % 16
+    SH: tl.constexpr = (2 * J) % 16
+    MLO: tl.constexpr = 3 << SH
+    MHI: tl.constexpr = 4 << SH
+    INV: tl.constexpr = 1.0 / (1 << SH)
+    OFF: tl.constexpr = 1 << (23 - SH)
+    if 2 * J < 16:
+        src = lo
+    else:
+        src = lo_hi
+    # move the high bit from position P to SH + 2
+    if P >= SH + 2:
+        hb = hw >> (P - SH - 2)
+    else:
+        hb = hw << (SH + 2 - P)
+    f = ((src & MLO) | (hb & MHI) | magic).to(tl.float32, bitcast=True)
+    return f * INV + (zneg - OFF)[:, None]
+
+
+@triton.jit
+def store_or_reduce(acc, out_ptrs, part_ptr, part_offs, mask, cnt_ptr, tile, pid_k, n_split,
+                    part_stride, SPLIT: tl.constexpr):
+    """Write the fp32 tile ``acc`` to ``out_ptrs`` (cast to their dtype), or with split-K:
+    write it to the workspace ``part_ptr`` and let the last of the ``n_split`` programs of
+    this tile (found with an acq_rel counter, reset to 0 afterwards) sum and write the tile.
+    """
+    if SPLIT:
+        tl.store(part_ptr + pid_k * part_stride + part_offs, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        old = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if old == n_split - 1:
+            tot = tl.zeros_like(acc)
+            for s in range(0, n_split):
+                tot += tl.load(part_ptr + s * part_stride + part_offs, mask=mask, other=0.0,
+                               cache_modifier=".cg")
+            tl.store(out_ptrs, tot.to(out_ptrs.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch (graph replays)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)

@@ -1,0 +1,192 @@
+"""AWQ: scale folding is exact, the search beats RTN where activations have outliers,
+clipping never hurts its objective, configs parse, and AWQ+GPTQ runs."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from kvant.algorithms.awq import AWQ
+from kvant.algorithms.awq_search import search_clip
+from kvant.algorithms.registry import config_from_spec
+from kvant.calib.capture import capture_block_inputs, run_block
+from kvant.calib.engine import quantize_model, sequential_groups
+from kvant.config import AWQConfig, ConfigError, EngineOptions, RTNConfig
+from kvant.core.grid import fake_quantize, find_params
+from kvant.model import fold
+from kvant.model.discovery import find_blocks, find_linears
+
+# fp32 folding: every scale is applied exactly once to a weight and once (inverted) to a
+# predecessor, so outputs agree up to float32 rounding of the products
+FOLD_RTOL = 1e-5
+CPU = EngineOptions(device="cpu", show_progress=False, batch_size=4)
+
+
+def tiny_llama(kv_heads: int):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=kv_heads, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def logits(model, ids):
+    out = model(ids)
+    return getattr(out, "logits", out)
+
+
+def rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def walk_blocks(model, calib, fn):
+    """Call fn(block, linears, groups, inputs) on every block, feeding float outputs on."""
+    _, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], torch.split(calib, 4), "cpu")
+    for block in blocks:
+        linears = find_linears(block)
+        groups = sequential_groups(block, linears, inputs[0])
+        fn(block, linears, groups, inputs)
+        inputs = [i.with_hidden(o) for i, o in zip(inputs, run_block(block, inputs))]
+
+
+def random_scale_fold(model, calib, seed=0):
+    """Apply random scales s = exp(N(0, 0.5)) to every group, folded by probed plans."""
+    g = torch.Generator().manual_seed(seed)
+    plans = []
+
+    def fn(block, linears, groups, inputs):
+        for names in groups:
+            plan = fold.find_fold_plan(block, names[0], set(names), inputs[0], 1e-4)
+            k = plan.free.numel()
+            s = torch.exp(0.5 * torch.randn(k, generator=g))
+            fold.apply_scales(block, names, plan, s)
+            plans.append((names, plan))
+
+    walk_blocks(model, calib, fn)
+    return plans
+
+
+def test_fold_is_exact_on_nanogpt_block(tiny_gpt, tiny_calib):
+    model, _ = tiny_gpt
+    ref = logits(model, tiny_calib)
+    plans = random_scale_fold(model, tiny_calib)
+    assert rel_err(logits(model, tiny_calib), ref) < FOLD_RTOL
+    where = {names[0]: plan for names, plan in plans[:4]}
+    assert [s.module for s in where["sa.heads.0.key"].sources] == ["ln1"]
+    assert [s.module for s in where["sa.proj"].sources] == ["sa.heads.0.value",
+                                                            "sa.heads.1.value"]
+    assert [s.module for s in where["ffwd.net.0"].sources] == ["ln2"]
+    assert [s.module for s in where["ffwd.net.2"].sources] == ["ffwd.net.0"]
+    # value rows map one-to-one onto proj's input columns (head h -> columns h*hs...)
+    v1 = where["sa.proj"].sources[1]
+    assert torch.equal(v1.channels, v1.rows + 32)
+    assert all(int(p.free.sum()) == 0 for _, p in plans)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_fold_is_exact_on_tiny_llama(kv_heads):
+    model = tiny_llama(kv_heads)
+    calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    ref = logits(model, calib)
+    plans = random_scale_fold(model, calib)
+    assert rel_err(logits(model, calib), ref) < FOLD_RTOL
+    where = {names[0]: plan for names, plan in plans[:4]}
+    assert [s.module for s in where["self_attn.q_proj"].sources] == ["input_layernorm"]
+    assert [s.module for s in where["mlp.gate_proj"].sources] == ["post_attention_layernorm"]
+    assert [s.module for s in where["mlp.down_proj"].sources] == ["mlp.up_proj"]
+    o = where["self_attn.o_proj"]
+    if kv_heads == 4:  # v rows map one-to-one onto o_proj columns: fold
+        assert [s.module for s in o.sources] == ["self_attn.v_proj"] and not o.free.any()
+    else:  # grouped-query attention repeats v heads: no one-to-one fold, input scaling
+        assert not o.sources and bool(o.free.all())
+
+
+def test_prepare_block_keeps_float_model_exact(tiny_gpt, tiny_calib):
+    """The whole AWQ preparation (search, fold, verify) leaves the float function intact."""
+    model, _ = tiny_gpt
+    ref = logits(model, tiny_calib)
+    method = AWQ(AWQConfig(bits=3, group_size=32, n_grid=5, clip_search=False))
+    reports = []
+    walk_blocks(model, tiny_calib, lambda b, lin, grp, inp: reports.append(
+        method.prepare_block(b, lin, grp, inp, run_block)))
+    assert rel_err(logits(model, tiny_calib), ref) < FOLD_RTOL
+    groups = [g for r in reports for g in r["awq"]]
+    assert len(groups) == 8 and all(g["treatment"].startswith("fold->") for g in groups)
+    assert all(g["loss"] <= g["loss_rtn"] for g in groups)
+
+
+class _OutlierModel(nn.Module):
+    """Embedding -> one block (LayerNorm with a few huge channels -> Linear) -> head."""
+
+    def __init__(self, k=64, n_out=8):
+        super().__init__()
+        self.emb = nn.Embedding(32, k)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.LayerNorm(k), nn.Linear(k, k))])
+        self.head = nn.Linear(k, n_out)
+        with torch.no_grad():
+            self.blocks[0][0].weight[:4] = 30.0  # 4 input channels with large activations
+
+    def forward(self, ids):
+        return self.head(self.blocks[0](self.emb(ids)))
+
+
+def test_awq_beats_rtn_with_activation_outliers():
+    torch.manual_seed(0)
+    float_model = _OutlierModel().eval()
+    ids = torch.randint(0, 32, (8, 16), generator=torch.Generator().manual_seed(1))
+    ref = float_model(ids).detach()
+    errs = {}
+    for name, cfg in {"rtn": RTNConfig(bits=3, group_size=32),
+                      "awq": AWQConfig(bits=3, group_size=32, clip_search=False)}.items():
+        m = copy.deepcopy(float_model)
+        quantize_model(m, cfg, ids, CPU)
+        errs[name] = float((m(ids) - ref).detach().pow(2).mean())
+    assert errs["awq"] < 0.5 * errs["rtn"], errs  # measured: 0.17x
+
+
+def test_clip_search_never_worse_than_minmax():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 64, generator=g)
+    w[:, 3] *= 8  # one column with a wide range makes clipping worth it
+    x = torch.randn(128, 64, generator=g)
+    cfg = AWQConfig(bits=3, group_size=32)
+
+    def err(wq_src):
+        s, z = find_params(wq_src.reshape(-1, 32), 3, False)
+        q = fake_quantize(wq_src.reshape(-1, 32), s, z, 3).reshape(16, 64)
+        return float((x @ q.t() - x @ w.t()).pow(2).sum())
+
+    clipped, shrink = search_clip(w, x, cfg.qargs, n_grid=20, max_shrink=0.5)
+    assert shrink < 1.0
+    assert err(clipped) <= err(w)
+    assert (clipped.abs() <= w.abs() + 1e-7).all()
+
+
+def test_config_spec_and_validation():
+    cfg = config_from_spec("awq:bits=4,group_size=64")
+    assert isinstance(cfg, AWQConfig) and (cfg.bits, cfg.group_size, cfg.sym) == (4, 64, False)
+    cfg = config_from_spec("awq:bits=3,rounding=gptq,duo_scaling=true")
+    assert cfg.rounding == "gptq" and cfg.duo_scaling
+    assert AWQConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="rounding"):
+        AWQConfig(rounding="nearest")
+    with pytest.raises(ConfigError, match="n_grid"):
+        AWQConfig(n_grid=0)
+
+
+def test_awq_gptq_and_input_scale_on_gqa_llama():
+    pytest.importorskip("kvant.algorithms.gptq")
+    model = tiny_llama(kv_heads=2)
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    ref = logits(model, calib)
+    report = quantize_model(model, AWQConfig(bits=4, group_size=32, rounding="gptq", n_grid=5),
+                            calib, CPU)
+    o = model.model.layers[0].self_attn.o_proj
+    assert o.input_scale is not None and not torch.all(o.input_scale == 1)
+    assert model.model.layers[0].self_attn.q_proj.input_scale is None
+    assert "input_scale" in report.layers["model.layers.0.self_attn.o_proj"]["awq_scale"]
+    assert rel_err(logits(model, calib), ref) < 0.5
