@@ -81,10 +81,13 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="*", default=[m for m, _ in METHODS])
     p.add_argument("--max-windows", type=int, default=None, help="eval windows (default all)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (1: immune to a busy machine's thread contention)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
+    torch.set_num_threads(args.threads)
     model, tok = load_embedded()
     model = model.to(args.device)
     calib = char_windows(tok, training_text(), N_CALIB, SEQ_LEN, SEED)

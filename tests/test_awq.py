@@ -190,3 +190,26 @@ def test_awq_gptq_and_input_scale_on_gqa_llama():
     assert model.model.layers[0].self_attn.q_proj.input_scale is None
     assert "input_scale" in report.layers["model.layers.0.self_attn.o_proj"]["awq_scale"]
     assert rel_err(logits(model, calib), ref) < 0.5
+
+
+def test_single_linear_search_uses_exact_quadratic_form():
+    """For a group of one Linear, the Gram-matrix loss equals the output MSE it replaces."""
+    from kvant.algorithms.awq_search import GroupCapture, capture_group, search_scale
+    from kvant.calib.capture import BlockInput
+
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 32))
+    x = torch.randn(4, 16, 64) * torch.linspace(0.1, 5, 64)
+    inputs = [BlockInput((x,), {})]
+    cap = capture_group(block, "1", "1", inputs)
+    assert cap.gram is not None and not cap.calls
+    h = block[0](x)
+    direct = GroupCapture(abs_sum=cap.abs_sum, tokens=cap.tokens,
+                          calls=[((h,), {}, block[1](h))])
+    args = AWQConfig(bits=3, group_size=32).qargs
+    keep = torch.ones(64, dtype=torch.bool)
+    s1, i1 = search_scale(block[1], [block[1]], cap, args, 5, False, keep)
+    s2, i2 = search_scale(block[1], [block[1]], direct, args, 5, False, keep)
+    assert i1["alpha"] == i2["alpha"] and torch.equal(s1, s2)
+    assert i1["loss"] == pytest.approx(i2["loss"], rel=1e-4)
+    assert i1["loss_rtn"] == pytest.approx(i2["loss_rtn"], rel=1e-4)

@@ -33,12 +33,14 @@ class GroupCapture:
     """What one pass over the calibration inputs records for a group.
 
     abs_sum: (K,) float32 sum of |x| over all tokens; tokens: how many; calls: the inspected
-    module's (args, kwargs, float output) of every call.
+    module's (args, kwargs, float output) of every call; gram: (K, K) float32 ``Σ xᵀx``
+    instead of calls when the inspected module is the group's single Linear.
     """
 
     abs_sum: torch.Tensor | None = None
     tokens: int = 0
     calls: list = field(default_factory=list)
+    gram: torch.Tensor | None = None
 
     @property
     def act_mean(self) -> torch.Tensor:
@@ -73,18 +75,28 @@ def inspected_module(block: nn.Module, names: list[str], probe) -> str:
 @torch.no_grad()
 def capture_group(block: nn.Module, first: str, module_name: str, inputs) -> GroupCapture:
     """Run the block on every input; record |x| of ``first``'s input and the inspected
-    module's calls (the block's own calls when ``module_name`` is "")."""
+    module's calls (the block's own calls when ``module_name`` is "").
+
+    When the inspected module is ``first`` itself (a group of one Linear), its output error
+    is a quadratic form in the weight error, ``||ΔW xᵀ||² = tr(ΔW G ΔWᵀ)``: only the Gram
+    matrix ``G = Σ xᵀx`` is kept, and each grid point costs N·K² instead of T·N·K.
+    """
     cap = GroupCapture()
+    single = module_name == first
 
     def stats(_m, a):
         x = a[0].detach()
-        s = x.abs().float().reshape(-1, x.shape[-1]).sum(0)
+        rows = x.reshape(-1, x.shape[-1])
+        s = rows.abs().float().sum(0)
         cap.abs_sum = s if cap.abs_sum is None else cap.abs_sum + s
-        cap.tokens += x.numel() // x.shape[-1]
+        cap.tokens += rows.shape[0]
+        if single:
+            g = rows.float().t() @ rows.float()
+            cap.gram = g if cap.gram is None else cap.gram + g
 
     handles = [block.get_submodule(first).register_forward_pre_hook(stats)]
     pending: list = []
-    if module_name:
+    if module_name and not single:
         mod = block.get_submodule(module_name)
         handles.append(mod.register_forward_pre_hook(
             lambda m, a, kw: pending.append((a, kw)), with_kwargs=True))
@@ -166,7 +178,11 @@ def search_scale(module: nn.Module, lins: list[nn.Module], cap: GroupCapture,
                 p = weight_params(ws, grid_args)
                 sc, z = p.expand(ws.shape[1])
                 set_weight(lin, fake_quantize(ws, sc, z, qargs.bits) / s)
-            loss = _module_error(module, cap.calls)
+            if cap.gram is not None:  # one Linear: tr(ΔW G ΔWᵀ) / (T N)
+                dw = linear_weight(lins[0]).float() - weights[0]
+                loss = float(((dw @ cap.gram) * dw).sum()) / (cap.tokens * dw.shape[0])
+            else:
+                loss = _module_error(module, cap.calls)
             losses.append(loss)
             if loss < best[0]:
                 best = (loss, alpha, s)

@@ -9,19 +9,20 @@ Three ideas on top of GPTQ, all in this file:
    :func:`kvant.nn.spqr_linear.quantize_stats`).
 2. Outliers by sensitivity (the paper's §4.1). With U the upper Cholesky factor of H⁻¹ in walk
    order and ``d_j = U[j, j]``, the cost of rounding weight w of column j is ``((w - q)/d_j)²``.
-   When the walk enters a group it fits the grid without the weights whose leave-one-out
-   gain (:func:`loo_gain`: how much the group's d-weighted error drops when that weight is
-   left out and the grid refit) exceeds ``tau``; then every column is rounded and each weight
-   with ``((w - q)/d_j)² > tau`` keeps its exact value, stored as an fp16 residual, so its
-   error fed back to later columns is zero. ``tau = outlier_threshold *
-   mean_j(Var(W[:, j]) / d_j²)`` (the paper's relative threshold).
+   When the walk enters a group it fits the grid without the weights whose leave-one-out gain
+   (how much the group's d-weighted error drops when the weight stays in float and the grid
+   is refit without it, :func:`drop_gain`) exceeds ``tau`` (:func:`grid_outliers`); then each
+   column is rounded and every weight with ``((w - q)/d_j)² > tau`` keeps its exact value,
+   stored as an fp16 residual, so the error it feeds to later columns is zero.
+   ``tau = outlier_threshold * mean_j(Var(W[:, j]) / d_j²)`` (the paper's relative threshold).
 3. Act-order: columns walked by decreasing diag(H), groups formed in walk order.
 
-Outlier budget (any base): :func:`select_outliers` picks a fixed fraction of the weights up
-front by the same leave-one-out score (weighted by ``1/d²`` for GPTQ, by ``diag(H)`` for
-RTN); the base method then rounds W with those weights excluded from the grids and keeps them
-in fp16. Invoke it with ``SpQRConfig(outlier_budget=0.01, base="rtn" | "gptq")``; the same two
-hooks (:class:`OutlierWalk`) serve any method that calls ``gptq_quantize``.
+Outlier budget (any base): :func:`select_outliers` picks at most a fixed fraction of the
+weights up front by the same rule at the threshold that meets the budget (errors weighted by
+``1/d²`` in walk order for GPTQ, by ``diag(H)`` for RTN); the base method then rounds W with
+those weights left out of the grids and keeps them in fp16. Invoke it with
+``SpQRConfig(outlier_budget=0.01, base="rtn" | "gptq")``; the hooks of
+:class:`OutlierWalk` serve any method that calls ``gptq_quantize``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from kvant.core.hessian import HessianAccumulator
 from kvant.nn.spqr_linear import MIN_SCALE, SpQRLinear, quantize_stats
 
 log = logging.getLogger(__name__)
-__all__ = ["SpQR", "SpQRLinear", "loo_gain", "select_outliers", "fit_groups", "OutlierWalk",
+__all__ = ["SpQR", "SpQRLinear", "drop_gain", "grid_outliers", "sensitive_weights",
+           "select_outliers", "fit_groups", "OutlierWalk",
            "spqr_gptq", "spqr_rtn"]
 
 
@@ -65,35 +67,89 @@ def fake_quantize(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int):
     return q, (q - z) * s
 
 
-def loo_gain(x: torch.Tensor, weight: torch.Tensor, bits: int, plain: bool = False):
-    """Leave-one-out gain (R, C) of every weight of the groups x (R, C).
+def _fill(x: torch.Tensor, excl: torch.Tensor | None) -> torch.Tensor:
+    """x (..., C) with excluded weights replaced by their row's smallest kept weight, a value
+    that leaves the min-max range of the kept weights unchanged (0 for a fully excluded row)."""
+    if excl is None or not bool(excl.any()):
+        return x
+    kept_min = torch.where(excl, torch.full_like(x, math.inf), x).amin(-1, keepdim=True)
+    kept_min = torch.where(torch.isfinite(kept_min), kept_min, torch.zeros_like(kept_min))
+    return torch.where(excl, kept_min, x)
 
-    ``gain[r, i] = E_r - E_r^{-i}`` where ``E_r = Σ_j weight[r, j] (x_rj - deq_rj)²`` on the
-    min-max grid of row r and ``E_r^{-i}`` is the same sum over j != i with the grid refit
-    without x_ri. A min-max grid only depends on the extremes, so only the row's argmin and
-    argmax can change it; every other weight's gain is its own error term.
-    weight: (C,) or (R, C) importance of each position (1/d² or diag(H)).
+
+def _weighted_err(x, y, wt, bits: int, plain: bool) -> torch.Tensor:
+    """(R, C) ``wt * (x - deq(x))²`` on the grid fit to the rows of y (R, C)."""
+    s, z = _first_level(y, bits, plain)
+    return (fake_quantize(x, s[:, None], z[:, None], bits)[1] - x).square() * wt
+
+
+def drop_gain(x: torch.Tensor, wt: torch.Tensor, excl: torch.Tensor, bits: int,
+              plain: bool = False):
+    """The best weight of each row of x (R, C) to leave out of the grid, among the kept ones.
+
+    ``E_r = Σ_kept wt (x - deq)²`` on the min-max grid of the kept weights; leaving weight i
+    out (keeping it in float) gives ``E_r - E_r^{-i}`` with the grid refit on the rest. Only
+    the extremes can change a min-max grid, so the candidates are the kept argmin and argmax.
+    Returns (gain (R,), column (R,)).
+    """
+    rows = torch.arange(x.shape[0], device=x.device)
+    wt = wt * (~excl)
+    y = _fill(x, excl)
+    base = _weighted_err(x, y, wt, bits, plain).sum(1)
+    lo, hi = y.argmin(1), y.argmax(1)
+    best_gain, best_idx = None, None
+    for idx, other in ((lo, hi), (hi, lo)):
+        y2 = y.clone()
+        y2[rows, idx] = y[rows, other]  # a duplicate of a kept weight: the rest's range
+        e2 = _weighted_err(x, y2, wt, bits, plain)
+        gain = base - (e2.sum(1) - e2[rows, idx])
+        if best_gain is None:
+            best_gain, best_idx = gain, idx
+        else:
+            better = gain > best_gain
+            best_gain, best_idx = torch.where(better, gain, best_gain), torch.where(better, idx, best_idx)
+    return best_gain, best_idx
+
+
+def grid_outliers(x: torch.Tensor, wt: torch.Tensor, tau: float, bits: int,
+                  plain: bool = False, max_rounds: int | None = None) -> torch.Tensor:
+    """Weights of the groups x (R, C) to leave out of their grid: repeatedly drop the extreme
+    whose leave-one-out gain (:func:`drop_gain`) exceeds ``tau``, refitting after each (at
+    most ``max_rounds``, default C // 4, per row). Returns a bool mask (R, C).
+
+    The reference implementation flags at once every weight whose leave-one-out gain exceeds
+    tau; next to a true outlier that flags most of the group (each weight's own error under
+    the stretched grid is its gain) and fits the grid to a random remainder. Dropping one
+    extreme at a time keeps the grid of the rest.
     """
     r, c = x.shape
-    s, z = _first_level(x, bits, plain)
-    err = (fake_quantize(x, s[:, None], z[:, None], bits)[1] - x).square() * weight
-    base = err.sum(1)
-    gain = err.clone()
+    excl = torch.zeros(r, c, dtype=torch.bool, device=x.device)
     rows = torch.arange(r, device=x.device)
-    for idx in (x.argmin(1), x.argmax(1)):
-        y = x.clone()
-        y[rows, idx] = x[rows, (idx + 1) % c]  # a duplicate of another weight: the rest's range
-        s2, z2 = _first_level(y, bits, plain)
-        e2 = (fake_quantize(x, s2[:, None], z2[:, None], bits)[1] - x).square() * weight
-        gain[rows, idx] = base - (e2.sum(1) - e2[rows, idx])
-    return gain
+    wt = wt.expand(r, c)
+    for _ in range(max_rounds if max_rounds is not None else max(1, c // 4)):
+        gain, idx = drop_gain(x, wt, excl, bits, plain)
+        hit = gain > tau
+        if not bool(hit.any()):
+            break
+        excl[rows[hit], idx[hit]] = True
+    return excl
+
+
+def sensitive_weights(x: torch.Tensor, wt: torch.Tensor, tau: float, bits: int,
+                      plain: bool = False) -> torch.Tensor:
+    """SpQR's outliers of the groups x (R, C) without error feedback: the grid outliers plus
+    every weight whose own error ``wt (x - deq)²`` on the refit grid exceeds ``tau``."""
+    excl = grid_outliers(x, wt, tau, bits, plain)
+    return excl | (_weighted_err(x, _fill(x, excl), wt, bits, plain) > tau)
 
 
 def select_outliers(W: torch.Tensor, col_weight: torch.Tensor, budget: float, group_size: int,
-                    bits: int, plain: bool = False) -> torch.Tensor:
-    """The ``round(budget * W.numel())`` weights of W (N, K) with the largest leave-one-out
-    gain in their group of ``group_size`` columns; col_weight (K,) weighs each column's
-    error (1/d² in GPTQ walk order, diag(H) for RTN). Returns a bool mask (N, K)."""
+                    bits: int, plain: bool = False, steps: int = 30) -> torch.Tensor:
+    """At most ``round(budget * W.numel())`` outliers of W (N, K) (groups of ``group_size``
+    columns): :func:`sensitive_weights` at the smallest threshold that stays within the
+    budget (bisection on log tau). col_weight (K,): the importance of each column's error
+    (1/d² in GPTQ walk order, diag(H) for RTN). Returns a bool mask (N, K).
+    """
     n, k = W.shape
     n_out = round(budget * n * k)
     mask = torch.zeros(n, k, dtype=torch.bool, device=W.device)
@@ -102,9 +158,18 @@ def select_outliers(W: torch.Tensor, col_weight: torch.Tensor, budget: float, gr
     g = k // group_size
     x = W.float().reshape(n * g, group_size)
     wt = col_weight.float().reshape(1, g, group_size).expand(n, g, group_size)
-    gain = loo_gain(x, wt.reshape(n * g, group_size), bits, plain).reshape(-1)
-    mask.view(-1)[torch.topk(gain, n_out).indices] = True
-    return mask
+    wt = wt.reshape(n * g, group_size)
+    top = float((_weighted_err(x, x, wt, bits, plain)).max()) + 1e-30
+    lo, hi = math.log(top) - 30.0, math.log(top) + 1.0  # count(hi) = 0
+    best = mask.view(-1, group_size)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        cand = sensitive_weights(x, wt, math.exp(mid), bits, plain)
+        if int(cand.sum()) <= n_out:
+            hi, best = mid, cand
+        else:
+            lo = mid
+    return best.reshape(n, k)
 
 
 @dataclass
@@ -122,13 +187,9 @@ class GroupFit:
 
 def fit_groups(x: torch.Tensor, exclude: torch.Tensor | None, cfg: SpQRConfig,
                layer: str = "") -> GroupFit:
-    """Grids of groups x (N, G, C), fit without the ``exclude`` (N, G, C) weights (they take
-    their group's mean of the rest, which leaves the min-max range of the rest unchanged)."""
+    """Grids of groups x (N, G, C), fit without the ``exclude`` (N, G, C) weights."""
     n, g, c = x.shape
-    if exclude is not None and bool(exclude.any()):
-        keep = (~exclude).float()
-        mean = (x * keep).sum(2, keepdim=True) / keep.sum(2, keepdim=True).clamp_min(1)
-        x = torch.where(exclude, mean, x)
+    x = _fill(x, exclude)
     plain = cfg.stat_bits >= 16
     s, z = _first_level(x.reshape(n * g, c), cfg.bits, plain)
     s, z = s.reshape(n, g), z.reshape(n, g)
@@ -180,8 +241,8 @@ class OutlierWalk:
         if self.fixed is not None:
             excl = self.fixed[:, c0:c1]
         elif self.tau is not None:
-            excl = loo_gain(cols, self.d[c0:c1].reciprocal().square(), self.cfg.bits,
-                            self.cfg.stat_bits >= 16) > self.tau
+            excl = grid_outliers(cols, self.d[c0:c1].reciprocal().square(), self.tau,
+                                 self.cfg.bits, self.cfg.stat_bits >= 16)
         else:
             excl = None
         fit = fit_groups(cols[:, None, :], None if excl is None else excl[:, None, :],

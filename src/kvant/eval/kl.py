@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from kvant.eval.perplexity import _device_of, lm_logits
 
 DEFAULT_MAX_CPU_BYTES = 48 * 1024 ** 3
+TAIL_EPS = 1e-6
 
 
 class FloatReference:
@@ -114,10 +115,12 @@ class FloatReference:
         v, i = v.to(lq.device), i.to(lq.device).long()
         p, lq_top = v.exp(), lq.gather(-1, i)
         head = (p * (v - lq_top)).sum(-1)
-        p_tail = (1 - p.sum(-1)).clamp_min(0)
-        q_tail = (1 - lq_top.exp().sum(-1)).clamp_min(1e-12)
-        tail = torch.where(p_tail > 0, p_tail * (p_tail.clamp_min(1e-12).log() - q_tail.log()),
-                           torch.zeros_like(p_tail))
+        # tail masses below float32 rounding of a sum of probabilities are noise, not mass
+        p_tail = 1 - p.double().sum(-1)
+        q_tail = (1 - lq_top.exp().double().sum(-1)).clamp_min(1e-12)
+        tail = torch.where(p_tail > TAIL_EPS,
+                           p_tail * (p_tail.clamp_min(1e-12).log() - q_tail.log()),
+                           torch.zeros_like(p_tail)).float()
         return head + tail
 
     @torch.no_grad()

@@ -22,23 +22,26 @@ from typing import Optional
 import torch
 import triton
 
-from kvant.kernels import ops, packed
+from kvant.kernels import ops, packed  # noqa: F401  (packed defines the op registered below)
 from kvant.kernels.triton import repack as rp
 from kvant.kernels.triton.gemm import dequant_kernel, wq_dot_kernel
 from kvant.kernels.triton.gemv import wq_gemv_kernel
+from kvant.kernels.triton.pairs import dequant_pairs_kernel, wq_dot_pairs_kernel
 
 log = logging.getLogger(__name__)
 
-GEMV_MAX_M = 4  # rows of x the CUDA-core kernel takes
-DOT_MAX_M = 512  # above: dequantize + cuBLAS
+GEMV_MAX_M = 4  # rows of x the CUDA-core kernel takes (2/3/8 bits; 4 bits use tl.dot)
+DOT_MAX_M = 64  # above: dequantize + cuBLAS (the H200 tuning run chose it at 128 everywhere)
 _COUNTER_SLOTS = 1 << 16  # split-K tile counters per device
+_SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles a program may keep in shared memory
 MAGIC = 0x4B000000  # float bits of 2**23, passed at run time (see planes.py)
 
 
 @dataclass(frozen=True)
 class Config:
     """One launch: ``kernel`` in {"gemv", "dot", "dequant"}; BN output channels and BM rows
-    of x per program; ``split`` programs along K; Triton's warps and pipeline stages."""
+    of x per program; ``split`` programs along K; Triton's warps and pipeline stages;
+    ``cpi`` chunks loaded per loop iteration (gemv)."""
 
     kernel: str
     bn: int = 64
@@ -46,6 +49,7 @@ class Config:
     split: int = 1
     warps: int = 4
     stages: int = 2
+    cpi: int = 2
 
 
 def _sms(device: torch.device) -> int:
@@ -56,36 +60,56 @@ def _pow2(m: int) -> int:
     return 1 << max(0, (m - 1).bit_length())
 
 
-def block_m(kernel: str, m: int) -> int:
-    """Rows of x per program: the power of two >= m within 16..128 for tl.dot, 1 for gemv."""
+def block_m(kernel: str, m: int, bits: int = 4) -> int:
+    """Rows of x per program: the power of two >= m within 16..128 for tl.dot (3 bits: 64,
+    the x tile of a 1024-column chunk must fit in shared memory), 1 for gemv."""
     if kernel == "gemv":
         return 1
-    return min(max(_pow2(m), 16), 128)
+    return min(max(_pow2(m), 16), 64 if bits == 3 else 128)
+
+
+def _stages(cfg: "Config", bits: int, pairs: bool, bm: int) -> int:
+    """cfg.stages, lowered until the pipelined x and weight tiles fit in shared memory."""
+    ck = rp.chunk_k(bits, pairs)
+    per_stage = ck * bm * 2 + cfg.bn * ck * bits // 8
+    return max(1, min(cfg.stages, _SMEM_BUDGET // per_stage))
 
 
 def _split_for(tiles: int, n_chunks: int, sms: int, min_chunks: int = 2) -> int:
-    """K splits that bring the program count near 4 per SM, each split >= min_chunks."""
+    """K splits (at most 8) that bring the program count near 8 per SM, each split at least
+    min_chunks chunks long (what the H200 tuning run chose for the 4-bit kernel at batch
+    <= 16: 8 for N = 4096/8192, 4 for 11008, 2 for 28672)."""
     split = 1
-    while tiles * split * 2 <= 4 * sms and n_chunks // (split * 2) >= min_chunks:
+    while (tiles * split * 2 <= 8 * sms and n_chunks // (split * 2) >= min_chunks
+           and split < 8):
         split *= 2
     return split
 
 
-def heuristic(m: int, n: int, k: int, bits: int, device: torch.device) -> Config:
+def heuristic(m: int, n: int, k: int, bits: int, device: torch.device,
+              pairs: bool = False) -> Config:
     """The default configuration for x (m, k) times an (n, k) weight of ``bits`` bits."""
-    n_chunks = -(-k // rp.chunk_k(bits))
+    n_chunks = -(-k // rp.chunk_k(bits, pairs))
     sms = _sms(device)
     if m > DOT_MAX_M:
         return Config("dequant", bn=32, bm=0)
-    if m <= GEMV_MAX_M:
+    if m <= GEMV_MAX_M and not pairs:
         bn = 32
         tiles = -(-n // bn) * m
-        return Config("gemv", bn=bn, bm=1, split=_split_for(tiles, n_chunks, sms))
-    bm = block_m("dot", m)
-    bn = 64 if bm <= 64 else 128
+        return Config("gemv", bn=bn, bm=1, split=_split_for(tiles, n_chunks, sms),
+                      cpi=1 if bits == 3 else 2)
+    bm = block_m("dot", m, bits)
+    bn = 128 if bm >= 64 else 64
     tiles = -(-n // bn) * -(-m // bm)
     return Config("dot", bn=bn, bm=bm, split=_split_for(tiles, n_chunks, sms),
-                  warps=4 if bn * bm <= 64 * 64 else 8)
+                  warps=dot_warps(bn, bm), stages=3)
+
+
+def dot_warps(bn: int, bm: int) -> int:
+    """Warps for a (BN, BM) tile: 8 once two fp32 accumulators of it pass ~32 registers a
+    thread at 4 warps (ptxas, planes kernel: BM 64 x BN 64 takes 166 registers at 4 warps,
+    125 at 8; BM 128 x BN 128 spills even at 8, so it is never used)."""
+    return 4 if bn * bm <= 2048 else 8
 
 
 _TUNED: dict[tuple, Config] = {}
@@ -98,7 +122,7 @@ def _bucket(m: int) -> int:
 
 def _tune_key(m: int, p: rp.PackedWeight, dtype: torch.dtype) -> tuple:
     return (_bucket(m), p.out_features, p.in_features, p.bits, p.group_size,
-            p.perm is not None, dtype)
+            p.perm is not None, p.pairs, dtype)
 
 
 def _counters(device: torch.device) -> Optional[torch.Tensor]:
@@ -122,11 +146,19 @@ def launch(x2: torch.Tensor, p: rp.PackedWeight, cfg: Config,
         w = dequantize(p, x2.dtype)[:, :k]
         xp = x2 if p.perm is None else x2.index_select(1, p.perm.long())
         return torch.matmul(xp, w.t(), out=out)
-    ck = rp.chunk_k(p.bits)
+    if p.pairs and cfg.kernel == "gemv":  # the pairs layout has only the tensor-core kernel
+        cfg = Config("dot", bn=cfg.bn, bm=16, split=cfg.split, warps=4, stages=3)
+    ck = rp.chunk_k(p.bits, p.pairs)
     n_chunks = p.k_padded // ck
-    bm = block_m(cfg.kernel, m) if cfg.kernel == "gemv" else cfg.bm
+    bm = block_m(cfg.kernel, m) if cfg.kernel == "gemv" else min(cfg.bm,
+                                                                 block_m("dot", 128, p.bits))
     grid_m, grid_n = -(-m // bm), -(-n // cfg.bn)
+    cpi = 1
+    if cfg.kernel == "gemv":
+        while cpi * 2 <= min(cfg.cpi, n_chunks):
+            cpi *= 2
     cps = -(-n_chunks // max(1, min(cfg.split, n_chunks)))
+    cps = -(-cps // cpi) * cpi  # whole loop iterations per split
     split = -(-n_chunks // cps)
     cnt = _counters(x2.device) if split > 1 else None
     if split > 1 and (cnt is None or grid_m * grid_n > cnt.numel()):
@@ -135,11 +167,16 @@ def launch(x2: torch.Tensor, p: rp.PackedWeight, cfg: Config,
             if split > 1 else out)
     args = (x2, p.qweight, p.scales, p.zeros, p.perm if p.perm is not None else p.qweight,
             out, part, cnt if cnt is not None else p.qweight,
-            m, n, k, p.qweight.shape[1], x2.stride(0), out.stride(0), cps, n_chunks, MAGIC)
-    meta = dict(BITS=p.bits, GS=p.group_size, HAS_PERM=p.perm is not None, SPLIT=split > 1,
-                BN=cfg.bn, num_warps=cfg.warps, num_stages=cfg.stages)
+            m, n, k, p.qweight.shape[1], x2.stride(0), out.stride(0), cps, n_chunks)
+    meta = dict(GS=p.group_size, HAS_PERM=p.perm is not None, SPLIT=split > 1, BN=cfg.bn,
+                num_warps=cfg.warps, num_stages=_stages(cfg, p.bits, p.pairs, bm))
+    if p.pairs:
+        wq_dot_pairs_kernel[(grid_m, grid_n, split)](*args, BM=bm, **meta)
+        return out
+    args = args + (MAGIC,)
+    meta["BITS"] = p.bits
     if cfg.kernel == "gemv":
-        wq_gemv_kernel[(grid_m, grid_n, split)](*args, **meta)
+        wq_gemv_kernel[(grid_m, grid_n, split)](*args, CPI=cpi, **meta)
     else:
         wq_dot_kernel[(grid_m, grid_n, split)](*args, BM=bm, **meta)
     return out
@@ -150,7 +187,12 @@ def dequantize(p: rp.PackedWeight, dtype: torch.dtype, bn: int = 32) -> torch.Te
     repacked (act-order sorted) order; the padding columns past K are garbage."""
     n, kp = p.out_features, p.k_padded
     out = torch.empty((n, kp), dtype=dtype, device=p.qweight.device)
-    n_chunks = kp // rp.chunk_k(p.bits)
+    n_chunks = kp // rp.chunk_k(p.bits, p.pairs)
+    if p.pairs:
+        dequant_pairs_kernel[(-(-n // bn), n_chunks)](
+            p.qweight, p.scales, p.zeros, out, n, p.in_features, p.qweight.shape[1], n_chunks,
+            out.stride(0), GS=p.group_size, BN=bn, num_warps=4)
+        return out
     dequant_kernel[(-(-n // bn), n_chunks)](
         p.qweight, p.scales, p.zeros, out, n, p.in_features, p.qweight.shape[1], n_chunks,
         out.stride(0), MAGIC,
@@ -160,20 +202,22 @@ def dequantize(p: rp.PackedWeight, dtype: torch.dtype, bn: int = 32) -> torch.Te
 
 def candidates(m: int, p: rp.PackedWeight, device: torch.device) -> list[Config]:
     """The configurations :func:`tune` times for batch ``m``."""
-    base = heuristic(m, p.out_features, p.in_features, p.bits, device)
+    base = heuristic(m, p.out_features, p.in_features, p.bits, device, p.pairs)
     out = {base}
     if m > DOT_MAX_M:
         return [base]
-    splits = (1, 2, 4, 8, 16)
-    if m <= GEMV_MAX_M:
+    splits = (1, 2, 4, 8)
+    if m <= GEMV_MAX_M and not p.pairs:
         for bn in (16, 32, 64):
-            out.update(Config("gemv", bn=bn, bm=1, split=s) for s in splits)
-    bm = block_m("dot", m)
+            for cpi in (1, 2, 4):
+                if bn * cpi <= (32 if p.bits == 3 else 64):  # 3 bits: registers
+                    out.update(Config("gemv", bn=bn, bm=1, split=s, cpi=cpi) for s in splits)
+    bm = block_m("dot", m, p.bits)
     for bn in (32, 64, 128):
-        for stages in (2, 3):
-            warps = 4 if bn * bm <= 64 * 64 else 8
-            out.update(Config("dot", bn=bn, bm=bm, split=s, warps=warps, stages=stages)
-                       for s in splits)
+        if bn * bm > 8192:
+            continue
+        out.update(Config("dot", bn=bn, bm=bm, split=s, warps=dot_warps(bn, bm), stages=3)
+                   for s in splits)
     if m >= 64:
         out.add(Config("dequant", bn=32, bm=0))
     return sorted(out, key=repr)
@@ -201,7 +245,7 @@ def choose(x2: torch.Tensor, p: rp.PackedWeight) -> Config:
         return cfg
     if os.environ.get("KVANT_AUTOTUNE") == "1" and not torch.cuda.is_current_stream_capturing():
         return tune(x2, p)[0]
-    return heuristic(x2.shape[0], p.out_features, p.in_features, p.bits, x2.device)
+    return heuristic(x2.shape[0], p.out_features, p.in_features, p.bits, x2.device, p.pairs)
 
 
 def linear(x: torch.Tensor, p: rp.PackedWeight) -> torch.Tensor:
@@ -214,9 +258,9 @@ def linear(x: torch.Tensor, p: rp.PackedWeight) -> torch.Tensor:
 
 
 @torch.library.register_kernel("kvant::wq_linear_packed", "cuda")
-def _packed_cuda(x, qweight, scales, zeros, perm, bits, group_size, in_features):
+def _packed_cuda(x, qweight, scales, zeros, perm, bits, group_size, in_features, pairs):
     p = rp.PackedWeight(qweight, scales, zeros, perm, bits, group_size, in_features,
-                        qweight.shape[0])
+                        qweight.shape[0], pairs)
     if x.dtype not in (torch.float16, torch.bfloat16):  # kernels take 16-bit activations
         w = rp.dequantize_packed(p, torch.float16)
         return torch.matmul(x, w.to(x.dtype).t())
@@ -254,4 +298,4 @@ def _stored_cuda(x, qweight, scales, qzeros, g_idx, bits, group_size, in_feature
 
 
 __all__ = ["Config", "heuristic", "launch", "tune", "choose", "linear", "dequantize",
-           "candidates", "packed"]
+           "candidates"]

@@ -1,4 +1,5 @@
-"""Tensor-core kernel for every batch size, and the dequantize kernel of the cuBLAS fallback.
+"""Tensor-core kernel on the planes layout (2, 3, 8 bits, and 4 bits with
+``KVANT_W4_LAYOUT=planes``), and the dequantize kernel of the cuBLAS fallback.
 
 ``wq_dot_kernel`` computes the output transposed ("swap AB"): a program owns BN output
 channels x BM rows of x and accumulates ``(q - z)[BN, 32] @ x[:, k:k+32]ᵀ`` plane by plane
@@ -17,7 +18,7 @@ import triton.language as tl
 from kvant.kernels.triton.planes import plane3_qz, plane_qz, store_or_reduce
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "chunks_per_split", "n_chunks", "magic"])
 def wq_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
                   M, N, K, W, stride_xm, stride_om, chunks_per_split, n_chunks, magic,
                   BITS: tl.constexpr, GS: tl.constexpr, HAS_PERM: tl.constexpr,
@@ -43,7 +44,7 @@ def wq_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_
         c_hi = n_chunks
     acc = tl.zeros((BN, BM), tl.float32)
     if GS == 0:
-        zneg = -(tl.load(z_ptr + rows).to(tl.float32))
+        zneg = -(tl.load(z_ptr + rows).to(tl.float32))[:, None]
     for c in range(c_lo, c_hi):
         if BITS == 3:
             lo0 = tl.load(w_ptrs + c * 64)
@@ -57,7 +58,7 @@ def wq_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_
         for gi in tl.static_range(PLANES // PPG):
             if GS > 0:
                 g = tl.minimum(c * (CK // GS) + gi, (K - 1) // GS)  # padding: last group
-                zneg = -(tl.load(z_ptr + g * N + rows).to(tl.float32))
+                zneg = -(tl.load(z_ptr + g * N + rows).to(tl.float32))[:, None]
                 sc = tl.load(s_ptr + g * N + rows).to(tl.float32)
                 accg = tl.zeros((BN, BM), tl.float32)
             for pj in tl.static_range(PPG):
@@ -92,7 +93,7 @@ def wq_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_
                     tl.num_programs(2), M * N, SPLIT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_chunks", "magic"])
 def dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, W, n_chunks, stride_on, magic,
                    BITS: tl.constexpr, GS: tl.constexpr, BN: tl.constexpr):
     """out (N, Kp) = (q - z) * s in out's dtype, columns in repacked (act-order sorted) order;
@@ -122,7 +123,7 @@ def dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, W, n_chunks, stride_on, 
             g = tl.minimum(c * (CK // GS) + gi, (K - 1) // GS)  # padding: last group
         else:
             g = 0
-        zneg = -(tl.load(z_ptr + g * N + rows).to(tl.float32))
+        zneg = -(tl.load(z_ptr + g * N + rows).to(tl.float32))[:, None]
         sc = tl.load(s_ptr + g * N + rows).to(tl.float32)
         for pj in tl.static_range(PPG):
             if BITS == 3:

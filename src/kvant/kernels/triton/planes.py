@@ -17,7 +17,7 @@ import triton.language as tl
 @triton.jit
 def plane_qz(w, w_hi, zneg, magic, J: tl.constexpr, BITS: tl.constexpr):
     """(q - z) fp32 (R, 32) of slot J of words ``w`` (R, 32) int32; ``w_hi = w >> 16``,
-    ``zneg`` (R,) fp32 = -zero point of each row, ``magic`` = 0x4B000000 passed at run time
+    ``zneg`` fp32 = -zero point of each row, shaped to broadcast (e.g. (R, 1)), ``magic`` = 0x4B000000 passed at run time
     (in a register, ptxas fuses mask-and-or into one LOP3)."""
     SH: tl.constexpr = (J * BITS) % 16  # bit position in w (slots < 16) or in w_hi
     MASK: tl.constexpr = ((1 << BITS) - 1) << SH
@@ -27,7 +27,7 @@ def plane_qz(w, w_hi, zneg, magic, J: tl.constexpr, BITS: tl.constexpr):
         f = ((w & MASK) | magic).to(tl.float32, bitcast=True)
     else:
         f = ((w_hi & MASK) | magic).to(tl.float32, bitcast=True)
-    return f * INV + (zneg - OFF)[:, None]
+    return f * INV + (zneg - OFF)
 
 
 @triton.jit
@@ -51,7 +51,7 @@ def plane3_qz(lo, lo_hi, hw, zneg, magic, P: tl.constexpr):
     else:
         hb = hw << (SH + 2 - P)
     f = ((src & MLO) | (hb & MHI) | magic).to(tl.float32, bitcast=True)
-    return f * INV + (zneg - OFF)[:, None]
+    return f * INV + (zneg - OFF)
 
 
 @triton.jit
@@ -74,3 +74,37 @@ def store_or_reduce(acc, out_ptrs, part_ptr, part_offs, mask, cnt_ptr, tile, pid
             tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch (graph replays)
     else:
         tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dup_pairs(w, R: tl.constexpr):
+    """(R, 16) words -> (R, 32): element 2c and 2c+1 both hold word c, side by side in one
+    thread (so a pack=2 inline asm receives one word and writes two 16-bit values)."""
+    return tl.reshape(tl.join(w, w), (R, 32))
+
+
+@triton.jit
+def pair_qz(wd, zc, SH: tl.constexpr, BF16: tl.constexpr):
+    """(q - z) in fp16 or bf16, (R, 32), from pairs-layout words (repack.py) duplicated by
+    :func:`dup_pairs` and shifted so the plane's nibbles sit at bits SH and 16 + SH.
+
+    One LOP3 ors the two nibbles into the mantissas of a half2 of 1024 (fp16: 0x6400) or 128
+    (bf16: 0x4300), one fma.f16x2/bf16x2 subtracts the offset and the zero point exactly:
+    ``zc`` = -(2**(10-SH) + z) (fp16, SH in {0, 4}; the fma also scales by 2**-SH) or
+    -(128 + z) (bf16, SH = 0). Two weights per instruction.
+    """
+    if BF16:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t, s; lop3.b32 t, $1, 0x000F000F, 0x43004300, 0xea; "
+            "mov.b32 s, 0x3F803F80; fma.rn.bf16x2 $0, t, s, $3; }",
+            "=r,r,r,r", [wd, zc], dtype=tl.bfloat16, is_pure=True, pack=2)
+    elif SH == 0:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t, s; lop3.b32 t, $1, 0x000F000F, 0x64006400, 0xea; "
+            "mov.b32 s, 0x3C003C00; fma.rn.f16x2 $0, t, s, $3; }",
+            "=r,r,r,r", [wd, zc], dtype=tl.float16, is_pure=True, pack=2)
+    else:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t, s; lop3.b32 t, $1, 0x00F000F0, 0x64006400, 0xea; "
+            "mov.b32 s, 0x2C002C00; fma.rn.f16x2 $0, t, s, $3; }",
+            "=r,r,r,r", [wd, zc], dtype=tl.float16, is_pure=True, pack=2)

@@ -19,12 +19,17 @@ Repacked layout ("plane-interleaved"):
 - 3 bits are split into the 2-bit layout of the low two bits (K/16 words a row) followed, in
   the same row, by a 1-bit layout of the high bit (K/32 words a row; chunk 1024, word ``r``
   bit ``p`` = column ``chunk*1024 + p*32 + r``): exactly 3 bits a weight, no word straddling;
+- 4 bits use the "pairs" layout instead (unless ``KVANT_W4_LAYOUT=planes``): a chunk is 128
+  columns, 16 words a row, word ``c`` holding columns ``j*32 + 2c`` at bits ``4j`` and
+  ``j*32 + 2c + 1`` at bits ``16 + 4j`` (j = 0..3). One and-or with ``0x000F000F << 4j``
+  then yields two fp16 values of adjacent columns in one register (see planes.py);
 - ``scales`` become (G, N) fp16 and zero points (G, N) uint8, transposed so that a tile of
   output channels reads them contiguously. Per-tensor grids are broadcast to per channel.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -35,13 +40,23 @@ from kvant.formats.packing import packed_width, unpack
 PLANE_COLS = 32  # consecutive columns in one plane = words in one row of a chunk
 
 
-def chunk_k(bits: int) -> int:
-    """Input columns in one repacked chunk: 32 words a row (3 bits: 1024 = 2-bit + 1-bit)."""
+def chunk_k(bits: int, pairs: bool = False) -> int:
+    """Input columns in one repacked chunk: 32 words a row (3 bits: 1024 = 2-bit + 1-bit),
+    or 128 columns (16 words) in the 4-bit pairs layout."""
+    if pairs:
+        return 128
     if bits == 3:
         return 1024
     if bits not in (2, 4, 8):
         raise ValueError(f"bits must be one of (2, 3, 4, 8), got {bits}")
     return PLANE_COLS * (32 // bits)
+
+
+def use_pairs(bits: int, group_size: int) -> bool:
+    """Whether a weight gets the 4-bit pairs layout (see the module docstring)."""
+    if bits != 4 or os.environ.get("KVANT_W4_LAYOUT", "pairs") == "planes":
+        return False
+    return group_size == 0 or 128 % group_size == 0
 
 
 def kernel_group_size(bits: int, group_size: int, n_groups: int) -> int:
@@ -66,7 +81,8 @@ class PackedWeight:
 
     qweight: int32 (N, Kp*bits/32); scales: fp16 (G, N); zeros: uint8 (G, N);
     perm: int32 (K,) input-column order (act-order) or None; group_size: 0 = one group.
-    key: identity of the stored tensors it was built from (see :func:`source_key`).
+    pairs: 4-bit pairs layout (else planes). key: identity of the stored tensors it was built
+    from (see :func:`source_key`).
     """
 
     qweight: torch.Tensor
@@ -77,6 +93,7 @@ class PackedWeight:
     group_size: int
     in_features: int
     out_features: int
+    pairs: bool = False
     key: tuple = ()
 
     @property
@@ -139,14 +156,37 @@ def _unpack_planes(w: torch.Tensor, bits: int) -> torch.Tensor:
     return ((w >> shifts) & ((1 << bits) - 1)).reshape(rows, nw * per)
 
 
-def _encode(q: torch.Tensor, bits: int) -> torch.Tensor:
+def _pack_pairs(q: torch.Tensor) -> torch.Tensor:
+    """(rows, Kp) 4-bit ints, Kp a multiple of 128 -> (rows, Kp/8) int32, pairs layout."""
+    rows, kp = q.shape
+    q = q.to(torch.int64).reshape(rows, kp // 128, 4, 16, 2)  # (chunk, plane j, word c, parity)
+    shifts = (4 * torch.arange(4, device=q.device)[:, None, None]
+              + 16 * torch.arange(2, device=q.device)[None, None, :])
+    words = (q << shifts).sum((2, 4))  # (rows, chunks, 16)
+    words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    return words.reshape(rows, kp // 8)
+
+
+def _unpack_pairs(w: torch.Tensor) -> torch.Tensor:
+    rows, nw = w.shape
+    w = (w.to(torch.int64) & 0xFFFFFFFF).reshape(rows, nw // 16, 1, 16, 1)
+    shifts = (4 * torch.arange(4, device=w.device)[:, None, None]
+              + 16 * torch.arange(2, device=w.device)[None, None, :])
+    return ((w >> shifts) & 15).reshape(rows, nw * 8)
+
+
+def _encode(q: torch.Tensor, bits: int, pairs: bool = False) -> torch.Tensor:
     """Integer weights (rows, Kp) -> repacked words; 3 bits = 2-bit plane words + 1-bit."""
+    if pairs:
+        return _pack_pairs(q)
     if bits == 3:
         return torch.cat([_pack_planes(q & 3, 2), _pack_planes(q >> 2, 1)], dim=1)
     return _pack_planes(q, bits)
 
 
-def _decode(w: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
+def _decode(w: torch.Tensor, bits: int, kp: int, pairs: bool = False) -> torch.Tensor:
+    if pairs:
+        return _unpack_pairs(w)
     if bits == 3:
         lo, hi = w[:, : kp // 16], w[:, kp // 16:]
         return _unpack_planes(lo, 2) | (_unpack_planes(hi, 1) << 2)
@@ -176,7 +216,8 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
     perm = None
     if g_idx is not None and gs:
         perm = _act_order_perm(g_idx, gs, n_groups, k)
-    ck = chunk_k(bits)
+    pairs = use_pairs(bits, gs)
+    ck = chunk_k(bits, pairs)
     kp = -(-k // ck) * ck
     step = rows_per_step or max(1, (1 << 24) // max(k, 1))
     words = []
@@ -185,19 +226,19 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
         if perm is not None:
             q = q[:, perm]
         q = torch.nn.functional.pad(q, (0, kp - k))  # zero weights x zero-masked inputs
-        words.append(_encode(q, bits))
+        words.append(_encode(q, bits, pairs))
     z = unpack(qzeros, bits, n_groups)  # (N or 1, G)
     s_t = scales.to(torch.float16).expand(n, n_groups).t().contiguous()
     z_t = z.expand(n, n_groups).t().to(torch.uint8).contiguous()
     return PackedWeight(torch.cat(words, 0), s_t, z_t,
                         None if perm is None else perm.to(torch.int32).contiguous(),
-                        bits, gs, k, n)
+                        bits, gs, k, n, pairs)
 
 
 def dequantize_packed(p: PackedWeight, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """The (N, K) weight in stored column order, from the repacked layout (reference)."""
     kp = p.k_padded
-    q = _decode(p.qweight, p.bits, kp)[:, : p.in_features].float()  # (N, K) permuted order
+    q = _decode(p.qweight, p.bits, kp, p.pairs)[:, : p.in_features].float()  # (N, K) permuted order
     if p.group_size:
         g = torch.arange(p.in_features, device=q.device) // p.group_size
         s, z = p.scales.t().float()[:, g], p.zeros.t().float()[:, g]

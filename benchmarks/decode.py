@@ -1,0 +1,262 @@
+"""Decode tokens/s, fp16 vs weight-only 4-bit, each step one replayed CUDA graph (issue 8).
+
+Default model: a Llama-2-7B-shaped LlamaForCausalLM (32 blocks, d 4096, 11008 intermediate,
+32 heads, vocab 32000) with random fp16 weights. It is timed in fp16, then every Linear of
+its blocks is quantized with kvant's RTN grid (``core.grid.rtn``, asymmetric, ``--bits``
+``--group-size``; lm_head stays fp16, as usual) into packed QuantLinears, and timed again.
+
+A decode step is captured once as a CUDA graph (one token per sequence, a static KV cache of
+``--ctx`` positions, attention masked to the positions written so far) and replayed; the
+step runs the HF decoder layers directly with our own position and mask tensors, so no
+host-side logic of the HF top-level forward runs inside the graph. tokens/s = batch x steps /
+time. Our kernels are tuned for the model's shapes and the batch before capture.
+
+``--model`` takes any HF causal-LM directory (timed in fp16, then RTN-quantized) or a kvant
+checkpoint (timed as stored; no fp16 row). Writes benchmarks/results/decode.{json,md}.
+
+Usage: ``PYTHONPATH=src python3 benchmarks/decode.py [--batches 1,8] [--model DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+
+def _commit() -> str:
+    if os.environ.get("KVANT_COMMIT"):
+        return os.environ["KVANT_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def llama7b_shaped(layers: int = 32):
+    """Random fp16 LlamaForCausalLM with Llama-2-7B's shapes, on the GPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                      max_position_embeddings=4096)
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.device("cuda"):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval()
+
+
+@torch.no_grad()
+def rtn_quantize_(model: nn.Module, bits: int, group_size: int) -> int:
+    """Replace every nn.Linear inside the decoder blocks by a packed QuantLinear (RTN)."""
+    from kvant.config import QuantArgs
+    from kvant.core.grid import rtn
+    from kvant.formats.packing import pack
+    from kvant.model.discovery import set_submodule
+    from kvant.nn.qlinear import QuantLinear
+
+    n = 0
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, nn.Linear) or "layers." not in name:
+            continue
+        w = mod.weight
+        q, prm = rtn(w.float(), QuantArgs(bits, group_size))
+        ql = QuantLinear(w.shape[1], w.shape[0], bits, group_size, bias=mod.bias is not None,
+                         dtype=w.dtype).to(w.device)
+        ql.qweight.copy_(pack(q, bits))
+        ql.scales.copy_(prm.scales.to(torch.float16))
+        ql.qzeros.copy_(pack(prm.zeros.round().to(torch.int32), bits))
+        if mod.bias is not None:
+            ql.bias.copy_(mod.bias)
+        set_submodule(model, name, ql)
+        n += 1
+    torch.cuda.empty_cache()
+    return n
+
+
+class Decoder:
+    """One graph-captured decode step over an HF Llama-like model with a StaticCache."""
+
+    def __init__(self, model, batch: int, ctx: int):
+        from transformers import StaticCache
+
+        self.model, self.batch, self.ctx = model, batch, ctx
+        self.cache = StaticCache(config=model.config, max_cache_len=ctx)
+        dev = next(model.parameters()).device
+        self.tok = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.slots = torch.arange(ctx, device=dev)
+
+    @torch.no_grad()
+    def step(self):
+        """Embed the current tokens, run every block, pick the next tokens (argmax)."""
+        inner = self.model.model
+        h = inner.embed_tokens(self.tok)
+        pos_ids = self.pos.view(1, 1).expand(self.batch, 1)
+        cos_sin = inner.rotary_emb(h, pos_ids)
+        mask = (self.slots <= self.pos).view(1, 1, 1, self.ctx).expand(self.batch, 1, 1, -1)
+        for layer in inner.layers:
+            out = layer(h, attention_mask=mask, position_ids=pos_ids,
+                        past_key_values=self.cache, use_cache=True, cache_position=self.pos,
+                        position_embeddings=cos_sin)
+            h = out[0] if isinstance(out, tuple) else out
+        logits = self.model.lm_head(inner.norm(h))
+        self.tok.copy_(logits[:, -1:].argmax(-1))
+        self.pos.add_(1)
+
+    def capture(self, warmup: int = 3):
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(warmup):
+                self.step()
+        torch.cuda.current_stream().wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+
+    def time(self, steps: int) -> float:
+        """Seconds per step over ``steps`` replays (positions keep advancing)."""
+        self.pos.fill_(8)
+        self.graph.replay()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(steps):
+            self.graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b) / 1e3 / steps
+
+
+def tune_for(model, batch: int) -> int:
+    """Tune our kernels once for each distinct QuantLinear shape at this batch, timing graph
+    replays over copies of the layer's weight (benchmarks/kernels.py:tune_graph)."""
+    import sys
+
+    from kvant.kernels import packed
+    from kvant.nn.qlinear import QuantLinear
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from kernels import _clone, _copies, tune_graph
+
+    packed.prepare(model)
+    seen = set()
+    for m in model.modules():
+        if isinstance(m, QuantLinear) and not isinstance(m._kvant_gpu, str):
+            key = (m.out_features, m.in_features)
+            if key not in seen:
+                seen.add(key)
+                p = m._kvant_gpu
+                ps = [p] + [_clone(p) for _ in range(_copies(p.nbytes()) - 1)]
+                x = torch.randn(batch, m.in_features, device="cuda", dtype=torch.float16)
+                tune_graph(x, ps)
+                del ps
+    return len(seen)
+
+
+def measure(model, batches, ctx, steps, label, log) -> dict:
+    res = {}
+    for b in batches:
+        dec = Decoder(model, b, ctx)
+        dec.capture()
+        sec = dec.time(steps)
+        res[b] = sec
+        log(f"{label} batch {b}: {1e3 * sec:.2f} ms/step, {b / sec:.1f} tokens/s")
+        del dec
+        torch.cuda.empty_cache()
+    return res
+
+
+def weight_bytes(model) -> int:
+    """Bytes of every parameter and buffer (what one decode step must at least read)."""
+    return sum(t.numel() * t.element_size() for t in
+               list(model.parameters()) + list(model.buffers()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="", help="HF dir or kvant checkpoint (default: random "
+                                                "Llama-2-7B shape)")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    device = torch.cuda.get_device_name(0)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    quantized_input = False
+    if args.model:
+        import kvant
+
+        model, _ = kvant.load_model(args.model, dtype=torch.float16, device="cuda")
+        model = model.half().eval()
+        quantized_input = hasattr(model, "kvant_quantization_config")
+        name = Path(args.model).name
+    else:
+        model = llama7b_shaped(args.layers)
+        name = f"llama2-7b-shape-random-{args.layers}L"
+    rows = []
+    meta = dict(model=name, device=device, date=datetime.date.today().isoformat(),
+                commit=_commit(), ctx=args.ctx, steps=args.steps, torch=torch.__version__)
+    fp16 = {}
+    if not quantized_input:
+        gb = weight_bytes(model) / 1e9
+        fp16 = measure(model, batches, args.ctx, args.steps, "fp16", log)
+        for b, sec in fp16.items():
+            rows.append(dict(meta, method="float", bits=16, group_size=None, batch=b,
+                             ms_per_step=1e3 * sec, tokens_per_s=b / sec, speedup=1.0,
+                             weight_gb=gb))
+        t0 = time.time()
+        n = rtn_quantize_(model, args.bits, args.group_size)
+        log(f"RTN W{args.bits} g{args.group_size}: {n} layers in {time.time() - t0:.1f}s")
+    gb = weight_bytes(model) / 1e9
+    for b in batches:
+        t0 = time.time()
+        shapes = tune_for(model, b)
+        log(f"tuned {shapes} shapes for batch {b} in {time.time() - t0:.1f}s")
+        sec = measure(model, [b], args.ctx, args.steps, f"W{args.bits}", log)[b]
+        rows.append(dict(meta, method="rtn", bits=args.bits, group_size=args.group_size,
+                         batch=b, ms_per_step=1e3 * sec, tokens_per_s=b / sec,
+                         speedup=(fp16[b] / sec) if b in fp16 else None, weight_gb=gb))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.json").write_text(json.dumps(rows, indent=1))
+    lines = [f"# Decode speed on {device}", "",
+             f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}. Model "
+             f"`{name}`; one token per sequence per step, static KV cache of {args.ctx}, each "
+             f"step a replayed CUDA graph, {args.steps} steps timed. W{args.bits}: kvant RTN "
+             f"g{args.group_size} in every block Linear (lm_head fp16), our Triton kernels.",
+             "", "| weights | batch | ms/step | tokens/s | speed-up vs fp16 | weights GB |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        w = "fp16" if r["method"] == "float" else f"W{r['bits']} g{r['group_size']}"
+        sp = f"{r['speedup']:.2f}×" if r["speedup"] else "–"
+        lines.append(f"| {w} | {r['batch']} | {r['ms_per_step']:.2f} | "
+                     f"{r['tokens_per_s']:.1f} | {sp} | {r['weight_gb']:.2f} |")
+    (out / "decode.md").write_text("\n".join(lines) + "\n")
+    log(f"wrote {out}/decode.{{json,md}}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""SpQR on the embedded nanoGPT at about 3.0, 3.5 and 4.0 average bits, against GPTQ g128.
+
+The embedded character-level GPT (Tiny Shakespeare, n_embd 384, 6 blocks) is quantized with
+SpQR configurations (spec strings below) and with GPTQ W4/W3 g128 for comparison —
+calibration: 128 random windows x 256 characters of the training split, seed 0 — and scored
+on the whole validation split (windows of 256): perplexity per character and the mean KL
+divergence from the float model. ``bits_per_weight`` counts every stored byte (packed
+weights, quantized statistics and their fp16 second level, act-order permutation, CSR
+outliers). Writes ``spqr_nanogpt.{json,md,png}``; the plot adds the nanoGPT points of the
+other benchmarks found in the results folder.
+
+    python benchmarks/spqr_nanogpt.py                      # the full table (CPU, ~minutes)
+    python benchmarks/spqr_nanogpt.py --max-windows 8 --configs "spqr:"
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import kvant
+from kvant import report as rep
+from kvant.algorithms.registry import config_from_spec
+from kvant.calib.data_char import char_windows
+from kvant.eval.kl import FloatReference
+from kvant.model.nanogpt import load_embedded, training_text, validation_text
+from kvant.nn.spqr_linear import SpQRLinear
+
+MODEL = "nanogpt-shakespeare"
+N_CALIB, SEQ_LEN, SEED = 128, 256, 0
+CONFIGS = [  # (label, spec)
+    ("gptq", "gptq:bits=4,group_size=128"),
+    ("gptq-actorder", "gptq:bits=4,group_size=128,act_order=true"),
+    ("gptq", "gptq:bits=3,group_size=128"),
+    ("gptq-actorder", "gptq:bits=3,group_size=128,act_order=true"),
+    # about 4.0 bits: the paper's 3-bit configuration (w3 g16, 3-bit stats in groups of 16)
+    ("spqr", "spqr:bits=3,group_size=16,stat_bits=3,stat_group_size=16,outlier_threshold=0.2"),
+    ("spqr", "spqr:bits=3,group_size=16,stat_bits=3,stat_group_size=16,outlier_threshold=0.2,"
+             "act_order=false"),
+    # about 3.5 bits: groups of 32, fewer outliers
+    ("spqr", "spqr:bits=3,group_size=32,stat_bits=3,stat_group_size=16,outlier_threshold=0.5"),
+    # about 3.0 bits: groups of 64, sparse outliers only
+    ("spqr", "spqr:bits=3,group_size=64,stat_bits=3,stat_group_size=32,outlier_threshold=2,"
+             "act_order=false"),
+    # the outlier budget on a plain GPTQ W3 g128 grid (the separable fp16 path)
+    ("gptq+outliers", "spqr:bits=3,group_size=128,stat_bits=16,outlier_budget=0.01,"
+                      "act_order=false"),
+    ("rtn+outliers", "spqr:bits=3,group_size=16,base=rtn,outlier_budget=0.01,act_order=false"),
+]
+
+
+def _parts(model) -> dict:
+    """Average bits per weight of each stored part over the SpQR layers, and outliers."""
+    parts, weights, nnz = {}, 0, 0
+    for m in model.modules():
+        if isinstance(m, SpQRLinear):
+            n = m.in_features * m.out_features
+            for k, v in m.bits_breakdown().items():
+                parts[k] = parts.get(k, 0.0) + v * n
+            weights += n
+            nnz += m.outlier_vals.numel()
+    if not weights:
+        return {}
+    return {"bits_parts": {k: v / weights for k, v in parts.items()},
+            "outlier_fraction": nnz / weights}
+
+
+def run_one(model, tok, ref, label, spec, calib, args) -> dict:
+    """Quantize a copy of ``model`` with ``spec`` and score it: one benchmark record."""
+    cfg = config_from_spec(spec)
+    q = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    kvant.quantize(q, cfg, calib, kvant.EngineOptions(device=args.device, show_progress=False))
+    seconds = time.perf_counter() - t0
+    ev = ref.compare(q, show_progress=False)
+    return {"model": MODEL, "method": label, "spec": spec, "bits": cfg.bits,
+            "group_size": cfg.group_size, "sym": cfg.sym,
+            "bits_per_weight": rep.quantized_bits_per_weight(q), "ppl": ev["ppl"],
+            "kl": ev["kl"], "size_mb": rep.model_bytes(q) / 1e6, "quant_seconds": seconds,
+            "peak_gpu_gb": None, "device": rep.device_name(args.device), **_parts(q),
+            "calib": f"training split, {N_CALIB} x {SEQ_LEN} chars, seed {SEED}",
+            "eval": f"validation split, seq_len {SEQ_LEN}, {ev['tokens']} chars, "
+                    f"{ev['windows']} windows",
+            "date": rep.today(), "commit": rep.git_commit()}
+
+
+def table(records: list[dict]) -> str:
+    """Markdown: one row per configuration, bits split into their parts."""
+    base = next(r["ppl"] for r in records if r["method"] == "float")
+    lines = ["| method | spec | bits/weight | dense + stats + perm + outliers | outliers % | "
+             "ppl | Δ ppl % | KL | quant s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r["method"] == "float":
+            lines.append(f"| float | - | 32 | - | - | {r['ppl']:.4f} | | 0 | |")
+            continue
+        p = r.get("bits_parts")
+        parts = " + ".join(f"{p[k]:.3f}" for k in ("dense", "stats", "perm", "outliers")) \
+            if p else "-"
+        frac = f"{100 * r['outlier_fraction']:.2f}" if "outlier_fraction" in r else "-"
+        lines.append(f"| {r['method']} | `{r['spec']}` | {r['bits_per_weight']:.3f} | {parts} | "
+                     f"{frac} | {r['ppl']:.4f} | {100 * (r['ppl'] / base - 1):+.2f} | "
+                     f"{r['kl']:.4f} | {r['quant_seconds']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def others(out: Path) -> list[dict]:
+    """nanoGPT records of the other benchmarks in ``out`` (for the plot)."""
+    recs = []
+    for f in sorted(out.glob("*.json")):
+        if f.name == "spqr_nanogpt.json":
+            continue
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, list):
+            recs += [r for r in data if isinstance(r, dict) and r.get("model") == MODEL
+                     and r.get("method") not in (None, "float") and r.get("bits_per_weight")
+                     and r.get("ppl")]
+    return recs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--configs", nargs="*", default=None,
+                   help="spec strings (default: the table's list)")
+    p.add_argument("--max-windows", type=int, default=None, help="eval windows (default all)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_grad_enabled(False)
+    model, tok = load_embedded()
+    model = model.to(args.device)
+    calib = char_windows(tok, training_text(), N_CALIB, SEQ_LEN, SEED)
+    ids = torch.tensor(tok.encode(validation_text()), dtype=torch.long)
+    n_w = ids.numel() // SEQ_LEN
+    if args.max_windows:
+        n_w = min(n_w, args.max_windows)
+    ref = FloatReference(model, ids[: n_w * SEQ_LEN].view(n_w, SEQ_LEN), batch_size=16,
+                         store="full", show_progress=False)
+    configs = CONFIGS if args.configs is None else [
+        (config_from_spec(s).method, s) for s in args.configs]
+    records = [{"model": MODEL, "method": "float", "bits": None, "group_size": None,
+                "bits_per_weight": None, "ppl": ref.ppl, "kl": 0.0,
+                "size_mb": rep.model_bytes(model) / 1e6, "device": rep.device_name(args.device),
+                "eval": f"validation split, seq_len {SEQ_LEN}, {ref.tokens} chars, "
+                        f"{n_w} windows", "date": rep.today(), "commit": rep.git_commit()}]
+    print(f"float ppl {ref.ppl:.4f}", flush=True)
+    for label, spec in configs:
+        r = run_one(model, tok, ref, label, spec, calib, args)
+        print(f"{label:14s} {r['bits_per_weight']:.3f} b/w  ppl {r['ppl']:.4f}  "
+              f"kl {r['kl']:.4f}  ({r['quant_seconds']:.0f} s)  {spec}", flush=True)
+        records.append(r)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rep.write_json(records, out / "spqr_nanogpt.json")
+    md = ["# SpQR on the embedded nanoGPT", "",
+          f"Device {records[0]['device']}, {records[0]['date']}, commit {records[0]['commit']}. "
+          f"Calibration: training split, {N_CALIB} random windows x {SEQ_LEN} chars, seed "
+          f"{SEED}. Eval: {records[0]['eval']}. Bits per weight count every stored byte of "
+          "the quantized Linears (packed weights, statistics, permutation, CSR outliers).", "",
+          table(records)]
+    (out / "spqr_nanogpt.md").write_text("\n".join(md))
+    plot_recs = records + [dict(r, method=f"{r['method']} (other run)") for r in others(out)]
+    rep.plot_ppl_vs_bits(plot_recs, out / "spqr_nanogpt.png",
+                         "nanoGPT: SpQR vs other methods (perplexity vs stored bits)")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

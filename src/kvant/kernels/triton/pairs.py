@@ -1,0 +1,149 @@
+"""4-bit kernels on the "pairs" layout (repack.py): every batch size, and its dequantizer.
+
+Same scheme as gemm.wq_dot_kernel (swap AB: a program computes outᵀ for BN channels x BM rows
+of x with ``tl.dot`` per 32-column plane; group scale on the fp32 partial sums; split-K with
+the last-program reduction), but the weight tile of a chunk (128 columns, 16 words a row) is
+unpacked with packed 16-bit arithmetic (planes.pair_qz): per word of 8 weights one shift,
+four LOP3 and four fma.x2 (bf16: three shifts), against two 32-bit instructions per weight on
+the planes layout. The plane comes out in the activation's 16-bit type, ready for the MMA.
+"""
+
+import triton
+import triton.language as tl
+
+from kvant.kernels.triton.planes import dup_pairs, pair_qz, store_or_reduce
+
+
+@triton.jit
+def _zc(zf, SH: tl.constexpr, BF16: tl.constexpr):
+    """The fma addend of pair_qz from zero points ``zf`` (R,) fp32, as (R, 1)."""
+    if BF16:
+        return (-(zf + 128.0)).to(tl.bfloat16)[:, None]
+    else:
+        return (-(zf + (1 << (10 - SH)))).to(tl.float16)[:, None]
+
+
+@triton.jit
+def _plane(d0, d1, d2, d3, zf, P: tl.constexpr, BF16: tl.constexpr):
+    """(q - z) of plane P (0..3) of a chunk; d* are the duplicated, pre-shifted words."""
+    if BF16:
+        if P == 0:
+            src = d0
+        elif P == 1:
+            src = d1
+        elif P == 2:
+            src = d2
+        else:
+            src = d3
+        return pair_qz(src, _zc(zf, 0, True), 0, True)
+    else:
+        SH: tl.constexpr = 4 * (P % 2)
+        if P < 2:
+            src = d0
+        else:
+            src = d2
+        return pair_qz(src, _zc(zf, SH, False), SH, False)
+
+
+@triton.jit(do_not_specialize=["M", "chunks_per_split", "n_chunks"])
+def wq_dot_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
+                        M, N, K, W, stride_xm, stride_om, chunks_per_split, n_chunks,
+                        GS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT: tl.constexpr,
+                        BN: tl.constexpr, BM: tl.constexpr):
+    """out (M, N) = x (M, K) @ W (N, K)ᵀ for a 4-bit pairs-layout W (W words a row);
+    grid (M tiles, N tiles, K splits)."""
+    BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
+    CK: tl.constexpr = 128
+    PLANES: tl.constexpr = 4
+    PPG: tl.constexpr = PLANES if GS == 0 else GS // 32  # planes per group
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_c = tl.arange(0, 16)
+    offs_r = tl.arange(0, 32)
+    rows = tl.minimum(offs_n, N - 1)  # clamped: unmasked weight loads, tail rows discarded
+    w_ptrs = qw_ptr + rows[:, None].to(tl.int64) * W + offs_c[None, :]  # (BN, 16)
+    x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm  # (1, BM)
+    m_ok = offs_m < M
+    c_lo = pid_k * chunks_per_split
+    c_hi = c_lo + chunks_per_split
+    if c_hi > n_chunks:
+        c_hi = n_chunks
+    acc = tl.zeros((BN, BM), tl.float32)
+    if GS == 0:
+        zf = tl.load(z_ptr + rows).to(tl.float32)
+    for c in range(c_lo, c_hi):
+        wv = tl.load(w_ptrs + c * 16)
+        if BF16:
+            d0 = dup_pairs(wv, BN)
+            d1 = dup_pairs(wv >> 4, BN)
+            d2 = dup_pairs(wv >> 8, BN)
+            d3 = dup_pairs(wv >> 12, BN)
+        else:
+            d0 = dup_pairs(wv, BN)
+            d2 = dup_pairs(wv >> 8, BN)
+            d1 = d0
+            d3 = d2
+        for gi in tl.static_range(PLANES // PPG):
+            if GS > 0:
+                g = tl.minimum(c * (CK // GS) + gi, (K - 1) // GS)  # padding: last group
+                zf = tl.load(z_ptr + g * N + rows).to(tl.float32)
+                sc = tl.load(s_ptr + g * N + rows).to(tl.float32)
+                accg = tl.zeros((BN, BM), tl.float32)
+            for pj in tl.static_range(PPG):
+                v = _plane(d0, d1, d2, d3, zf, gi * PPG + pj, BF16)  # (BN, 32) x.dtype
+                kk = c * CK + (gi * PPG + pj) * 32 + offs_r
+                k_ok = kk < K
+                if HAS_PERM:
+                    kx = tl.load(perm_ptr + kk, mask=k_ok, other=0)
+                else:
+                    kx = kk
+                xt = tl.load(x_ptrs + kx[:, None], mask=k_ok[:, None] & m_ok[None, :],
+                             other=0.0)  # (32, BM)
+                if GS > 0:
+                    accg = tl.dot(v, xt, accg)
+                else:
+                    acc = tl.dot(v, xt, acc)
+            if GS > 0:
+                acc += accg * sc[:, None]
+    if GS == 0:
+        acc = acc * tl.load(s_ptr + rows).to(tl.float32)[:, None]
+    mask = (offs_n < N)[:, None] & m_ok[None, :]
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+    part_offs = offs_m[None, :] * N + offs_n[:, None]
+    tile = pid_n * tl.num_programs(0) + pid_m
+    store_or_reduce(acc, out_ptrs, part_ptr, part_offs, mask, cnt_ptr, tile, pid_k,
+                    tl.num_programs(2), M * N, SPLIT)
+
+
+@triton.jit(do_not_specialize=["n_chunks"])
+def dequant_pairs_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, W, n_chunks, stride_on,
+                         GS: tl.constexpr, BN: tl.constexpr):
+    """out (N, Kp) = (q - z) * s rounded to fp16, then out's dtype; grid (N tiles, chunks)."""
+    CK: tl.constexpr = 128
+    PLANES: tl.constexpr = 4
+    PPG: tl.constexpr = PLANES if GS == 0 else GS // 32
+    pid_n = tl.program_id(0)
+    c = tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    offs_c = tl.arange(0, 16)
+    offs_r = tl.arange(0, 32)
+    rows = tl.minimum(offs_n, N - 1)
+    wv = tl.load(qw_ptr + rows[:, None].to(tl.int64) * W + c * 16 + offs_c[None, :])
+    d0 = dup_pairs(wv, BN)
+    d2 = dup_pairs(wv >> 8, BN)
+    o_ptrs = out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_r[None, :]
+    n_ok = (offs_n < N)[:, None]
+    for gi in tl.static_range(PLANES // PPG):
+        if GS > 0:
+            g = tl.minimum(c * (CK // GS) + gi, (K - 1) // GS)
+        else:
+            g = 0
+        zf = tl.load(z_ptr + g * N + rows).to(tl.float32)
+        sc = tl.load(s_ptr + g * N + rows).to(tl.float32)
+        for pj in tl.static_range(PPG):
+            v = _plane(d0, d0, d2, d2, zf, gi * PPG + pj, False).to(tl.float32)
+            w = (v * sc[:, None]).to(tl.float16).to(out_ptr.dtype.element_ty)
+            tl.store(o_ptrs + (c * CK + (gi * PPG + pj) * 32), w, mask=n_ok)
