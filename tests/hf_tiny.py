@@ -5,9 +5,10 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import pytest
 import torch
 
-transformers = __import__("pytest").importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 SHAKESPEARE = Path(__file__).resolve().parents[1] / "src" / "kvant" / "assets" / "input.txt"
 VOCAB = 128

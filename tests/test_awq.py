@@ -194,14 +194,14 @@ def test_awq_gptq_and_input_scale_on_gqa_llama():
 
 def test_single_linear_search_uses_exact_quadratic_form():
     """For a group of one Linear, the Gram-matrix loss equals the output MSE it replaces."""
-    from kvant.algorithms.awq_search import GroupCapture, capture_group, search_scale
+    from kvant.algorithms.awq_search import GroupCapture, capture_groups, search_scale
     from kvant.calib.capture import BlockInput
 
     torch.manual_seed(0)
     block = nn.Sequential(nn.LayerNorm(64), nn.Linear(64, 32))
     x = torch.randn(4, 16, 64) * torch.linspace(0.1, 5, 64)
     inputs = [BlockInput((x,), {})]
-    cap = capture_group(block, "1", "1", inputs)
+    cap = capture_groups(block, [("1", "1")], inputs)[0]
     assert cap.gram is not None and not cap.calls
     h = block[0](x)
     direct = GroupCapture(abs_sum=cap.abs_sum, tokens=cap.tokens,

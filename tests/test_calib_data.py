@@ -75,10 +75,10 @@ def test_file_jsonl_named_and_dataset_sources(tmp_path):
     assert calibration_data(CHARS, FakeDataset(), 4, 32).shape == (4, 32)
 
 
-def test_wikitext_rows_follow_the_hf_builder(tmp_path):
+def test_wikitext_rows_are_the_raw_lines(tmp_path):
     f = tmp_path / "wiki.raw"
     f.write_text(" \n = Title = \n \n Some text .\n")
-    assert wikitext_rows(f) == ["", " = Title = \n", "", " Some text .\n"]
+    assert wikitext_rows(f) == [" \n", " = Title = \n", " \n", " Some text .\n"]
     w = calibration_data(CHARS, "wikitext2", 1, 8, calib_file=f)
     assert CHARS.decode(w[0]) in "\n\n".join(wikitext_rows(f))
 

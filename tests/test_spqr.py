@@ -184,3 +184,16 @@ def test_save_load_identical(tmp_path, spec):
     assert torch.equal(loaded(x), model(x))
     for (n1, a), (n2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert n1 == n2 and a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forward_matches_cpu():
+    W, H = _layer()
+    m = SpQRLinear.from_result(spqr_gptq(W, H, SpQRConfig(), "l"), torch.ones(32), torch.float16)
+    x = torch.randn(4, 64, dtype=torch.float16)
+    ref = (x.float() @ m.dequantized_weight().T + 1).half()
+    y = m.cuda()(x.cuda()).cpu()
+    torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-3)
+    # the walk itself on the GPU picks the same kind of result
+    res = spqr_gptq(W.cuda(), H.cuda(), SpQRConfig(), "l")
+    assert res.info["outliers"] > 0 and res.qweight.device.type == "cpu"

@@ -8,15 +8,15 @@ Public names::
     kvant.RTNConfig / GPTQConfig / QuantArgs    # frozen, versioned configs
 """
 
-from kvant.config import (ConfigError, EngineOptions, GPTQConfig, MethodConfig, QuantArgs,
-                          RTNConfig)
+from kvant.config import (AWQConfig, ConfigError, EngineOptions, GPTQConfig, MethodConfig,
+                          QuantArgs, RTNConfig)
 from kvant.api import (calibration_for, evaluate, load_model, load_quantized, quantize,
                        save_quantized)
 from kvant.calib.data import calibration_data
 from kvant.eval.perplexity import perplexity
 
 __all__ = [
-    "ConfigError", "EngineOptions", "GPTQConfig", "MethodConfig", "QuantArgs", "RTNConfig",
+    "AWQConfig", "ConfigError", "EngineOptions", "GPTQConfig", "MethodConfig", "QuantArgs", "RTNConfig",
     "quantize", "save_quantized", "load_quantized", "calibration_for", "evaluate",
     "load_model", "calibration_data", "perplexity",
 ]

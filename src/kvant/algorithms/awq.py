@@ -23,11 +23,11 @@ import logging
 import torch
 import torch.nn as nn
 
-from kvant.algorithms.awq_search import (capture_group, inspected_module, search_clip,
-                                         search_scale, set_weight)
+from kvant.algorithms.awq_search import (capture_groups, changed, inspected_module,
+                                         probe_signature, search_clip, search_scale,
+                                         set_weight, small_probe)
 from kvant.algorithms.base import LayerQuantizer, LayerResult, QuantMethod
 from kvant.algorithms.registry import register
-from kvant.calib.capture import block_output
 from kvant.config import AWQConfig
 from kvant.core.grid import rtn
 from kvant.model import fold
@@ -96,18 +96,34 @@ class AWQ(QuantMethod):
     # -- per block ---------------------------------------------------------------------
     @torch.no_grad()
     def prepare_block(self, block, linears, groups, block_inputs, run_block) -> dict:
-        """Search, fold and verify the scale of every group, then clip every Linear."""
+        """Search, fold and verify the scale of every group, then clip every Linear.
+
+        One pass over the calibration inputs captures what every group's search needs; a
+        group is captured again only when an earlier group's fold changed its inputs (seen
+        on the probe batch, which also verifies every fold)."""
         self._input_scales, self._layer_info = {}, {}
-        probe = block_inputs[0]
+        groups = [g for g in ([n for n in names if n in linears] for names in groups) if g]
         dtype = next(iter(linears.values())).weight.dtype
         tol = fold.probe_tolerance(dtype)
-        y_ref = block_output(block(*probe.args, **probe.kwargs)).float()
+        probe = small_probe(block, block_inputs[0], fold.verify_tolerance(dtype))
+        plans = [self._plan(block, linears, names, probe, tol) for names in groups]
+        specs = [(names[0], plan[0]) for names, plan in zip(groups, plans)]
+        sig = probe_signature(block, probe, specs)
+        y_ref = sig["y"]
+        caps = capture_groups(block, specs, block_inputs)
         report = []
-        for names in groups:
-            names = [n for n in names if n in linears]
-            if names:
-                report.append(self._group(block, linears, names, block_inputs, probe,
-                                          tol, y_ref))
+        for i, names in enumerate(groups):
+            if caps[i] is None:  # stale: an earlier fold changed what this group reads
+                caps[i] = capture_groups(block, [specs[i]], block_inputs)[0]
+            entry, sig = self._group(block, linears, names, plans[i], caps[i], probe, tol,
+                                     y_ref, sig, specs, i)
+            caps[i] = None
+            for j in range(i + 1, len(groups)):
+                if caps[j] is not None and entry.get("stale_check") and changed(
+                        entry["stale_check"], sig, j, fold.verify_tolerance(dtype)):
+                    caps[j] = None
+            entry.pop("stale_check", None)
+            report.append(entry)
         clip = self._clip(block, linears, block_inputs) if self.config.clip_search else {}
         return {"awq": report, "awq_clip": clip}
 
@@ -126,59 +142,58 @@ class AWQ(QuantMethod):
             self._plans[key] = (module, plan)
         return (*self._plans[key], cached)
 
-    def _group(self, block, linears, names, inputs, probe, tol, y_ref) -> dict:
+    def _group(self, block, linears, names, planned, cap, probe, tol, y_ref, sig, specs, i):
+        """Search, apply and verify one group's scale. Returns (report entry, signature of
+        the block after it)."""
         cfg = self.config
-        module_name, plan, cached = self._plan(block, linears, names, probe, tol)
-        cap = capture_group(block, names[0], module_name, inputs)
+        module_name, plan, cached = planned
         if cap.tokens == 0:
-            return {"layers": names, "treatment": "unused (no calibration input)"}
+            return {"layers": names, "treatment": "unused (no calibration input)"}, sig
         module = block.get_submodule(module_name) if module_name else block
         lins = [linears[n] for n in names]
         s, info = search_scale(module, lins, cap, cfg.qargs, cfg.n_grid, cfg.duo_scaling,
                                ~plan.dead)
-        del cap
-        ok, err = self._apply(block, linears, names, plan, s, probe, tol, y_ref)
+        args = (block, linears, names, s, probe, y_ref, sig, specs, i)
+        ok, err, new_sig = self._apply(plan, *args)
         if not ok and cached:
             # a plan cached from an earlier block may not fit this one: probe this block
             _, plan, _ = self._plan(block, linears, names, probe, tol, fresh=True)
-            ok, err = self._apply(block, linears, names, plan, s, probe, tol, y_ref)
+            ok, err, new_sig = self._apply(plan, *args)
         if not ok:
             log.warning("AWQ fold of %s failed verification (error %.3g); keeping the scale "
                         "as input_scale", names, err)
-            k = s.numel()
-            plan = fold.FoldPlan(dead=plan.dead, free=torch.ones(k, dtype=torch.bool))
-            ok, err = self._apply(block, linears, names, plan, s, probe, tol, y_ref)
+            plan = fold.FoldPlan(dead=plan.dead, free=torch.ones(s.numel(), dtype=torch.bool))
+            ok, err, new_sig = self._apply(plan, *args)
         treatment = plan.describe() if ok else "not scaled (verification failed)"
         for n in names:
             self._layer_info[n] = {"awq_alpha": info["alpha"], "awq_scale": treatment}
-        return {"layers": names, "module": module_name or "<block>", "treatment": treatment,
-                "alpha": info["alpha"], "loss": info["loss"], "loss_rtn": info["loss_rtn"],
-                "verify_error": err}
+        entry = {"layers": names, "module": module_name or "<block>", "treatment": treatment,
+                 "alpha": info["alpha"], "loss": info["loss"], "loss_rtn": info["loss_rtn"],
+                 "verify_error": err, "stale_check": sig}
+        return entry, new_sig
 
-    def _apply(self, block, linears, names, plan, s, probe, tol, y_ref):
+    def _apply(self, plan, block, linears, names, s, probe, y_ref, sig, specs, i):
         """Scale the group's columns, fold 1/s, add input scales; verify on the probe that
         the group now sees ``x / s`` and the block output is unchanged.
 
-        Returns (ok, error); on failure everything is undone exactly."""
-        first = block.get_submodule(names[0])
-        x_before, _ = fold.probe_input(block, first, probe)
+        Returns (ok, error, new signature); on failure everything is undone exactly."""
         snap = fold.snapshot(block, [src.module for src in plan.sources] + names)
         in_scale, handles = fold.apply_scales(block, names, plan, s)
-        x_after, _ = fold.probe_input(block, first, probe)
-        y = block_output(block(*probe.args, **probe.kwargs)).float()
+        new = probe_signature(block, probe, specs)
+        x_before, x_after = sig["x"][i], new["x"][i]
         amax = x_before.abs().amax(0).clamp(min=1e-30)
         err_x = float(((x_after * s.to(x_after.device) - x_before).abs().amax(0) / amax).max())
-        err_y = float((y - y_ref).norm() / y_ref.norm().clamp(min=1e-30))
+        err_y = float((new["y"] - y_ref).norm() / y_ref.norm().clamp(min=1e-30))
         err = max(err_x, err_y)
-        if err <= fold.verify_tolerance(first.weight.dtype):
+        if err <= fold.verify_tolerance(linears[names[0]].weight.dtype):
             if in_scale is not None:
                 for n in names:
                     self._input_scales[n] = in_scale.detach().float().cpu()
-            return True, err
+            return True, err, new
         for h in handles:
             h.remove()
         fold.restore(block, snap)
-        return False, err
+        return False, err, sig
 
     # -- clipping -------------------------------------------------------------------------
     def _clip(self, block, linears, inputs) -> dict:

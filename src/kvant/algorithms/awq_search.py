@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from kvant.calib.capture import block_output
+from kvant.calib.capture import BlockInput, block_output
 from kvant.config import QuantArgs
 from kvant.core.grid import fake_quantize, find_params, weight_params
 from kvant.model.discovery import is_conv1d, linear_weight
@@ -72,19 +72,102 @@ def inspected_module(block: nn.Module, names: list[str], probe) -> str:
     return next((n for n in chain if n in fired), "")
 
 
+def _map_tensors(obj, fn):
+    """Apply ``fn`` to every tensor inside nested tuples, lists and dicts."""
+    if torch.is_tensor(obj):
+        return fn(obj)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(o, fn) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
+def _tensors(obj) -> list:
+    out: list = []
+    _map_tensors(obj, out.append)
+    return out
+
+
 @torch.no_grad()
-def capture_group(block: nn.Module, first: str, module_name: str, inputs) -> GroupCapture:
-    """Run the block on every input; record |x| of ``first``'s input and the inspected
-    module's calls (the block's own calls when ``module_name`` is "").
+def small_probe(block: nn.Module, probe: BlockInput, tol: float, n: int = 1) -> BlockInput:
+    """The first ``n`` samples of a captured block input, when cutting every batch-sized
+    tensor (hidden states, masks, rotary tables) gives the same outputs; else ``probe``."""
+    b = probe.hidden.shape[0]
+    if b <= n:
+        return probe
+    cut = lambda t: t[:n] if t.dim() >= 1 and t.shape[0] == b else t  # noqa: E731
+    small = BlockInput(_map_tensors(probe.args, cut), _map_tensors(probe.kwargs, cut))
+    try:
+        y_small = block_output(block(*small.args, **small.kwargs)).float()
+    except (RuntimeError, ValueError, IndexError, TypeError):
+        return probe  # some argument was not batch-major after all
+    y_full = block_output(block(*probe.args, **probe.kwargs))[:n].float()
+    if y_small.shape == y_full.shape and float(
+            (y_small - y_full).abs().max()) <= tol * float(y_full.abs().max()):
+        return small
+    return probe
 
-    When the inspected module is ``first`` itself (a group of one Linear), its output error
-    is a quadratic form in the weight error, ``||ΔW xᵀ||² = tr(ΔW G ΔWᵀ)``: only the Gram
-    matrix ``G = Σ xᵀx`` is kept, and each grid point costs N·K² instead of T·N·K.
+
+@torch.no_grad()
+def probe_signature(block: nn.Module, probe: BlockInput, specs: list[tuple[str, str]]) -> dict:
+    """One block forward on ``probe``; for each (first Linear, inspected module) of ``specs``:
+    the Linear's input as (M, K) float32 ("x") and the tensors entering the module ("m");
+    and the block output ("y", float32)."""
+    sig = {"x": [None] * len(specs), "m": [None] * len(specs)}
+    handles = []
+
+    def on_x(_m, a, j):
+        if sig["x"][j] is None:
+            x = a[0].detach()
+            sig["x"][j] = x.reshape(-1, x.shape[-1]).float().clone()
+
+    def on_m(_m, a, kw, j):
+        if sig["m"][j] is None:
+            sig["m"][j] = [t.detach().float().clone() for t in _tensors((a, kw))
+                           if t.is_floating_point()]
+
+    try:
+        for j, (first, module) in enumerate(specs):
+            handles.append(block.get_submodule(first).register_forward_pre_hook(
+                lambda m, a, j=j: on_x(m, a, j)))
+            if module and module != first:
+                handles.append(block.get_submodule(module).register_forward_pre_hook(
+                    lambda m, a, kw, j=j: on_m(m, a, kw, j), with_kwargs=True))
+        sig["y"] = block_output(block(*probe.args, **probe.kwargs)).float()
+    finally:
+        for h in handles:
+            h.remove()
+    return sig
+
+
+def changed(before: dict, after: dict, j: int, tol: float) -> bool:
+    """Whether group ``j``'s input or inspected-module inputs differ between two signatures
+    by more than rounding (``tol`` relative to the largest value)."""
+    pairs = [(before["x"][j], after["x"][j])]
+    pairs += list(zip(before["m"][j] or [], after["m"][j] or []))
+    for a, b in pairs:
+        if a is None or b is None or a.shape != b.shape:
+            return True
+        if float((a - b).abs().max()) > tol * float(a.abs().max().clamp(min=1e-30)):
+            return True
+    return False
+
+
+@torch.no_grad()
+def capture_groups(block: nn.Module, specs: list[tuple[str, str]], inputs) -> list:
+    """One pass over all calibration inputs recording, for each (first Linear, inspected
+    module) of ``specs``, a :class:`GroupCapture`: |x| of the Linear's input, and the
+    inspected module's calls (the block's own calls when the module is "").
+
+    When the inspected module is the Linear itself (a group of one Linear), its output
+    error is a quadratic form in the weight error, ``||x ΔWᵀ||² = tr(ΔW G ΔWᵀ)``: only the
+    Gram matrix ``G = Σ xᵀx`` is kept, and each grid point costs N·K² instead of T·N·K.
     """
-    cap = GroupCapture()
-    single = module_name == first
+    caps = [GroupCapture() for _ in specs]
+    handles = []
 
-    def stats(_m, a):
+    def stats(_m, a, cap, single):
         x = a[0].detach()
         rows = x.reshape(-1, x.shape[-1])
         s = rows.abs().float().sum(0)
@@ -94,23 +177,29 @@ def capture_group(block: nn.Module, first: str, module_name: str, inputs) -> Gro
             g = rows.float().t() @ rows.float()
             cap.gram = g if cap.gram is None else cap.gram + g
 
-    handles = [block.get_submodule(first).register_forward_pre_hook(stats)]
-    pending: list = []
-    if module_name and not single:
-        mod = block.get_submodule(module_name)
+    def watch(mod, cap):
+        pending: list = []
         handles.append(mod.register_forward_pre_hook(
             lambda m, a, kw: pending.append((a, kw)), with_kwargs=True))
         handles.append(mod.register_forward_hook(
             lambda m, a, out: cap.calls.append((*pending.pop(), block_output(out).detach()))))
+
     try:
+        for (first, module), cap in zip(specs, caps):
+            single = module == first
+            handles.append(block.get_submodule(first).register_forward_pre_hook(
+                lambda m, a, cap=cap, single=single: stats(m, a, cap, single)))
+            if module and not single:
+                watch(block.get_submodule(module), cap)
         for inp in inputs:
-            out = block_output(block(*inp.args, **inp.kwargs))
-            if not module_name:
-                cap.calls.append((inp.args, inp.kwargs, out.detach()))
+            out = block_output(block(*inp.args, **inp.kwargs)).detach()
+            for (_, module), cap in zip(specs, caps):
+                if not module:
+                    cap.calls.append((inp.args, inp.kwargs, out))
     finally:
         for h in handles:
             h.remove()
-    return cap
+    return caps
 
 
 def set_weight(lin: nn.Module, w: torch.Tensor) -> None:

@@ -144,7 +144,7 @@ def sensitive_weights(x: torch.Tensor, wt: torch.Tensor, tau: float, bits: int,
 
 
 def select_outliers(W: torch.Tensor, col_weight: torch.Tensor, budget: float, group_size: int,
-                    bits: int, plain: bool = False, steps: int = 30) -> torch.Tensor:
+                    bits: int, plain: bool = False, steps: int = 16) -> torch.Tensor:
     """At most ``round(budget * W.numel())`` outliers of W (N, K) (groups of ``group_size``
     columns): :func:`sensitive_weights` at the smallest threshold that stays within the
     budget (bisection on log tau). col_weight (K,): the importance of each column's error
@@ -160,7 +160,7 @@ def select_outliers(W: torch.Tensor, col_weight: torch.Tensor, budget: float, gr
     wt = col_weight.float().reshape(1, g, group_size).expand(n, g, group_size)
     wt = wt.reshape(n * g, group_size)
     top = float((_weighted_err(x, x, wt, bits, plain)).max()) + 1e-30
-    lo, hi = math.log(top) - 30.0, math.log(top) + 1.0  # count(hi) = 0
+    lo, hi = math.log(top) - 24.0, math.log(top) + 1.0  # count(hi) = 0
     best = mask.view(-1, group_size)
     for _ in range(steps):
         mid = (lo + hi) / 2
@@ -226,6 +226,7 @@ class OutlierWalk:
         """Called by gptq_quantize with U (K, K) and the walk order."""
         cfg = self.cfg
         self.d, self.perm = U.diagonal().clone(), perm
+        self.d_host = self.d.tolist()  # checked per column without a device sync
         Ww = self.W.to(U.device) if perm is None else self.W.to(U.device)[:, perm]
         inv_d2 = self.d.reciprocal().square()
         if cfg.outlier_budget > 0:
@@ -254,9 +255,9 @@ class OutlierWalk:
         """Round column w (N,) on (s, z) (N, 1); outliers keep w (as dense + fp16 residual)."""
         i = self.col
         self.col += 1
-        if float(self.d[i]) != d:
+        if self.d_host[i] != d:
             raise RuntimeError(f"layer {self.layer!r}: the GPTQ walk visited columns in an "
-                               f"unexpected order (column {i}: d={d}, expected {float(self.d[i])})")
+                               f"unexpected order (column {i}: d={d}, expected {self.d_host[i]})")
         q, deq = fake_quantize(w, s[:, 0], z[:, 0], self.cfg.bits)
         self.Q[:, i] = q
         if self.fixed is not None:

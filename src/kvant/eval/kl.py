@@ -27,7 +27,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kvant.eval.perplexity import _device_of, lm_logits
@@ -49,7 +48,8 @@ class FloatReference:
         if store not in ("auto", "full", "topk"):
             raise ValueError(f"store must be 'auto', 'full' or 'topk', got {store!r}")
         if windows.dim() != 2 or windows.shape[1] < 2:
-            raise ValueError(f"windows must be (n_windows, seq_len >= 2), got {tuple(windows.shape)}")
+            raise ValueError(f"windows must be (n_windows, seq_len >= 2), "
+                             f"got {tuple(windows.shape)}")
         self.windows = windows
         self.batch_size = batch_size
         self.device = torch.device(device) if device is not None else _device_of(model)
@@ -75,7 +75,8 @@ class FloatReference:
                     self._full.append(row.to(self.store_device, self.store_dtype))
                 else:
                     v, i = row.topk(min(topk, row.shape[-1]), dim=-1)
-                    self._top.append((v.to(self.store_device), i.to(self.store_device, torch.int32)))
+                    self._top.append((v.to(self.store_device),
+                                      i.to(self.store_device, torch.int32)))
 
     def _full_device(self, vocab: int, max_cpu_bytes: int) -> torch.device | None:
         """Where all log-probs fit: this GPU (half its free memory) or the CPU, else None."""

@@ -147,7 +147,10 @@ def windows_nll(model, windows: torch.Tensor, batch_size: int = 1, device=None,
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not show_progress):
         batch = windows[start:start + batch_size].to(device)
         logits = lm_logits(model, batch)[:, :-1].float()  # (B, T-1, V)
-        nll = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (B, T-1)
+        # log_softmax + gather: cross_entropy on the (B, V, T-1) layout loses ~4e-5 of the
+        # NLL on CPU (measured against float64), the flat layout does not
+        lp = torch.log_softmax(logits, -1)
+        nll = -lp.gather(-1, batch[:, 1:, None]).squeeze(-1)  # (B, T-1)
         out[start:start + len(batch)] = nll.double().sum(1).cpu()
     return out
 

@@ -172,12 +172,17 @@ def find_fold_plan(block: nn.Module, group_first: str, exclude: set[str], probe,
     k = x.shape[1]
     amax = x.abs().amax(0)
     live = amax > 1e-6 * amax.max().clamp(min=1e-30)
-    # channel -> (candidate order, row); later candidates (closer to the group) win ties
+    live_cpu = live.cpu()
+    # channel -> (candidate order, row). Candidates are tried from the one that finished last
+    # (closest to the group) backwards; a channel keeps the first candidate that drives it,
+    # and the search stops once every live channel has one.
     owner = torch.full((k,), -1, dtype=torch.long)
     owner_row = torch.full((k,), -1, dtype=torch.long)
     names = list(dict.fromkeys(before))
-    for ci, name in enumerate(names):
-        mod = block.get_submodule(name)
+    for ci in reversed(range(len(names))):
+        if bool((owner >= 0)[live_cpu].all()):
+            break
+        mod = block.get_submodule(names[ci])
         saved = [p.data.clone() for p, _, _ in row_params(mod)]
         rows = n_rows(mod)
         try:
@@ -200,13 +205,13 @@ def find_fold_plan(block: nn.Module, group_first: str, exclude: set[str], probe,
             ok = hit & ~bad & (row >= 0) & (row < rows)
             # one-to-one: a row feeding several channels cannot carry one factor per channel
             counts = torch.bincount(row[ok], minlength=rows)
-            ok &= counts[row.clamp(0, rows - 1)] == 1
+            ok &= (counts[row.clamp(0, rows - 1)] == 1) & (owner < 0)
             owner[ok] = ci
             owner_row[ok] = row[ok]
         finally:
             _restore(mod, saved)
-    plan = FoldPlan(dead=~live.cpu(), free=(owner < 0) & live.cpu())
-    for ci, name in enumerate(names):
+    plan = FoldPlan(dead=~live_cpu, free=(owner < 0) & live_cpu)
+    for ci, name in enumerate(names):  # execution order
         sel = (owner == ci).nonzero().flatten()
         if len(sel):
             plan.sources.append(FoldSource(name, owner_row[sel], sel))

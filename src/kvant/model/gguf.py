@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from kvant.model.hf import ModelLoadError, prepare_for_calibration, resolve_dtype
+from kvant.model.hf import ModelLoadError, dtype_kwargs, prepare_for_calibration, resolve_dtype
 
 GGUF_MAGIC = b"GGUF"
 
@@ -76,7 +76,8 @@ def load_gguf(path: str | os.PathLike, dtype="float32", device: str | torch.devi
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"no tokenizer could be built from the GGUF file {str(p)!r}: "
                              f"{e}") from None
-    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name,
+                                                 **dtype_kwargs(dtype))
     # the weights are now plain float tensors: forget how the source file stored them
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config

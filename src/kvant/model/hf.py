@@ -48,6 +48,15 @@ def resolve_dtype(dtype) -> torch.dtype | str:
     return getattr(torch, name)
 
 
+def dtype_kwargs(dtype) -> dict:
+    """``{"dtype": dtype}`` for transformers >= 4.56, ``{"torch_dtype": dtype}`` before."""
+    import transformers
+    from packaging.version import Version
+
+    new = Version(transformers.__version__) >= Version("4.56")
+    return {"dtype" if new else "torch_dtype": dtype}
+
+
 def check_architecture(config) -> None:
     """Raise a clear error when no causal-LM class is registered for ``config.model_type``."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -118,7 +127,8 @@ def load_hf(path_or_id: str | os.PathLike, dtype="auto", device: str | torch.dev
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     check_architecture(config)
     tokenizer = load_tokenizer(path_or_id)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path_or_id), dtype=dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path_or_id),
+                                                              **dtype_kwargs(dtype))
     return prepare_for_calibration(model).to(device), tokenizer
 
 
@@ -162,7 +172,7 @@ def from_spec(spec_: dict, ckpt_dir: str | os.PathLike | None = None):
         import contextlib
         init_empty_weights = lambda include_buffers=False: contextlib.nullcontext()  # noqa: E731
     with init_empty_weights(include_buffers=False):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = transformers.AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype))
     tokenizer = None
     if ckpt_dir is not None and any((Path(ckpt_dir) / f).is_file() for f in TOKENIZER_FILES):
         tokenizer = load_tokenizer(ckpt_dir)
