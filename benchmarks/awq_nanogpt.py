@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import re
 import time
 from pathlib import Path
 
@@ -44,18 +45,22 @@ GRIDS = ["4:128", "3:128", "2:64"]
 
 
 def treatments(report) -> str:
-    """One line per distinct group treatment: 'fold->ln1 (6 groups)'."""
+    """Distinct group treatments with counts: 'fold->ln1 x6; fold->sa.heads.*.value x6'."""
     seen: dict[str, int] = {}
     for b in report.blocks:
         for g in b.get("awq", []):
-            key = g["treatment"].split("(")[0] if g["treatment"].startswith("fold->") else \
-                g["treatment"]
-            key = ".".join(p for p in key.split(".") if not p.isdigit())
-            seen[key] = seen.get(key, 0) + 1
+            text = re.sub(r"\(\d+\)", "", g["treatment"])
+            text = re.sub(r"\.\d+\.", ".*.", text)
+            head, _, rest = text.partition("->")
+            if rest:
+                where, sep, tail = rest.partition(";")
+                parts = list(dict.fromkeys(where.split(",")))
+                text = head + "->" + ",".join(parts) + sep + tail
+            seen[text] = seen.get(text, 0) + 1
     return "; ".join(f"{k} x{v}" for k, v in seen.items())
 
 
-def run_one(model, tok, label, spec, calib, args) -> dict:
+def run_one(model, tok, label, spec, calib, args, commit: str) -> dict:
     """Quantize a copy of ``model`` with ``spec``, score it: one benchmark record."""
     cfg = config_from_spec(spec)
     q = copy.deepcopy(model)
@@ -71,7 +76,7 @@ def run_one(model, tok, label, spec, calib, args) -> dict:
          "device": rep.device_name(args.device),
          "calib": f"training split, {N_CALIB} x {SEQ_LEN} chars, seed {SEED}",
          "eval": f"validation split, seq_len {SEQ_LEN}, {ev['tokens']} chars, "
-                 f"{ev['windows']} windows", "date": rep.today(), "commit": rep.git_commit()}
+                 f"{ev['windows']} windows", "date": rep.today(), "commit": commit}
     if cfg.method == "awq":
         r["awq_scales"] = treatments(report)
         alphas = [g["alpha"] for b in report.blocks for g in b["awq"] if "alpha" in g]
@@ -96,6 +101,7 @@ def summary(records: list[dict], labels: list[str]) -> str:
 
 
 def main(argv=None) -> int:
+    """Run the grid, print and write the records."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--grids", nargs="*", default=GRIDS, help="bits:group_size items")
     p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS, choices=list(METHODS))
@@ -103,7 +109,10 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--name", default="awq_nanogpt", help="output file stem")
+    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse; "
+                   "for machines that run a copy of the tree without .git)")
     args = p.parse_args(argv)
+    commit = args.commit or rep.git_commit()
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     model, tok = load_embedded()
@@ -115,21 +124,20 @@ def main(argv=None) -> int:
                 "bits_per_weight": None, "ppl": ev["ppl"], "bpc": ev["bpc"],
                 "size_mb": rep.model_bytes(model) / 1e6, "device": rep.device_name(args.device),
                 "eval": f"validation split, seq_len {SEQ_LEN}, {ev['tokens']} chars, "
-                        f"{ev['windows']} windows", "date": rep.today(),
-                "commit": rep.git_commit()}]
+                        f"{ev['windows']} windows", "date": rep.today(), "commit": commit}]
     print(f"float ppl {ev['ppl']:.3f}", flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for grid in args.grids:
         bits, gs = (int(v) for v in grid.split(":"))
         for label in args.methods:
             base = METHODS[label]
             spec = base + ("," if base[-1] != ":" else "") + f"bits={bits},group_size={gs}"
-            r = run_one(model, tok, label, spec, calib, args)
+            r = run_one(model, tok, label, spec, calib, args, commit)
             print(f"{label:14s} w{bits} {rep.group_label(gs):6s} ppl {r['ppl']:.3f} "
                   f"({r['quant_seconds']:.1f} s) {r.get('awq_scales', '')}", flush=True)
             records.append(r)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rep.write_json(records, out / f"{args.name}.json")
+            rep.write_json(records, out / f"{args.name}.json")  # partial results survive
     scales = next((r["awq_scales"] for r in records if r.get("awq_scales")), "")
     md = ["# AWQ and AWQ+GPTQ vs RTN and GPTQ on the embedded nanoGPT", "",
           f"Device {records[0]['device']}, {records[0]['date']}, commit {records[0]['commit']}. "

@@ -38,16 +38,19 @@ CONFIGS = [  # (label, spec)
     ("gptq-actorder", "gptq:bits=4,group_size=128,act_order=true"),
     ("gptq", "gptq:bits=3,group_size=128"),
     ("gptq-actorder", "gptq:bits=3,group_size=128,act_order=true"),
-    # about 4.0 bits: the paper's 3-bit configuration (w3 g16, 3-bit stats in groups of 16)
-    ("spqr", "spqr:bits=3,group_size=16,stat_bits=3,stat_group_size=16,outlier_threshold=0.2"),
-    ("spqr", "spqr:bits=3,group_size=16,stat_bits=3,stat_group_size=16,outlier_threshold=0.2,"
-             "act_order=false"),
-    # about 3.5 bits: groups of 32, fewer outliers
-    ("spqr", "spqr:bits=3,group_size=32,stat_bits=3,stat_group_size=16,outlier_threshold=0.5"),
-    # about 3.0 bits: groups of 64, sparse outliers only
-    ("spqr", "spqr:bits=3,group_size=64,stat_bits=3,stat_group_size=32,outlier_threshold=2,"
-             "act_order=false"),
-    # the outlier budget on a plain GPTQ W3 g128 grid (the separable fp16 path)
+    # SpQR at about 4.0 / 3.5 / 3.0 bits: 3-bit statistics in groups of 16, act-order, the
+    # outlier count set by a budget (fraction of weights) so that the bits are known
+    ("spqr", "spqr:bits=3,group_size=16,stat_bits=3,stat_group_size=16,outlier_budget=0.007"),
+    ("spqr", "spqr:bits=3,group_size=32,stat_bits=3,stat_group_size=16,outlier_budget=0.0015"),
+    ("spqr", "spqr:bits=2,group_size=16,stat_bits=3,stat_group_size=16,outlier_budget=0.007"),
+    # the paper's relative threshold (outliers found during the column walk)
+    ("spqr-threshold", "spqr:bits=3,group_size=16,stat_bits=3,stat_group_size=16,"
+                       "outlier_threshold=0.2"),
+    ("spqr-threshold", "spqr:bits=3,group_size=16,stat_bits=3,stat_group_size=16,"
+                       "outlier_threshold=0.5"),
+    ("spqr-threshold", "spqr:bits=3,group_size=64,stat_bits=3,stat_group_size=32,"
+                       "outlier_threshold=2,act_order=false"),
+    # the same fp16 outlier path on plain bases: GPTQ W3 g128 (fp16 scales) and RTN w3 g16
     ("gptq+outliers", "spqr:bits=3,group_size=128,stat_bits=16,outlier_budget=0.01,"
                       "act_order=false"),
     ("rtn+outliers", "spqr:bits=3,group_size=16,base=rtn,outlier_budget=0.01,act_order=false"),
@@ -63,7 +66,7 @@ def _parts(model) -> dict:
             for k, v in m.bits_breakdown().items():
                 parts[k] = parts.get(k, 0.0) + v * n
             weights += n
-            nnz += m.outlier_vals.numel()
+            nnz += m.nnz
     if not weights:
         return {}
     return {"bits_parts": {k: v / weights for k, v in parts.items()},

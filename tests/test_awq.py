@@ -213,3 +213,18 @@ def test_single_linear_search_uses_exact_quadratic_form():
     assert i1["alpha"] == i2["alpha"] and torch.equal(s1, s2)
     assert i1["loss"] == pytest.approx(i2["loss"], rel=1e-4)
     assert i1["loss_rtn"] == pytest.approx(i2["loss_rtn"], rel=1e-4)
+
+
+def test_awq_in_half_precision_keeps_dtypes():
+    """A float16 model (AutoAWQ's default dtype) stays float16 through search, fold, clip."""
+    model = tiny_llama(kv_heads=2)
+    calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    ref = logits(model, calib)
+    model.half()
+    report = quantize_model(model, AWQConfig(bits=4, group_size=32, n_grid=4), calib, CPU)
+    out = logits(model, calib)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert rel_err(out.float(), ref) < 0.5
+    groups = [g for b in report.blocks for g in b["awq"]]
+    assert all(not g["treatment"].startswith("not scaled") for g in groups)
+    assert all(p.dtype == torch.float16 for p in model.parameters())

@@ -168,8 +168,35 @@ def test_save_load_identical(cfg, gpt, tiny_gpt, tiny_calib, tmp_path):
     assert qc["method"] == "quip" and {e["kind"] for e in qc["modules"].values()} == {"quip"}
     assert loaded.kvant_quantization_config == cfg
     ql = next(m for m in loaded.modules() if isinstance(m, QuipLinear))
+    # layers reading the same input share V (heads' key/query/value), not U
+    heads = loaded.blocks[0].sa.heads
+    if not cfg.rescale and cfg.rounding == "ldlq":
+        assert torch.equal(heads[0].key.sign_in, heads[1].value.sign_in)
+        assert not torch.equal(heads[0].key.sign_out, heads[1].value.sign_out)
     # signs cost one bit per input and output channel
     assert ql.sign_in.dtype == torch.uint8 and ql.sign_in.numel() == (ql.in_features + 7) // 8
+
+
+def test_shared_input_rotation_is_reused_exactly():
+    torch.manual_seed(0)
+    W1, W2, X = torch.randn(48, 64), torch.randn(32, 64), torch.randn(256, 64)
+    method = build(QuIPConfig(bits=4, group_size=32))
+    method.prepare_block(None, {}, [["a", "b"]], None, None)
+    layers = []
+    for name, W in (("blk.0.a", W1), ("blk.0.b", W2)):
+        lq = method.layer_quantizer(name, W)
+        lq.observe(X)
+        layers.append(QuipLinear.from_result(lq.quantize(), None, dtype=torch.float32))
+    a, b = layers
+    assert torch.equal(a.sign_in, b.sign_in) and not torch.equal(a.sign_out[:4], b.sign_out[:4])
+    x = torch.randn(3, 64)
+    a(x)
+    memo_y = b(x)  # reuses a's V x
+    assert QuipLinear._last_input[0]() is x
+    QuipLinear._last_input = None
+    assert torch.equal(b(x), memo_y)
+    x.mul_(2)  # in-place change: the memo must not be used
+    torch.testing.assert_close(b(x), 2 * memo_y, rtol=1e-5, atol=1e-5)
 
 
 def test_wrong_factorisation_is_refused():

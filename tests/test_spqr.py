@@ -39,7 +39,8 @@ def test_kind_registered_and_spec_parses():
 
 
 @pytest.mark.parametrize("spec", ["spqr:", "spqr:stat_bits=16,group_size=32,act_order=false",
-                                  "spqr:base=rtn,outlier_budget=0.02"])
+                                  "spqr:base=rtn,outlier_budget=0.02",
+                                  "spqr:outlier_threshold=inf"])
 def test_bits_per_weight_matches_stored_bytes(spec):
     W, H = _layer()
     cfg = config_from_spec(spec)
@@ -47,7 +48,8 @@ def test_bits_per_weight_matches_stored_bytes(spec):
     m = SpQRLinear.from_result(res, torch.zeros(32), torch.float32)
     n, k = W.shape
     nnz = res.info["outliers"]
-    assert nnz > 0 and m.nnz == nnz and m.outlier_vals.numel() == nnz
+    assert (nnz == 0) == ("inf" in spec) and m.nnz == nnz
+    assert (m.outlier_vals is None) if nnz == 0 else m.outlier_vals.numel() == nnz
     stored = sum(t.numel() * t.element_size() for name, t in m.state_dict().items()
                  if name != "bias")
     assert m.bits_per_weight() == pytest.approx(8 * stored / (n * k), abs=1e-12)
@@ -57,7 +59,7 @@ def test_bits_per_weight_matches_stored_bytes(spec):
         stats = 2 * 4 * math.ceil(n * g * cfg.stat_bits / 32) + 2 * 2 * 2 * (n // 16) * g
     else:
         stats = 2 * n * g + 4 * n * math.ceil(g * cfg.bits / 32)
-    expect = (4 * n * math.ceil(k * cfg.bits / 32) + 4 * (n + 1) + 4 * nnz + stats
+    expect = (4 * n * math.ceil(k * cfg.bits / 32) + (4 * (n + 1) + 4 * nnz if nnz else 0) + stats
               + (2 * k if cfg.act_order and cfg.base == "gptq" else 0))
     assert stored == expect
     assert sum(m.bits_breakdown().values()) == pytest.approx(m.bits_per_weight())

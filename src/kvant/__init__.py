@@ -9,7 +9,7 @@ Public names::
 """
 
 from kvant.config import (AWQConfig, ConfigError, EngineOptions, GPTQConfig, MethodConfig,
-                          QuantArgs, RTNConfig)
+                          QuantArgs, RTNConfig, SpQRConfig)
 from kvant.api import (calibration_for, evaluate, load_model, load_quantized, quantize,
                        save_quantized)
 from kvant.calib.data import calibration_data
@@ -17,6 +17,7 @@ from kvant.eval.perplexity import perplexity
 
 __all__ = [
     "AWQConfig", "ConfigError", "EngineOptions", "GPTQConfig", "MethodConfig", "QuantArgs", "RTNConfig",
+    "SpQRConfig",
     "quantize", "save_quantized", "load_quantized", "calibration_for", "evaluate",
     "load_model", "calibration_data", "perplexity",
 ]

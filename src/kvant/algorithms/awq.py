@@ -11,9 +11,12 @@ minimise the layer's output error, and the scaled, clipped weights are rounded w
 with GPTQ (``rounding="gptq"``), whose Hessian is that of the scaled inputs ``x / s``.
 
 Everything block-level happens in :meth:`AWQ.prepare_block`, on the float block, before the
-engine quantizes any Linear of it: per group (in execution order) capture, plan the fold,
-search, apply and verify; then clip. The dict it returns (stored per block in the report)
-says which layers got a fold and which an input scale.
+engine quantizes any Linear of it: find where each group's scale can be folded (probing the
+first block of a structure; later identical blocks reuse the plan), capture every group's
+statistics in one pass over the calibration inputs, then per group in execution order search,
+apply and verify the fold on a probe batch (a failed check falls back to a fresh plan, then to
+``input_scale``); finally clip. The dict it returns (stored per block in the report) says
+which layers got a fold and which an input scale, with the chosen alpha and losses.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ rotation at inference: ``y = Uᵀ Q(W̃) V x``. The proxy loss tr((Ŵ - W) H (Ŵ
 unchanged by the rotation, so what LDLQ minimises in the rotated basis is the original loss.
 U and V are QuIP#'s randomized Hadamard transforms (Tseng et al., 2024; core/hadamard.py):
 O(n log n) and defined by their sign vectors, seeded here by the config seed and the layer name.
+Layers that read the same input (q/k/v, gate/up: the engine's sequential groups) share one V,
+so at inference the input is rotated once for all of them (QuipLinear memoises it) — what
+QuIP# gets from fusing those layers; the rotation does not need to differ between them.
 
 Optional first step (QuIP's Algorithm 1): the diagonal rescaling ``W ← W D``,
 ``H ← D⁻¹ H D⁻¹`` with ``D = (diag(H) / diag(WᵀW))^(1/4)``, which lowers the bound
@@ -28,8 +31,8 @@ import hashlib
 
 import torch
 
-from kvant.algorithms.base import LayerQuantizer, LayerResult, QuantMethod
-from kvant.algorithms.gptq import gptq_quantize
+from kvant.algorithms.base import LayerQuantizer, LayerResult
+from kvant.algorithms.gptq import GPTQ, gptq_quantize
 from kvant.algorithms.registry import register
 from kvant.config import QuIPConfig
 from kvant.core.grid import rtn
@@ -48,10 +51,14 @@ def layer_seed(seed: int, layer: str, side: str) -> int:
     return int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)
 
 
-def transforms_for(layer: str, n: int, k: int, seed: int):
-    """(U, V): the output-side (size n) and input-side (size k) transforms of ``layer``."""
+def transforms_for(layer: str, n: int, k: int, seed: int, input_key: str | None = None):
+    """(U, V): the output-side (size n) and input-side (size k) transforms of ``layer``.
+
+    ``input_key`` names the input V belongs to (the first layer of a group reading the same
+    tensor); default: the layer itself.
+    """
     return (RandomizedHadamard(n, layer_seed(seed, layer, "out")),
-            RandomizedHadamard(k, layer_seed(seed, layer, "in")))
+            RandomizedHadamard(k, layer_seed(seed, input_key or layer, "in")))
 
 
 def rotate_weight(W: torch.Tensor, U: RandomizedHadamard, V: RandomizedHadamard) -> torch.Tensor:
@@ -79,19 +86,25 @@ def rescale_factor(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
 
 
 class _QuIPLayer(LayerQuantizer):
-    def __init__(self, name: str, weight: torch.Tensor, config: QuIPConfig, calibrated: bool):
-        self.name, self.weight, self.config = name, weight, config
-        self.acc = HessianAccumulator(weight.shape[1], weight.device) if calibrated else None
+    def __init__(self, method: "QuIP", name: str, weight: torch.Tensor, input_key: str):
+        self.method, self.name, self.weight = method, name, weight
+        self.config, self.input_key = method.config, input_key
+        self.acc = (HessianAccumulator(weight.shape[1], weight.device)
+                    if method.needs_calibration else None)
 
     def observe(self, x: torch.Tensor) -> None:
-        if self.acc is not None:
-            self.acc.add(x)
+        if self.acc is not None:  # layers reading the same x share one xᵀx (GPTQ's memo)
+            rows = self.acc._rows(x)
+            if rows.shape[0]:
+                self.acc.add_gram(self.method.shared_gram(x, rows, self.acc.dtype),
+                                  rows.shape[0])
 
     def quantize(self) -> LayerResult:
         cfg = self.config
         W = self.weight.float().clone()
         n, k = W.shape
         H = None
+        self.method.release()
         if self.acc is not None:
             if self.acc.n == 0:
                 raise ValueError(f"layer {self.name!r} saw no calibration inputs")
@@ -104,7 +117,7 @@ class _QuIPLayer(LayerQuantizer):
             W = W * D
             H = H / D[:, None] / D[None, :]
             extras["input_scale"] = D.cpu()
-        U, V = transforms_for(self.name, n, k, cfg.seed)
+        U, V = transforms_for(self.name, n, k, cfg.seed, self.input_key)
         Wr = rotate_weight(W, U, V)
         if cfg.rounding == "ldlq":
             res = gptq_quantize(Wr, rotate_hessian(H, V), cfg.qargs, block_size=cfg.block_size,
@@ -127,8 +140,11 @@ class _QuIPLayer(LayerQuantizer):
 
 
 @register(QuIPConfig)
-class QuIP(QuantMethod):
-    """QuIP with randomized Hadamard incoherence; rounding by LDLQ (= GPTQ) or RTN."""
+class QuIP(GPTQ):
+    """QuIP with randomized Hadamard incoherence; rounding by LDLQ (= GPTQ) or RTN.
+
+    A GPTQ subclass only to reuse its shared-Gram memo (``shared_gram`` / ``release``).
+    """
 
     needs_calibration = True
 
@@ -136,6 +152,22 @@ class QuIP(QuantMethod):
         super().__init__(config)
         # rotation + RTN needs data only to rescale
         self.needs_calibration = config.rounding == "ldlq" or config.rescale
+        self._input_of: dict[str, str] = {}  # layer (block-relative) -> first of its group
+
+    def prepare_block(self, block, linears, groups, block_inputs, run_block) -> dict:
+        """Record which layers read the same input: they will share one V."""
+        self._input_of = {name: group[0] for group in groups for name in group}
+        return {}
+
+    def _input_key(self, name: str) -> str:
+        # name = block prefix + block-relative name; the longest matching suffix is the layer
+        best = ""
+        for rel in self._input_of:
+            if (name == rel or name.endswith("." + rel)) and len(rel) > len(best):
+                best = rel
+        if not best:
+            return name
+        return name[: len(name) - len(best)] + self._input_of[best]
 
     def layer_quantizer(self, name: str, weight: torch.Tensor) -> LayerQuantizer:
-        return _QuIPLayer(name, weight, self.config, self.needs_calibration)
+        return _QuIPLayer(self, name, weight, self._input_key(name))

@@ -150,14 +150,6 @@ def _sylvester_normalised(d: int) -> torch.Tensor:
     return (_hadamard_f64(d) / math.sqrt(d)).to(torch.float32)
 
 
-def _apply_factor(x: torch.Tensor, f: torch.Tensor, left: int, right: int) -> torch.Tensor:
-    """Multiply axis 1 of ``x`` viewed as (left, d, right) by ``f`` (d, d): y = f·x there."""
-    d = f.shape[0]
-    if right == 1:
-        return (x.reshape(left, d) @ f.t()).reshape(left, d, 1)
-    return torch.matmul(f, x.reshape(left, d, right))
-
-
 def _power_of_two_blocks(p: int) -> list[int]:
     blocks = []
     while p > 1:
@@ -167,22 +159,49 @@ def _power_of_two_blocks(p: int) -> list[int]:
     return blocks
 
 
+# Applying F_1 ⊗ ... ⊗ F_t to rows y (T, n) read as tensors (T, d_1, ..., d_t): contract the
+# last axis with its factor (one GEMM over all rows), then move that axis to the front (one
+# transposing copy), t times. After t steps the axes are back in their original order; the
+# randomized transform skips the last move, so its output comes in the cyclically shifted
+# order (d_2, ..., d_t, d_1) — a fixed permutation, harmless for an orthogonal rotation, and
+# one copy fewer on every call.
+
+def _kron_forward(y: torch.Tensor, factors: list, full_cycle: bool) -> torch.Tensor:
+    rows, n = y.shape
+    for j, f in enumerate(reversed(factors)):
+        d = f.shape[0]
+        y = y.reshape(-1, d) @ f.t()  # contract the last axis: (T·n/d, d)
+        if full_cycle or j < len(factors) - 1:
+            y = y.reshape(rows, n // d, d).transpose(1, 2).contiguous()  # last axis -> front
+    return y.reshape(rows, n)
+
+
+def _kron_inverse(y: torch.Tensor, factors: list) -> torch.Tensor:
+    # undoes _kron_forward(full_cycle=False): input axes (d_2, ..., d_t, d_1)
+    rows, n = y.shape
+    for j, f in enumerate(factors):
+        d = f.shape[0]
+        y = y.reshape(-1, d) @ f  # contract the last axis with fᵀ
+        if j < len(factors) - 1:
+            front = factors[j + 1].shape[0]
+            y = y.reshape(rows, front, n // front).transpose(1, 2).contiguous()  # front -> last
+    return y.reshape(rows, n)
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal Walsh–Hadamard transform of the last dim of ``x`` (size a power of two).
 
-    Computes ``x @ H_pᵀ / sqrt(p)`` (H_p is symmetric) in float32 and returns float32.
+    Computes ``x @ H_pᵀ / sqrt(p)`` (Sylvester order; H_p is symmetric) in float32 and
+    returns float32.
     """
     p = x.shape[-1]
     if p & (p - 1):
         raise ValueError(f"fwht needs a power-of-two last dimension, got {p}")
-    lead = x.shape[:-1]
+    factors = [_sylvester_normalised(d).to(x.device) for d in _power_of_two_blocks(p)]
     y = x.to(torch.float32).reshape(-1, p)
-    rows, right = y.shape[0], p
-    for d in _power_of_two_blocks(p):
-        right //= d
-        f = _sylvester_normalised(d).to(y.device)
-        y = _apply_factor(y, f, rows * (p // (right * d)), right)
-    return y.reshape(*lead, p)
+    if factors:
+        y = _kron_forward(y, factors, full_cycle=True)
+    return y.reshape(x.shape)
 
 
 def pack_signs(signs: torch.Tensor) -> torch.Tensor:
@@ -203,12 +222,14 @@ def unpack_signs(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 class RandomizedHadamard:
-    """The orthogonal transform ``V = H_n · diag(signs)`` on the last dim, ``H_n = H_p ⊗ M``.
+    """The orthogonal transform ``V = P (H_p ⊗ M) diag(signs)`` on the last dim.
 
-    ``forward(x)`` computes ``V x`` for every vector along the last dim (i.e. ``x @ Vᵀ``),
-    ``inverse(y)`` computes ``Vᵀ y``; both accept any leading shape and float dtype,
-    compute in float32 and return ``x``'s dtype. ``signs`` (n,) and ``factor`` (m, m) may be
-    given explicitly (a loaded checkpoint); otherwise they are drawn from ``seed``.
+    H_p is the normalised Sylvester matrix (as blocks of at most 64), M the m×m factor of
+    :func:`split_size`, P the fixed output permutation of the Kronecker evaluation (see
+    ``_kron_forward``). ``forward(x)`` computes ``V x`` for every vector along the last dim
+    (i.e. ``x @ Vᵀ``), ``inverse(y)`` computes ``Vᵀ y``; both accept any leading shape and
+    float dtype, compute in float32 and return ``x``'s dtype. ``signs`` (n,) and ``factor``
+    (m, m) may be given explicitly (a loaded checkpoint); otherwise they come from ``seed``.
     """
 
     def __init__(self, n: int, seed: int = 0, *, signs: torch.Tensor | None = None,
@@ -233,28 +254,16 @@ class RandomizedHadamard:
             self.factor = hadamard_matrix(self.m) / math.sqrt(self.m)
         else:
             self.factor = None
+        # F_1 ⊗ ... ⊗ F_t: the Sylvester blocks of p, then M
+        self.factors = [_sylvester_normalised(d) for d in _power_of_two_blocks(self.p)]
+        if self.factor is not None:
+            self.factors.append(self.factor)
         self._dev: dict = {}
 
     def _on(self, device: torch.device):
         if device not in self._dev:
-            fac = None if self.factor is None else self.factor.to(device)
-            self._dev[device] = (self.signs.to(device), fac,
-                                 None if fac is None else fac.t().contiguous())
+            self._dev[device] = (self.signs.to(device), [f.to(device) for f in self.factors])
         return self._dev[device]
-
-    def _hadamard(self, y: torch.Tensor, transpose: bool) -> torch.Tensor:
-        # y: (rows, n) float32 -> (rows, n) times H_nᵀ (forward) or H_n (transpose=True)
-        rows = y.shape[0]
-        _, fac, fac_t = self._on(y.device)
-        if fac is not None:  # M on the last axis of the (rows, p, m) view
-            y = _apply_factor(y, fac_t if transpose else fac, rows * self.p, 1)
-        if self.p > 1:  # Sylvester blocks are symmetric: same for both directions
-            right = self.m
-            for d in _power_of_two_blocks(self.p):
-                f = _sylvester_normalised(d).to(y.device)
-                y = _apply_factor(y, f, rows * (self.n // (right * d)), right)
-                right *= d
-        return y.reshape(rows, self.n)
 
     def _check(self, x: torch.Tensor) -> None:
         if x.shape[-1] != self.n:
@@ -266,16 +275,26 @@ class RandomizedHadamard:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``V x`` along the last dim: (..., n) -> (..., n), in ``x``'s dtype."""
         self._check(x)
-        signs = self._on(x.device)[0]
+        signs, factors = self._on(x.device)
         y = x.to(torch.float32).reshape(-1, self.n) * signs
-        return self._hadamard(y, transpose=False).reshape(x.shape).to(x.dtype)
+        if factors:
+            y = _kron_forward(y, factors, full_cycle=False)
+        return y.reshape(x.shape).to(x.dtype)
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
         """``Vᵀ x`` along the last dim: (..., n) -> (..., n), in ``x``'s dtype."""
         self._check(x)
-        signs = self._on(x.device)[0]
-        y = self._hadamard(x.to(torch.float32).reshape(-1, self.n), transpose=True) * signs
-        return y.reshape(x.shape).to(x.dtype)
+        signs, factors = self._on(x.device)
+        y = x.to(torch.float32).reshape(-1, self.n)
+        if factors:
+            y = _kron_inverse(y, factors)
+        return (y * signs).reshape(x.shape).to(x.dtype)
+
+    def permutation(self) -> torch.Tensor:
+        """P as indices (n,): ``forward(x)[..., i] = ((H_p ⊗ M) diag(signs) x)[perm[i]]``."""
+        dims = [f.shape[0] for f in self.factors] or [1]
+        idx = torch.arange(self.n).reshape(dims)
+        return idx.permute(*range(1, len(dims)), 0).reshape(-1)
 
     def matrix(self) -> torch.Tensor:
         """The dense (n, n) float32 matrix ``V`` (for tests and small layers)."""

@@ -118,8 +118,11 @@ def probe_input(block, first: nn.Module, probe, order: dict | None = None):
     """
     seen: dict = {}
     done: list[str] = []
-    handles = [first.register_forward_pre_hook(
-        lambda m, a: seen.setdefault("x", a[0].detach().float().clone()))]
+    def grab(_m, a):  # returns None: a pre-hook's return value would replace the input
+        if "x" not in seen:
+            seen["x"] = a[0].detach().float().clone()
+
+    handles = [first.register_forward_pre_hook(grab)]
     if order:
         for mod, name in order.items():
             handles.append(mod.register_forward_hook(

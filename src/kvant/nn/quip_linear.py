@@ -17,11 +17,17 @@ Buffers beyond :class:`kvant.nn.qlinear.QuantLinear`'s (names are the checkpoint
 - ``input_scale`` float16 (K,): QuIP's diagonal rescaling D, when used (x is divided by it).
 ``init_kwargs`` records the dense factor orders ``m_in``/``m_out`` so that a checkpoint never
 loads into a different factorisation.
+
+Layers that read the same input with the same V (QuIP gives q/k/v, gate/up one V) rotate it
+once: the last rotated input is memoised (weakly keyed by the input tensor, its version
+counter and a digest of V), so the second and later layers reuse it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import weakref
 
 import torch
 
@@ -36,6 +42,8 @@ class QuipLinear(QuantLinear):
     """QuantLinear in the rotated basis of QuIP; forward ``Uᵀ Q(W̃) V x`` (+ bias)."""
 
     kind = "quip"
+    # (weakref to input x, x._version, digest of V, V x): see the module docstring
+    _last_input: tuple | None = None
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, *,
                  m_in: int | None = None, m_out: int | None = None, **kwargs):
@@ -51,6 +59,7 @@ class QuipLinear(QuantLinear):
                                  if kind == "random" else None)
             self._init_kwargs[f"m_{side}"] = m_now
         self._transforms: tuple | None = None
+        self._vkey = b""
 
     @classmethod
     def from_result(cls, result: LayerResult, bias: torch.Tensor | None,
@@ -91,7 +100,26 @@ class QuipLinear(QuantLinear):
             u = RandomizedHadamard(self.out_features, signs=unpack_signs(
                 self.sign_out.cpu(), self.out_features), factor=self.factor_out)
             self._transforms = (key, v, u)
+            digest = hashlib.sha1(str(self.in_features).encode())
+            digest.update(self.sign_in.cpu().numpy().tobytes())
+            if self.factor_in is not None:
+                digest.update(self.factor_in.cpu().numpy().tobytes())
+            self._vkey = digest.digest()
         return self._transforms[1], self._transforms[2]
+
+    def _rotated_input(self, x: torch.Tensor, v: RandomizedHadamard) -> torch.Tensor:
+        """``V (x / input_scale)``, reusing the previous layer's result for the same x and V."""
+        if self.input_scale is not None:  # per-layer D: nothing to share
+            return v.forward(x / self.input_scale.to(x.dtype))
+        if torch.compiler.is_compiling():
+            return v.forward(x)
+        memo = QuipLinear._last_input
+        if (memo is not None and memo[0]() is x and memo[1] == x._version
+                and memo[2] == self._vkey):
+            return memo[3]
+        xr = v.forward(x)
+        QuipLinear._last_input = (weakref.ref(x), x._version, self._vkey, xr)
+        return xr
 
     def rotated_weight(self) -> torch.Tensor:
         """The stored grid values ``Q(W̃)`` (N, K) in the rotated basis, float32."""
@@ -108,10 +136,8 @@ class QuipLinear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N) in x's dtype; the transforms compute in float32."""
         v, u = self.transforms()
-        if self.input_scale is not None:
-            x = x / self.input_scale.to(x.dtype)
-        y = ops.wq_linear(v.forward(x), self.qweight, self.scales, self.qzeros, self.g_idx,
-                          self.bits, self.group_size, self.in_features)
+        y = ops.wq_linear(self._rotated_input(x, v), self.qweight, self.scales, self.qzeros,
+                          self.g_idx, self.bits, self.group_size, self.in_features)
         y = u.inverse(y)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

@@ -13,7 +13,7 @@ The stored weight is ``W = dense + S``:
   ``stat_bits == 16``: plain fp16 ``scales`` and packed integer ``qzeros`` (the GPTQ grid).
 - S: a sparse (N, K) matrix of fp16 residuals ``w - dense`` at the outlier positions, in CSR:
   ``outlier_rowptr`` int32 (N+1,), ``outlier_cols`` int16 (int32 when K >= 32768),
-  ``outlier_vals`` float16. Storing the residual (not the raw weight) makes the sum exact
+  ``outlier_vals`` float16 (all three absent when there are no outliers). Storing the residual (not the raw weight) makes the sum exact
   without masking the dense part.
 
 Buffers (state_dict names are the checkpoint contract): ``qweight``, ``scale_q``, ``zero_q``
@@ -123,9 +123,12 @@ class SpQRLinear(QuantLinear):
         idx_dtype = torch.int16 if in_features < 2 ** 15 else torch.int32
         self.register_buffer("perm", torch.arange(in_features, dtype=idx_dtype)
                              if act_order and group_size > 0 else None)
-        self.register_buffer("outlier_rowptr", torch.zeros(out_features + 1, dtype=torch.int32))
-        self.register_buffer("outlier_cols", torch.zeros(nnz, dtype=idx_dtype))
-        self.register_buffer("outlier_vals", torch.zeros(nnz, dtype=torch.float16))
+        # no outliers, no CSR arrays (not even the row pointers)
+        self.register_buffer("outlier_rowptr", torch.zeros(out_features + 1, dtype=torch.int32)
+                             if nnz else None)
+        self.register_buffer("outlier_cols", torch.zeros(nnz, dtype=idx_dtype) if nnz else None)
+        self.register_buffer("outlier_vals", torch.zeros(nnz, dtype=torch.float16)
+                             if nnz else None)
         kw = self._init_kwargs
         for key in ("input_scale",):
             kw.pop(key)
@@ -158,10 +161,11 @@ class SpQRLinear(QuantLinear):
             m.qzeros.copy_(pack(result.zeros.round().to(torch.int32).cpu(), result.bits))
         if m.perm is not None:
             m.perm.copy_(ex["perm"].cpu().to(m.perm.dtype))
-        rowptr, cols, vals = to_csr(mask, ex["outlier_vals"].cpu(), m.outlier_cols.dtype)
-        m.outlier_rowptr.copy_(rowptr)
-        m.outlier_cols.copy_(cols)
-        m.outlier_vals.copy_(vals)
+        if m.nnz:
+            rowptr, cols, vals = to_csr(mask, ex["outlier_vals"].cpu(), m.outlier_cols.dtype)
+            m.outlier_rowptr.copy_(rowptr)
+            m.outlier_cols.copy_(cols)
+            m.outlier_vals.copy_(vals)
         if bias is not None:
             m.bias.copy_(bias.detach().to(dtype).cpu())
         return m
@@ -201,6 +205,8 @@ class SpQRLinear(QuantLinear):
     def dequantized_weight(self) -> torch.Tensor:
         """The whole weight this layer multiplies by, dense part plus outliers, float32."""
         w = self.dense_weight()
+        if self.outlier_vals is None:
+            return w
         counts = (self.outlier_rowptr[1:] - self.outlier_rowptr[:-1]).long()
         rows = torch.repeat_interleave(torch.arange(self.out_features, device=w.device), counts)
         w.index_put_((rows, self.outlier_cols.long()), self.outlier_vals.float(), accumulate=True)
@@ -209,8 +215,9 @@ class SpQRLinear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N): dense dequantized matmul plus the CSR outlier product."""
         y = torch.matmul(x, self.dense_weight().to(x.dtype).t())
-        y = y + csr_matmul(x, self.outlier_rowptr, self.outlier_cols, self.outlier_vals,
-                           self.out_features)
+        if self.outlier_vals is not None:
+            y = y + csr_matmul(x, self.outlier_rowptr, self.outlier_cols,
+                               self.outlier_vals, self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
@@ -224,7 +231,7 @@ class SpQRLinear(QuantLinear):
         return {"dense": per * nbytes["qweight"],
                 "stats": per * sum(nbytes.get(n, 0) for n in stats),
                 "perm": per * nbytes.get("perm", 0),
-                "outliers": per * sum(nbytes[n] for n in outl)}
+                "outliers": per * sum(nbytes.get(n, 0) for n in outl)}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
