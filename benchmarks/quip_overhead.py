@@ -5,6 +5,8 @@ decode token (batch 1, fp16) is pushed through every layer in turn, once with pl
 QuantLinear modules and once with QuipLinear modules holding the same packed weights; the
 difference is the cost of the randomized Hadamard transforms as implemented in PyTorch
 (kvant.core.hadamard) before any fused kernel. A third pass times the transforms alone.
+Layers that read one input in the real model (q/k/v, gate/up, nanoGPT's heads) get one input
+tensor and one V, as QuIP quantizes them, so their input is rotated once.
 Every layer has its own weights, so nothing is served from L2 between layers. Median of
 ``--reps`` timed passes after warm-up, CUDA events. Writes ``quip_overhead.{json,md}``.
 
@@ -27,24 +29,37 @@ from kvant import report as rep
 from kvant.nn.qlinear import QuantLinear
 from kvant.nn.quip_linear import QuipLinear
 
-# (in_features, out_features, count per block), blocks
+# per block: groups (in_features, [out_features of the layers reading that input]); blocks
 MODELS = {
-    "nanogpt-shakespeare": ([(384, 64, 18), (384, 384, 1), (384, 1536, 1), (1536, 384, 1)], 6),
-    "smollm2-135m": ([(576, 576, 2), (576, 192, 2), (576, 1536, 2), (1536, 576, 1)], 30),
-    "llama2-7b": ([(4096, 4096, 4), (4096, 11008, 2), (11008, 4096, 1)], 32),
+    "nanogpt-shakespeare": ([(384, [64] * 18), (384, [384]), (384, [1536]), (1536, [384])], 6),
+    "smollm2-135m": ([(576, [576, 192, 192]), (576, [576]), (576, [1536, 1536]),
+                      (1536, [576])], 30),
+    "llama2-7b": ([(4096, [4096] * 3), (4096, [4096]), (4096, [11008] * 2), (11008, [4096])],
+                  32),
 }
 
 
-def build_layers(shapes, blocks, kind, bits, group_size, device):
-    """Every Linear of the model as an empty ``kind`` module (fp16) on ``device``."""
+def build_groups(groups, blocks, kind, bits, group_size, device):
+    """[(input x (1, 1, K), [modules])] for every input of the model, fp16 on ``device``.
+
+    QuIP groups get random signs, one V per group (shared inside it, as QuIP assigns them).
+    """
     cls = QuipLinear if kind == "quip" else QuantLinear
-    layers = []
+    g = torch.Generator().manual_seed(0)
+    out = []
     for _ in range(blocks):
-        for k, n, count in shapes:
+        for k, ns in groups:
             gs = group_size if k % group_size == 0 else -1
-            for _ in range(count):
-                layers.append(cls(k, n, bits, gs, dtype=torch.float16).to(device))
-    return layers
+            mods = [cls(k, n, bits, gs, dtype=torch.float16) for n in ns]
+            if kind == "quip":
+                sign_in = torch.randint(0, 256, ((k + 7) // 8,), generator=g, dtype=torch.uint8)
+                for m in mods:
+                    m.sign_in.copy_(sign_in)
+                    m.sign_out.copy_(torch.randint(0, 256, m.sign_out.shape, generator=g,
+                                                   dtype=torch.uint8))
+            x = torch.randn(1, 1, k, generator=g).to(device, torch.float16)
+            out.append((x, [m.to(device) for m in mods]))
+    return out
 
 
 def time_pass(fn, reps: int, device) -> float:
@@ -69,28 +84,30 @@ def time_pass(fn, reps: int, device) -> float:
 
 def measure(model: str, bits: int, group_size: int, reps: int, device) -> dict:
     """ms per token for plain and QuIP layers of ``model``, and for the transforms alone."""
-    shapes, blocks = MODELS[model]
-    xs = {k: torch.randn(1, 1, k, device=device, dtype=torch.float16) for k, _, _ in shapes}
+    groups, blocks = MODELS[model]
     out = {}
     for kind in ("quant", "quip"):
-        layers = build_layers(shapes, blocks, kind, bits, group_size, device)
+        built = build_groups(groups, blocks, kind, bits, group_size, device)
 
         def run():
-            for m in layers:
-                m(xs[m.in_features])
+            for x, mods in built:
+                for m in mods:
+                    m(x)
         out[kind] = time_pass(run, reps, device)
         if kind == "quip":
             ys = {n: torch.randn(1, 1, n, device=device, dtype=torch.float16)
-                  for _, n, _ in shapes}
-            pairs = [m.transforms() for m in layers]
+                  for _, ns in groups for n in ns}
+            plans = [(x, mods[0].transforms()[0], [m.transforms()[1] for m in mods])
+                     for x, mods in built]
 
             def transforms_only():
-                for m, (v, u) in zip(layers, pairs):
-                    v.forward(xs[m.in_features])
-                    u.inverse(ys[m.out_features])
+                for x, v, us in plans:
+                    v.forward(x)
+                    for u in us:
+                        u.inverse(ys[u.n])
             out["transforms"] = time_pass(transforms_only, reps, device)
-        n_layers = len(layers)
-        del layers
+        n_layers = sum(len(mods) for _, mods in built)
+        del built
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"model": model, "bits": bits, "group_size": group_size, "layers": n_layers,

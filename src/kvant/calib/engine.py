@@ -94,17 +94,42 @@ def sequential_groups(block: nn.Module, linears: dict, inp: BlockInput) -> list[
     return out
 
 
+class _GroupObserved(Exception):
+    """Raised inside a block forward once every layer of the group has seen its input."""
+
+
+@torch.no_grad()
+def _observe_group(block, group: dict, quantizers: dict, inputs: list) -> None:
+    """Hand each layer of ``group`` its inputs, stopping every forward as soon as the last
+    of them has run: the rest of the block cannot change what this group sees."""
+    pending: set[str] = set()
+
+    def hook(name):
+        def fn(_mod, args):
+            quantizers[name].observe(args[0])
+            pending.discard(name)
+            if not pending:
+                raise _GroupObserved
+        return fn
+
+    handles = [lin.register_forward_pre_hook(hook(n)) for n, lin in group.items()]
+    try:
+        for inp in inputs:
+            pending.update(group)
+            try:
+                block(*inp.args, **inp.kwargs)
+            except _GroupObserved:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _calibrate_group(block, names, linears, method, inputs, prefix) -> dict:
     quantizers = {n: method.layer_quantizer(f"{prefix}{n}", linear_weight(linears[n]).detach()
                                             .float()) for n in names}
     if method.needs_calibration:
-        handles = [linears[n].register_forward_pre_hook(
-            lambda m, a, q=quantizers[n]: q.observe(a[0])) for n in names]
-        try:
-            run_block(block, inputs)
-        finally:
-            for h in handles:
-                h.remove()
+        _observe_group(block, {n: linears[n] for n in names}, quantizers, inputs)
     results = {}
     for n in names:
         lin = linears[n]
