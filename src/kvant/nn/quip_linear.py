@@ -86,6 +86,18 @@ class QuipLinear(QuantLinear):
                 buf.copy_(factors[s].to(torch.float32).cpu())
         return m
 
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(dtype) must not round the random orthogonal factors: the rotation used
+        # at inference has to be the one the weight was quantized in. Keep them float32.
+        keep = {n: t for n in ("factor_in", "factor_out")
+                if (t := self._buffers.get(n)) is not None}
+        super()._apply(fn, recurse)
+        for name, t in keep.items():
+            moved = self._buffers[name]
+            if moved.dtype != torch.float32:
+                self._buffers[name] = t.to(moved.device)
+        return self
+
     def _key(self) -> tuple:
         # rebuild the transforms when a buffer is replaced, moved or written in place
         return tuple((t.data_ptr(), t._version, t.device) if t is not None else None
