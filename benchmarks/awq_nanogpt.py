@@ -10,12 +10,14 @@ applied (folded into which module, or kept as an input scale). Writes
 
     python benchmarks/awq_nanogpt.py                         # the full table (CPU)
     python benchmarks/awq_nanogpt.py --grids 3:128 --max-windows 16 --methods rtn awq
+    python benchmarks/awq_nanogpt.py --combine results/a.json results/b.json --name all
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import re
 import time
 from pathlib import Path
@@ -37,8 +39,8 @@ METHODS = {  # label -> spec without the grid
     "awq": "awq:",
     "awq-duo": "awq:duo_scaling=true",
     "awq-noclip": "awq:clip_search=false",
-    "awq+gptq": "awq:rounding=gptq,clip_search=false",
-    "awq+gptq-clip": "awq:rounding=gptq",
+    "awq+gptq": "awq:rounding=gptq",
+    "awq+gptq-noclip": "awq:rounding=gptq,clip_search=false",
 }
 DEFAULT_METHODS = ["rtn", "gptq", "awq", "awq+gptq"]
 GRIDS = ["4:128", "3:128", "2:64"]
@@ -58,6 +60,14 @@ def treatments(report) -> str:
                 text = head + "->" + ",".join(parts) + sep + tail
             seen[text] = seen.get(text, 0) + 1
     return "; ".join(f"{k} x{v}" for k, v in seen.items())
+
+
+def label_of(spec: str) -> str:
+    """The METHODS label of a full spec (the grid items removed), or the spec itself."""
+    method, _, rest = spec.partition(":")
+    items = [i for i in rest.split(",") if i and not i.startswith(("bits=", "group_size="))]
+    base = f"{method}:" + ",".join(items)
+    return next((k for k, v in METHODS.items() if v == base), spec)
 
 
 def run_one(model, tok, label, spec, calib, args, commit: str) -> dict:
@@ -109,9 +119,14 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--name", default="awq_nanogpt", help="output file stem")
+    p.add_argument("--combine", nargs="*", default=None, metavar="JSON",
+                   help="merge these result files into --name instead of running")
     p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse; "
                    "for machines that run a copy of the tree without .git)")
     args = p.parse_args(argv)
+    if args.combine:
+        combine([Path(f) for f in args.combine], Path(args.out), args.name)
+        return 0
     commit = args.commit or rep.git_commit()
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
@@ -138,20 +153,43 @@ def main(argv=None) -> int:
                   f"({r['quant_seconds']:.1f} s) {r.get('awq_scales', '')}", flush=True)
             records.append(r)
             rep.write_json(records, out / f"{args.name}.json")  # partial results survive
+    write_outputs(records, args.methods, out, args.name)
+    return 0
+
+
+def combine(paths: list[Path], out: Path, name: str) -> None:
+    """Merge the records of several runs (same machine and protocol), labels from specs."""
+    records: list[dict] = []
+    for path in paths:
+        for r in json.loads(path.read_text()):
+            if r["method"] == "float":
+                if not any(x["method"] == "float" for x in records):
+                    records.append(r)
+                continue
+            records.append({**r, "method": label_of(r["spec"])})
+    labels = [m for m in METHODS if any(r["method"] == m for r in records)]
+    rep.write_json(records, out / f"{name}.json")
+    write_outputs(records, labels, out, name)
+
+
+def write_outputs(records: list[dict], labels: list[str], out: Path, name: str) -> None:
+    """The Markdown summary and the plot of ``records``."""
     scales = next((r["awq_scales"] for r in records if r.get("awq_scales")), "")
+    devices = sorted({r["device"] for r in records})
+    commits = sorted({r["commit"] for r in records})
     md = ["# AWQ and AWQ+GPTQ vs RTN and GPTQ on the embedded nanoGPT", "",
-          f"Device {records[0]['device']}, {records[0]['date']}, commit {records[0]['commit']}. "
+          f"Device {', '.join(devices)}, {records[0]['date']}, commit {', '.join(commits)}. "
           f"Calibration: training split, {N_CALIB} random windows x {SEQ_LEN} chars, seed "
           f"{SEED}. Eval: {records[0]['eval']}. Asymmetric grids. AWQ: 20-point alpha grid, "
           "clip search (20 steps to 0.5) unless noted; GPTQ: damp 0.01, block 128, "
-          "true-sequential. Cells: perplexity (quantization seconds).", "",
+          "true-sequential. Methods: " + "; ".join(f"{m} = `{METHODS[m]}`" for m in labels
+                                                  if m in METHODS) + ". Cells: perplexity "
+          "(quantization seconds).", "",
           f"AWQ scale placement (groups over all blocks): {scales}.", "",
-          summary(records, args.methods), rep.markdown_table(records, "All records")]
-    (out / f"{args.name}.md").write_text("\n".join(md))
-    rep.plot_ppl_vs_bits(records, out / f"{args.name}.png", "nanoGPT: AWQ vs GPTQ vs RTN")
+          summary(records, labels), rep.markdown_table(records, "All records")]
+    (out / f"{name}.md").write_text("\n".join(md))
+    rep.plot_ppl_vs_bits(records, out / f"{name}.png", "nanoGPT: AWQ vs GPTQ vs RTN")
     print("\n".join(md))
-    return 0
-
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,8 +6,11 @@ and scored by per-character perplexity on the whole validation split (windows of
 Grids of issue 6: W4 g128, W3 g128, W2 per channel, W2 g64. Writes
 ``quip_nanogpt.{json,md,png}`` into ``--out`` (default benchmarks/results).
 
-    python benchmarks/quip_nanogpt.py                 # the full table (CPU, ~minutes)
-    python benchmarks/quip_nanogpt.py --max-windows 8 --grid bits=2,group_size=-1
+    python benchmarks/quip_nanogpt.py                 # the full table (CPU: hours)
+    python benchmarks/quip_nanogpt.py --grid bits=2,group_size=64 --methods quip-clip gptq-clip
+
+Rows are merged into the existing JSON by (method, bits, group), so runs of different grids
+can go side by side or one after another.
 """
 
 from __future__ import annotations
@@ -29,18 +32,21 @@ from kvant.eval.perplexity import char_perplexity
 from kvant.model.nanogpt import load_embedded, training_text, validation_text
 
 MODEL = "nanogpt-shakespeare"
-GRID = ["bits=4,group_size=128", "bits=3,group_size=128", "bits=2,group_size=-1",
-        "bits=2,group_size=64"]
+GRID = ["bits=2,group_size=-1", "bits=2,group_size=64", "bits=3,group_size=128",
+        "bits=4,group_size=128"]
 # (label, spec without the grid)
 METHODS = [
-    ("rtn", "rtn:"),
+    ("rtn-clip", "rtn:clip=true"),
+    ("rot+rtn-clip", "quip:rounding=rtn,clip=true"),
     ("gptq", "gptq:"),
     ("gptq-clip", "gptq:clip=true"),
-    ("rot+rtn-clip", "quip:rounding=rtn,clip=true"),
     ("quip", "quip:"),
     ("quip-clip", "quip:clip=true"),
     ("quip-clip-rescale", "quip:clip=true,rescale=true"),
 ]
+# what a plain run measures (quip without clip is left to --methods)
+DEFAULT_METHODS = ["quip-clip", "gptq-clip", "quip-clip-rescale", "rot+rtn-clip", "rtn-clip",
+                   "gptq"]
 N_CALIB, SEQ_LEN, SEED = 128, 256, 0
 
 
@@ -120,7 +126,7 @@ def merge_and_write(new: list[dict], out: Path) -> list[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--grid", nargs="*", default=GRID)
-    p.add_argument("--methods", nargs="*", default=[m[0] for m in METHODS],
+    p.add_argument("--methods", nargs="*", default=DEFAULT_METHODS,
                    help=f"labels from {[m[0] for m in METHODS]}")
     p.add_argument("--max-windows", type=int, default=None, help="eval windows (default all)")
     p.add_argument("--device", default="cpu")

@@ -38,11 +38,17 @@ CONFIGS = [  # (label, spec)
     ("gptq-actorder", "gptq:bits=4,group_size=128,act_order=true"),
     ("gptq", "gptq:bits=3,group_size=128"),
     ("gptq-actorder", "gptq:bits=3,group_size=128,act_order=true"),
-    # SpQR at about 4.0 / 3.5 / 3.0 bits: 3-bit statistics in groups of 16, act-order, the
-    # outlier count set by a budget (fraction of weights) so that the bits are known
+    # SpQR at about 4.0 / 3.5 / 3.0 bits: 3-bit statistics, act-order, the outlier count set
+    # by a budget (fraction of weights) so that the bits are known in advance
     ("spqr", "spqr:bits=3,group_size=16,stat_bits=3,stat_group_size=16,outlier_budget=0.007"),
     ("spqr", "spqr:bits=3,group_size=32,stat_bits=3,stat_group_size=16,outlier_budget=0.0015"),
-    ("spqr", "spqr:bits=2,group_size=16,stat_bits=3,stat_group_size=16,outlier_budget=0.007"),
+    ("spqr", "spqr:bits=3,group_size=128,stat_bits=3,stat_group_size=64,outlier_threshold=inf,"
+             "act_order=false"),
+    # 2-bit dense with 3-bit statistics and 0.7% outliers (about 3.0 bits as well)
+    ("spqr-w2", "spqr:bits=2,group_size=16,stat_bits=3,stat_group_size=16,outlier_budget=0.007"),
+    # 4-bit dense with quantized statistics: GPTQ W4 g128's grid for fewer bits
+    ("spqr-w4", "spqr:bits=4,group_size=128,stat_bits=3,stat_group_size=64,"
+                "outlier_threshold=inf,act_order=false"),
     # the paper's relative threshold (outliers found during the column walk)
     ("spqr-threshold", "spqr:bits=3,group_size=16,stat_bits=3,stat_group_size=16,"
                        "outlier_threshold=0.2"),

@@ -28,6 +28,7 @@ itself is :func:`kvant.algorithms.gptq.gptq_quantize`, reused, not repeated.
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import torch
 
@@ -39,6 +40,8 @@ from kvant.core.grid import rtn
 from kvant.core.hadamard import RandomizedHadamard
 from kvant.core.hessian import HessianAccumulator, zero_dead
 import kvant.nn.quip_linear  # noqa: F401  (registers the "quip" layer kind)
+
+log = logging.getLogger(__name__)
 
 # D below this fraction of its mean is clamped: it divides activations at inference
 MIN_RESCALE = 1e-3
@@ -106,9 +109,11 @@ class _QuIPLayer(LayerQuantizer):
         H = None
         self.method.release()
         if self.acc is not None:
-            if self.acc.n == 0:
-                raise ValueError(f"layer {self.name!r} saw no calibration inputs")
             H = self.acc.H.float().clone()
+            if self.acc.n == 0:  # as GPTQ: a layer the forward never used rounds with H = I
+                log.warning("layer %s saw no calibration input: H = I", self.name)
+                H = torch.eye(k, device=H.device)
+            self.acc = None  # free the accumulator before the walk
             zero_dead(H, W)  # inputs that are always 0: drop their weights
         extras: dict = {}
         mu_before = incoherence(W)

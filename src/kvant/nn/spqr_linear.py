@@ -130,8 +130,7 @@ class SpQRLinear(QuantLinear):
         self.register_buffer("outlier_vals", torch.zeros(nnz, dtype=torch.float16)
                              if nnz else None)
         kw = self._init_kwargs
-        for key in ("input_scale",):
-            kw.pop(key)
+        kw.pop("input_scale")  # SpQR never scales input channels
         kw.update(stat_bits=stat_bits, stat_group_size=stat_group_size, nnz=nnz,
                   act_order=act_order)
 
