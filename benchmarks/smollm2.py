@@ -75,7 +75,14 @@ def expand_specs(methods: list[str], grid: list[str]) -> list[str]:
 def label(cfg) -> str:
     """Method name plus the non-default options that make it a variant."""
     name = cfg.method
-    if getattr(cfg, "act_order", False):
+    rounding, base = getattr(cfg, "rounding", None), getattr(cfg, "base", None)
+    if name == "awq" and rounding == "gptq":
+        name = "awq+gptq"
+    elif name == "quip" and rounding == "rtn":
+        name = "rot+rtn"
+    elif name == "spqr" and base == "rtn":
+        name = "rtn+outliers"
+    if getattr(cfg, "act_order", False) and name != "spqr":
         name += "-actorder"
     if getattr(cfg, "clip", False):
         name += "-clip"
@@ -94,10 +101,14 @@ def md_table(records: list[dict], title: str) -> str:
         delta = "" if r["method"] == "float" else f"{100 * (r['ppl'] / base - 1):+.1f}"
         bpw = f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") else "16 (fp16)"
         peak = f"{r['peak_gpu_gb']:.2f}" if r.get("peak_gpu_gb") is not None else "-"
+        shared = "*" if r.get("gpu_jobs", 1) > 1 and r["method"] != "float" else ""
         lines.append(f"| {r['method']} | {r.get('bits') or 16} | "
                      f"{rep.group_label(r.get('group_size'))} | {bpw} | {r['size_mb']:.1f} | "
-                     f"{r['ppl']:.2f} | {delta} | {r['kl']:.4f} | {r['quant_seconds']:.1f} | "
-                     f"{peak} |")
+                     f"{r['ppl']:.2f} | {delta} | {r['kl']:.4f} | "
+                     f"{r['quant_seconds']:.1f}{shared} | {peak} |")
+    if any(r.get("gpu_jobs", 1) > 1 for r in records):
+        lines += ["", "\\* quantized while other benchmark jobs shared the same GPU "
+                  "(`gpu_jobs` in the JSON): its seconds are an upper bound."]
     return "\n".join(lines) + "\n"
 
 
@@ -124,6 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-eval-windows", type=int, default=None)
     p.add_argument("--device", default=None, help="default cuda if present")
+    p.add_argument("--gpu-jobs", type=int, default=1,
+                   help="benchmark processes sharing this GPU (recorded: timings are then bounds)")
     p.add_argument("--kl-store", default="auto", choices=["auto", "full", "topk"])
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--name", default="smollm2", help="output file stem")
@@ -168,7 +181,7 @@ def main(argv=None) -> int:
     calib_desc = {"source": "c4-sample (first 1000 docs of c4 en train 00000)",
                   "n_samples": args.n_calib, "seq_len": args.seq_len, "seed": args.seed}
     common = {"model": MODEL, "device": rep.device_name(device), "date": rep.today(),
-              "commit": rep.git_commit(), "eval": eval_desc}
+              "commit": rep.git_commit(), "eval": eval_desc, "gpu_jobs": args.gpu_jobs}
     records = [{**common, "method": "float", "spec": None, "bits": None, "group_size": None,
                 "sym": None, "bits_per_weight": None, "ppl": ref.ppl, "nll": ref.nll, "kl": 0.0,
                 "size_mb": rep.model_bytes(base) / 1e6, "quant_seconds": 0.0,

@@ -42,10 +42,27 @@ def test_repack_round_trip(bits, gs, monkeypatch):
     p = rp.repack(qw, s, qz, g_idx, bits, gs, k, rows_per_step=7)
     assert p.pairs == (bits == 4 and rp.use_pairs(4, gs))
     ck = rp.chunk_k(bits, p.pairs)
-    assert p.qweight.shape == (24, p.k_padded * bits // 32)
+    assert p.qweight.shape == (-(-24 // p.tile) * p.tile, p.k_padded * bits // 32)
     assert p.k_padded % ck == 0 and p.k_padded - k < ck
     ref = ops.dequantize_weight(qw, s, qz, g_idx, bits, gs, k)
     assert torch.equal(rp.dequantize_packed(p), ref)
+
+
+@pytest.mark.parametrize("tile", [1, 16, 64])
+def test_pairs_tiles_hold_each_chunk_of_a_row_tile_contiguously(tile, monkeypatch):
+    monkeypatch.setenv("KVANT_W4_TILE", str(tile))
+    n, k = 40, 384  # 40 rows: the last tile is partial
+    qw, s, qz, g_idx = _stored(n, k, 4, 128)
+    p = rp.repack(qw, s, qz, g_idx, 4, 128, k)
+    monkeypatch.setenv("KVANT_W4_TILE", "1")
+    flat = rp.repack(qw, s, qz, g_idx, 4, 128, k).qweight  # (40, 48) row-major words
+    assert p.tile == tile and p.qweight.shape == (-(-n // tile) * tile, 48)
+    mem = p.qweight.reshape(-1)
+    for row, chunk in [(0, 0), (17, 2), (39, 1), (n - 1, 2)]:
+        start = (row // tile) * tile * 48 + chunk * tile * 16 + (row % tile) * 16
+        assert torch.equal(mem[start:start + 16], flat[row, chunk * 16:(chunk + 1) * 16])
+    assert torch.equal(rp.untile_rows(p.qweight, tile, n), flat)
+    assert torch.equal(rp.dequantize_packed(p), ops.dequantize_weight(qw, s, qz, g_idx, 4, 128, k))
 
 
 @pytest.mark.parametrize("bits,gs", [(4, 128), (3, 64), (2, 32), (8, 128)])
@@ -87,7 +104,7 @@ def test_packed_op_reference_equals_stored_op(dtype):
     p = rp.repack(qw, s, qz, g_idx, 3, 128, 384)
     x = torch.randn(2, 5, 384).to(dtype)
     y = torch.ops.kvant.wq_linear_packed(x, p.qweight, p.scales, p.zeros, p.perm, 3, 128, 384,
-                                         p.pairs)
+                                         p.pairs, p.tile)
     ref = ops.wq_linear(x, qw, s, qz, g_idx, 3, 128, 384)
     assert y.shape == (2, 5, 32) and y.dtype == dtype
     torch.testing.assert_close(y, ref, rtol=0, atol=0)
@@ -98,7 +115,7 @@ def test_packed_op_passes_opcheck():
     p = rp.repack(qw, s, qz, g_idx, 4, 64, 256)
     x = torch.randn(3, 256)
     torch.library.opcheck(torch.ops.kvant.wq_linear_packed.default,
-                          (x, p.qweight, p.scales, p.zeros, p.perm, 4, 64, 256, p.pairs),
+                          (x, p.qweight, p.scales, p.zeros, p.perm, 4, 64, 256, p.pairs, p.tile),
                           test_utils=("test_schema", "test_faketensor"))
 
 
@@ -129,7 +146,7 @@ def test_repacked_cache_is_rebuilt_when_the_weight_changes():
     x = torch.randn(2, 256)
     p = packed._cached(ql)
     y = torch.ops.kvant.wq_linear_packed(x, p.qweight, p.scales, p.zeros, p.perm, 4, 64, 256,
-                                         p.pairs)
+                                         p.pairs, p.tile)
     torch.testing.assert_close(y, x @ ql.dequantized_weight().float().t(), rtol=0, atol=0)
 
 

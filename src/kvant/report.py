@@ -23,7 +23,10 @@ def device_name(device: str | torch.device | None = None) -> str:
 
 
 def git_commit() -> str:
-    """Short hash of the checkout kvant runs from, or 'unknown'."""
+    """Short hash of the checkout kvant runs from (``KVANT_COMMIT`` overrides it, for copies
+    of the tree without .git), or 'unknown'."""
+    if os.environ.get("KVANT_COMMIT"):
+        return os.environ["KVANT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=Path(__file__).parent, timeout=5,

@@ -1,7 +1,7 @@
 """The repacked-weight op and the glue that caches the GPU layout on each QuantLinear.
 
 ``kvant::wq_linear_packed(x, qweight, scales, zeros, perm, bits, group_size, in_features,
-pairs)``
+pairs, tile)``
 takes a weight already in the kernels' layout (kernels/triton/repack.py) and returns
 ``x @ Wᵀ``. Its default implementation is a pure-torch reference (dequantize the repacked
 layout, matmul) so it runs and is tested everywhere; ``kernels/triton/dispatch.py`` registers
@@ -33,19 +33,20 @@ _UNSUPPORTED = "unsupported"  # cached marker: this layer stays on the reference
 @torch.library.custom_op("kvant::wq_linear_packed", mutates_args=())
 def wq_linear_packed(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                      zeros: torch.Tensor, perm: Optional[torch.Tensor], bits: int,
-                     group_size: int, in_features: int, pairs: bool) -> torch.Tensor:
-    """y = x @ Wᵀ for W in the repacked layout (``pairs``: the 4-bit pairs layout);
-    x (..., K) -> (..., N) in x.dtype."""
+                     group_size: int, in_features: int, pairs: bool,
+                     tile: int) -> torch.Tensor:
+    """y = x @ Wᵀ for W in the repacked layout (``pairs``: the 4-bit pairs layout, ``tile``
+    rows a tile); x (..., K) -> (..., N) in x.dtype, N = scales.shape[1]."""
     p = rp.PackedWeight(qweight, scales, zeros, perm, bits, group_size, in_features,
-                        qweight.shape[0], pairs)
+                        scales.shape[1], pairs, tile)
     # fp16 weights, then x's dtype: the same roundings as the stored-layout reference
     w = rp.dequantize_packed(p, torch.float16)
     return torch.matmul(x, w.to(x.dtype).t())
 
 
 @wq_linear_packed.register_fake
-def _(x, qweight, scales, zeros, perm, bits, group_size, in_features, pairs):
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+def _(x, qweight, scales, zeros, perm, bits, group_size, in_features, pairs, tile):
+    return x.new_empty((*x.shape[:-1], scales.shape[1]))
 
 
 def build(module: nn.Module) -> "rp.PackedWeight | str":
@@ -120,7 +121,7 @@ def cuda_linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if p is _UNSUPPORTED:
             return _reference(module, x)
     return wq_linear_packed(x, p.qweight, p.scales, p.zeros, p.perm, p.bits, p.group_size,
-                            p.in_features, p.pairs)
+                            p.in_features, p.pairs, p.tile)
 
 
 def _register_cuda() -> bool:

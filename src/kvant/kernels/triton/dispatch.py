@@ -102,7 +102,7 @@ def heuristic(m: int, n: int, k: int, bits: int, device: torch.device,
     bn = 128 if bm >= 64 else 64
     tiles = -(-n // bn) * -(-m // bm)
     return Config("dot", bn=bn, bm=bm, split=_split_for(tiles, n_chunks, sms),
-                  warps=dot_warps(bn, bm), stages=3)
+                  warps=dot_warps(bn, bm), stages=3, cpi=1)
 
 
 def dot_warps(bn: int, bm: int) -> int:
@@ -122,7 +122,7 @@ def _bucket(m: int) -> int:
 
 def _tune_key(m: int, p: rp.PackedWeight, dtype: torch.dtype) -> tuple:
     return (_bucket(m), p.out_features, p.in_features, p.bits, p.group_size,
-            p.perm is not None, p.pairs, dtype)
+            p.perm is not None, p.pairs, p.tile, dtype)
 
 
 def _counters(device: torch.device) -> Optional[torch.Tensor]:
@@ -147,14 +147,14 @@ def launch(x2: torch.Tensor, p: rp.PackedWeight, cfg: Config,
         xp = x2 if p.perm is None else x2.index_select(1, p.perm.long())
         return torch.matmul(xp, w.t(), out=out)
     if p.pairs and cfg.kernel == "gemv":  # the pairs layout has only the tensor-core kernel
-        cfg = Config("dot", bn=cfg.bn, bm=16, split=cfg.split, warps=4, stages=3)
+        cfg = Config("dot", bn=cfg.bn, bm=16, split=cfg.split, warps=4, stages=3, cpi=1)
     ck = rp.chunk_k(p.bits, p.pairs)
     n_chunks = p.k_padded // ck
     bm = block_m(cfg.kernel, m) if cfg.kernel == "gemv" else min(cfg.bm,
                                                                  block_m("dot", 128, p.bits))
     grid_m, grid_n = -(-m // bm), -(-n // cfg.bn)
     cpi = 1
-    if cfg.kernel == "gemv":
+    if cfg.kernel == "gemv" or p.pairs:  # chunks per loop iteration
         while cpi * 2 <= min(cfg.cpi, n_chunks):
             cpi *= 2
     cps = -(-n_chunks // max(1, min(cfg.split, n_chunks)))
@@ -171,7 +171,7 @@ def launch(x2: torch.Tensor, p: rp.PackedWeight, cfg: Config,
     meta = dict(GS=p.group_size, HAS_PERM=p.perm is not None, SPLIT=split > 1, BN=cfg.bn,
                 num_warps=cfg.warps, num_stages=_stages(cfg, p.bits, p.pairs, bm))
     if p.pairs:
-        wq_dot_pairs_kernel[(grid_m, grid_n, split)](*args, BM=bm, **meta)
+        wq_dot_pairs_kernel[(grid_m, grid_n, split)](*args, BM=bm, TH=p.tile, CPI=cpi, **meta)
         return out
     args = args + (MAGIC,)
     meta["BITS"] = p.bits
@@ -191,7 +191,7 @@ def dequantize(p: rp.PackedWeight, dtype: torch.dtype, bn: int = 32) -> torch.Te
     if p.pairs:
         dequant_pairs_kernel[(-(-n // bn), n_chunks)](
             p.qweight, p.scales, p.zeros, out, n, p.in_features, p.qweight.shape[1], n_chunks,
-            out.stride(0), GS=p.group_size, BN=bn, num_warps=4)
+            out.stride(0), GS=p.group_size, BN=bn, TH=p.tile, num_warps=4)
         return out
     dequant_kernel[(-(-n // bn), n_chunks)](
         p.qweight, p.scales, p.zeros, out, n, p.in_features, p.qweight.shape[1], n_chunks,
@@ -213,11 +213,16 @@ def candidates(m: int, p: rp.PackedWeight, device: torch.device) -> list[Config]
                 if bn * cpi <= (32 if p.bits == 3 else 64):  # 3 bits: registers
                     out.update(Config("gemv", bn=bn, bm=1, split=s, cpi=cpi) for s in splits)
     bm = block_m("dot", m, p.bits)
+    # pairs layout: also deeper pipelines, two chunks an iteration and 16 splits
+    stages = (3, 4, 5) if p.pairs else (3,)
+    cpis = (1, 2) if p.pairs else (1,)
+    if p.pairs:
+        splits = splits + (16,)
     for bn in (32, 64, 128):
         if bn * bm > 8192:
             continue
-        out.update(Config("dot", bn=bn, bm=bm, split=s, warps=dot_warps(bn, bm), stages=3)
-                   for s in splits)
+        out.update(Config("dot", bn=bn, bm=bm, split=s, warps=dot_warps(bn, bm), stages=st,
+                          cpi=c) for s in splits for st in stages for c in cpis)
     if m >= 64:
         out.add(Config("dequant", bn=32, bm=0))
     return sorted(out, key=repr)
@@ -258,9 +263,10 @@ def linear(x: torch.Tensor, p: rp.PackedWeight) -> torch.Tensor:
 
 
 @torch.library.register_kernel("kvant::wq_linear_packed", "cuda")
-def _packed_cuda(x, qweight, scales, zeros, perm, bits, group_size, in_features, pairs):
+def _packed_cuda(x, qweight, scales, zeros, perm, bits, group_size, in_features, pairs,
+                 tile):
     p = rp.PackedWeight(qweight, scales, zeros, perm, bits, group_size, in_features,
-                        qweight.shape[0], pairs)
+                        scales.shape[1], pairs, tile)
     if x.dtype not in (torch.float16, torch.bfloat16):  # kernels take 16-bit activations
         w = rp.dequantize_packed(p, torch.float16)
         return torch.matmul(x, w.to(x.dtype).t())

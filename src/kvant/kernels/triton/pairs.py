@@ -45,13 +45,26 @@ def _plane(d0, d1, d2, d3, zf, P: tl.constexpr, BF16: tl.constexpr):
         return pair_qz(src, _zc(zf, SH, False), SH, False)
 
 
+@triton.jit
+def row_words(qw_ptr, rows, W, TH: tl.constexpr):
+    """(R, 16) pointers to chunk 0 of ``rows`` in the pairs layout tiled by TH rows (TH = 1:
+    row-major, W words a row; TH > 1: the 16 words of TH consecutive rows for one chunk are
+    contiguous, chunk after chunk, so a tile of rows reads whole KB blocks)."""
+    offs_c = tl.arange(0, 16)
+    base = (rows // TH).to(tl.int64) * (TH * W) + (rows % TH) * 16
+    return qw_ptr + base[:, None] + offs_c[None, :]
+
+
 @triton.jit(do_not_specialize=["M", "chunks_per_split", "n_chunks"])
 def wq_dot_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
                         M, N, K, W, stride_xm, stride_om, chunks_per_split, n_chunks,
                         GS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT: tl.constexpr,
-                        BN: tl.constexpr, BM: tl.constexpr):
-    """out (M, N) = x (M, K) @ W (N, K)ᵀ for a 4-bit pairs-layout W (W words a row);
-    grid (M tiles, N tiles, K splits)."""
+                        BN: tl.constexpr, BM: tl.constexpr, TH: tl.constexpr,
+                        CPI: tl.constexpr):
+    """out (M, N) = x (M, K) @ W (N, K)ᵀ for a 4-bit pairs-layout W (W words a row, tiled
+    by TH rows); CPI chunks per loop iteration (chunks_per_split a multiple of CPI, chunks
+    past n_chunks read the last chunk's words against zero-masked x); grid (M tiles,
+    N tiles, K splits)."""
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     CK: tl.constexpr = 128
     PLANES: tl.constexpr = 4
@@ -61,10 +74,9 @@ def wq_dot_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr
     pid_k = tl.program_id(2)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_c = tl.arange(0, 16)
     offs_r = tl.arange(0, 32)
     rows = tl.minimum(offs_n, N - 1)  # clamped: unmasked weight loads, tail rows discarded
-    w_ptrs = qw_ptr + rows[:, None].to(tl.int64) * W + offs_c[None, :]  # (BN, 16)
+    w_ptrs = row_words(qw_ptr, rows, W, TH)  # (BN, 16)
     x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm  # (1, BM)
     m_ok = offs_m < M
     c_lo = pid_k * chunks_per_split
@@ -74,40 +86,42 @@ def wq_dot_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr
     acc = tl.zeros((BN, BM), tl.float32)
     if GS == 0:
         zf = tl.load(z_ptr + rows).to(tl.float32)
-    for c in range(c_lo, c_hi):
-        wv = tl.load(w_ptrs + c * 16)
-        if BF16:
-            d0 = dup_pairs(wv, BN)
-            d1 = dup_pairs(wv >> 4, BN)
-            d2 = dup_pairs(wv >> 8, BN)
-            d3 = dup_pairs(wv >> 12, BN)
-        else:
-            d0 = dup_pairs(wv, BN)
-            d2 = dup_pairs(wv >> 8, BN)
-            d1 = d0
-            d3 = d2
-        for gi in tl.static_range(PLANES // PPG):
-            if GS > 0:
-                g = tl.minimum(c * (CK // GS) + gi, (K - 1) // GS)  # padding: last group
-                zf = tl.load(z_ptr + g * N + rows).to(tl.float32)
-                sc = tl.load(s_ptr + g * N + rows).to(tl.float32)
-                accg = tl.zeros((BN, BM), tl.float32)
-            for pj in tl.static_range(PPG):
-                v = _plane(d0, d1, d2, d3, zf, gi * PPG + pj, BF16)  # (BN, 32) x.dtype
-                kk = c * CK + (gi * PPG + pj) * 32 + offs_r
-                k_ok = kk < K
-                if HAS_PERM:
-                    kx = tl.load(perm_ptr + kk, mask=k_ok, other=0)
-                else:
-                    kx = kk
-                xt = tl.load(x_ptrs + kx[:, None], mask=k_ok[:, None] & m_ok[None, :],
-                             other=0.0)  # (32, BM)
+    for c0 in range(c_lo, c_hi, CPI):
+        for ci in tl.static_range(CPI):
+            c = c0 + ci
+            wv = tl.load(w_ptrs + tl.minimum(c, n_chunks - 1) * (TH * 16))
+            if BF16:
+                d0 = dup_pairs(wv, BN)
+                d1 = dup_pairs(wv >> 4, BN)
+                d2 = dup_pairs(wv >> 8, BN)
+                d3 = dup_pairs(wv >> 12, BN)
+            else:
+                d0 = dup_pairs(wv, BN)
+                d2 = dup_pairs(wv >> 8, BN)
+                d1 = d0
+                d3 = d2
+            for gi in tl.static_range(PLANES // PPG):
                 if GS > 0:
-                    accg = tl.dot(v, xt, accg)
-                else:
-                    acc = tl.dot(v, xt, acc)
-            if GS > 0:
-                acc += accg * sc[:, None]
+                    g = tl.minimum(c * (CK // GS) + gi, (K - 1) // GS)  # padding: last group
+                    zf = tl.load(z_ptr + g * N + rows).to(tl.float32)
+                    sc = tl.load(s_ptr + g * N + rows).to(tl.float32)
+                    accg = tl.zeros((BN, BM), tl.float32)
+                for pj in tl.static_range(PPG):
+                    v = _plane(d0, d1, d2, d3, zf, gi * PPG + pj, BF16)  # (BN, 32) x.dtype
+                    kk = c * CK + (gi * PPG + pj) * 32 + offs_r
+                    k_ok = kk < K
+                    if HAS_PERM:
+                        kx = tl.load(perm_ptr + kk, mask=k_ok, other=0)
+                    else:
+                        kx = kk
+                    xt = tl.load(x_ptrs + kx[:, None], mask=k_ok[:, None] & m_ok[None, :],
+                                 other=0.0)  # (32, BM)
+                    if GS > 0:
+                        accg = tl.dot(v, xt, accg)
+                    else:
+                        acc = tl.dot(v, xt, acc)
+                if GS > 0:
+                    acc += accg * sc[:, None]
     if GS == 0:
         acc = acc * tl.load(s_ptr + rows).to(tl.float32)[:, None]
     mask = (offs_n < N)[:, None] & m_ok[None, :]
@@ -120,7 +134,7 @@ def wq_dot_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr
 
 @triton.jit(do_not_specialize=["n_chunks"])
 def dequant_pairs_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, W, n_chunks, stride_on,
-                         GS: tl.constexpr, BN: tl.constexpr):
+                         GS: tl.constexpr, BN: tl.constexpr, TH: tl.constexpr):
     """out (N, Kp) = (q - z) * s rounded to fp16, then out's dtype; grid (N tiles, chunks)."""
     CK: tl.constexpr = 128
     PLANES: tl.constexpr = 4
@@ -128,10 +142,9 @@ def dequant_pairs_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, W, n_chunks, strid
     pid_n = tl.program_id(0)
     c = tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
-    offs_c = tl.arange(0, 16)
     offs_r = tl.arange(0, 32)
     rows = tl.minimum(offs_n, N - 1)
-    wv = tl.load(qw_ptr + rows[:, None].to(tl.int64) * W + c * 16 + offs_c[None, :])
+    wv = tl.load(row_words(qw_ptr, rows, W, TH) + c * (TH * 16))
     d0 = dup_pairs(wv, BN)
     d2 = dup_pairs(wv >> 8, BN)
     o_ptrs = out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_r[None, :]

@@ -38,6 +38,7 @@ import torch
 from kvant.formats.packing import packed_width, unpack
 
 PLANE_COLS = 32  # consecutive columns in one plane = words in one row of a chunk
+DEFAULT_TILE = 16  # rows per tile of the 4-bit pairs layout (1 KB blocks a chunk)
 
 
 def chunk_k(bits: int, pairs: bool = False) -> int:
@@ -81,8 +82,11 @@ class PackedWeight:
 
     qweight: int32 (N, Kp*bits/32); scales: fp16 (G, N); zeros: uint8 (G, N);
     perm: int32 (K,) input-column order (act-order) or None; group_size: 0 = one group.
-    pairs: 4-bit pairs layout (else planes). key: identity of the stored tensors it was built
-    from (see :func:`source_key`).
+    pairs: 4-bit pairs layout (else planes). tile: rows per tile of the pairs layout (1 =
+    row-major; T > 1: qweight's memory holds, for each tile of T rows and each chunk, the T
+    rows' 16 words contiguously, rows padded to a multiple of T; the tensor keeps the shape
+    (N rounded up to T, Kp/8)). key: identity of the stored tensors it was built from (see
+    :func:`source_key`).
     """
 
     qweight: torch.Tensor
@@ -94,6 +98,7 @@ class PackedWeight:
     in_features: int
     out_features: int
     pairs: bool = False
+    tile: int = 1
     key: tuple = ()
 
     @property
@@ -175,6 +180,34 @@ def _unpack_pairs(w: torch.Tensor) -> torch.Tensor:
     return ((w >> shifts) & 15).reshape(rows, nw * 8)
 
 
+def pairs_tile() -> int:
+    """Rows per tile of the 4-bit pairs layout: ``KVANT_W4_TILE`` (default 16)."""
+    t = int(os.environ.get("KVANT_W4_TILE", str(DEFAULT_TILE)))
+    if t < 1:
+        raise ValueError(f"KVANT_W4_TILE must be a positive integer, got {t}")
+    return t
+
+
+def tile_rows(words: torch.Tensor, tile: int) -> torch.Tensor:
+    """Row-major pairs words (N, W) -> tiled order, shape (N rounded up to ``tile``, W)."""
+    if tile == 1:
+        return words
+    n, w = words.shape
+    npad = -(-n // tile) * tile
+    words = torch.nn.functional.pad(words, (0, 0, 0, npad - n))
+    t = words.reshape(npad // tile, tile, w // 16, 16).permute(0, 2, 1, 3)
+    return t.contiguous().reshape(npad, w)
+
+
+def untile_rows(words: torch.Tensor, tile: int, n: int) -> torch.Tensor:
+    """Inverse of :func:`tile_rows`: the first ``n`` rows in row-major order."""
+    if tile == 1:
+        return words[:n]
+    npad, w = words.shape
+    t = words.reshape(npad // tile, w // 16, tile, 16).permute(0, 2, 1, 3)
+    return t.reshape(npad, w)[:n]
+
+
 def _encode(q: torch.Tensor, bits: int, pairs: bool = False) -> torch.Tensor:
     """Integer weights (rows, Kp) -> repacked words; 3 bits = 2-bit plane words + 1-bit."""
     if pairs:
@@ -230,15 +263,17 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
     z = unpack(qzeros, bits, n_groups)  # (N or 1, G)
     s_t = scales.to(torch.float16).expand(n, n_groups).t().contiguous()
     z_t = z.expand(n, n_groups).t().to(torch.uint8).contiguous()
-    return PackedWeight(torch.cat(words, 0), s_t, z_t,
+    tile = pairs_tile() if pairs else 1
+    return PackedWeight(tile_rows(torch.cat(words, 0), tile), s_t, z_t,
                         None if perm is None else perm.to(torch.int32).contiguous(),
-                        bits, gs, k, n, pairs)
+                        bits, gs, k, n, pairs, tile)
 
 
 def dequantize_packed(p: PackedWeight, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """The (N, K) weight in stored column order, from the repacked layout (reference)."""
     kp = p.k_padded
-    q = _decode(p.qweight, p.bits, kp, p.pairs)[:, : p.in_features].float()  # (N, K) permuted order
+    words = untile_rows(p.qweight, p.tile, p.out_features)
+    q = _decode(words, p.bits, kp, p.pairs)[:, : p.in_features].float()  # (N, K) permuted order
     if p.group_size:
         g = torch.arange(p.in_features, device=q.device) // p.group_size
         s, z = p.scales.t().float()[:, g], p.zeros.t().float()[:, g]
