@@ -143,6 +143,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"unknown methods {sorted(unknown)}; known {sorted(specs)}")
 
     model, tok = load_embedded()
+    model = model.to(args.device)
     calib = char_windows(tok, training_text(), N_CALIB, SEQ_LEN, seed=SEED)
     ev = char_perplexity(model, tok, validation_text(), seq_len=SEQ_LEN,
                          max_windows=args.max_windows)

@@ -273,6 +273,10 @@ class AWQConfig(MethodConfig):
     fold: fold 1/s into the preceding operation where the block allows it; False keeps every
         scale as the QuantLinear's ``input_scale``.
     true_sequential: with rounding="gptq", calibrate later groups on quantized earlier ones.
+    outlier_budget: when > 0, keep this fraction of each Linear's (scaled) weights in fp16 as
+        CSR outliers, chosen by SpQR's sensitivity rule and left out of the grids (the
+        separable outlier path of :mod:`kvant.algorithms.spqr`; layers become SpQRLinear with
+        fp16 statistics).
     """
 
     method: ClassVar[str] = "awq"
@@ -289,8 +293,16 @@ class AWQConfig(MethodConfig):
     block_size: int = 128
     fold: bool = True
     true_sequential: bool = True
+    outlier_budget: float = 0.0
 
     def validate(self) -> None:
+        if (not isinstance(self.outlier_budget, (int, float)) or isinstance(self.outlier_budget, bool)
+                or not 0 <= self.outlier_budget < 0.5):
+            raise ConfigError(f"outlier_budget must be a fraction in [0, 0.5), "
+                              f"got {self.outlier_budget!r}")
+        if self.outlier_budget > 0 and self.group_size <= 0:
+            raise ConfigError("outlier_budget needs a positive group_size (SpQR's grids are "
+                              f"per group), got group_size={self.group_size}")
         for name in ("n_grid", "clip_grid", "clip_tokens", "block_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:

@@ -48,7 +48,7 @@ class _AWQLayer(LayerQuantizer):
         self.name, self.weight, self.config = name, weight, config
         self.input_scale, self.info = input_scale, info
         self.acc = None
-        if config.rounding == "gptq":
+        if config.rounding == "gptq" or config.outlier_budget > 0:
             from kvant.core.hessian import HessianAccumulator
             self.acc = HessianAccumulator(weight.shape[1], weight.device)
 
@@ -58,12 +58,17 @@ class _AWQLayer(LayerQuantizer):
 
     def quantize(self) -> LayerResult:
         cfg = self.config
+        H = None
         if self.acc is not None:
-            from kvant.algorithms.gptq import gptq_quantize
             H = self.acc.H
             if self.acc.n == 0:
                 log.warning("layer %s saw no calibration input: H = I", self.name)
                 H = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+        if cfg.outlier_budget > 0:
+            res = self._with_outliers(H)
+            self.acc = None
+        elif H is not None:
+            from kvant.algorithms.gptq import gptq_quantize
             res = gptq_quantize(self.weight, H, cfg.qargs, block_size=cfg.block_size,
                                 damp_percent=cfg.damp_percent, act_order=cfg.act_order,
                                 layer=self.name)
@@ -77,6 +82,21 @@ class _AWQLayer(LayerQuantizer):
             res.extras["input_scale"] = self.input_scale
         res.info.update(self.info)
         return res
+
+    def _with_outliers(self, H: torch.Tensor) -> LayerResult:
+        """RTN or GPTQ rounding of the scaled weight with an fp16 outlier budget, through
+        SpQR's separable path (fp16 statistics, AWQ's integer-zero grid)."""
+        from kvant.algorithms.spqr import spqr_gptq, spqr_rtn
+        from kvant.config import SpQRConfig
+
+        cfg = self.config
+        scfg = SpQRConfig(bits=cfg.bits, group_size=cfg.group_size, stat_bits=16,
+                          outlier_budget=cfg.outlier_budget, base=cfg.rounding,
+                          act_order=cfg.act_order and cfg.rounding == "gptq",
+                          damp_percent=cfg.damp_percent, block_size=cfg.block_size)
+        if cfg.rounding == "gptq":
+            return spqr_gptq(self.weight, H, scfg, self.name)
+        return spqr_rtn(self.weight, H, scfg, self.name)
 
 
 def _structure_key(block: nn.Module, names: list[str]) -> tuple:

@@ -103,9 +103,10 @@ class SpQRLinear(QuantLinear):
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
                  *, stat_bits: int = 3, stat_group_size: int = 16, nnz: int = 0,
-                 act_order: bool = False, bias: bool = False,
+                 act_order: bool = False, bias: bool = False, input_scale: bool = False,
                  dtype: torch.dtype | str = torch.float16):
-        super().__init__(in_features, out_features, bits, group_size, bias=bias, dtype=dtype)
+        super().__init__(in_features, out_features, bits, group_size, bias=bias, dtype=dtype,
+                         input_scale=input_scale)
         self.stat_bits, self.stat_group_size, self.nnz = stat_bits, stat_group_size, nnz
         n_groups = in_features // group_size if group_size > 0 else 1
         if stat_bits < 16:
@@ -130,7 +131,6 @@ class SpQRLinear(QuantLinear):
         self.register_buffer("outlier_vals", torch.zeros(nnz, dtype=torch.float16)
                              if nnz else None)
         kw = self._init_kwargs
-        kw.pop("input_scale")  # SpQR never scales input channels
         kw.update(stat_bits=stat_bits, stat_group_size=stat_group_size, nnz=nnz,
                   act_order=act_order)
 
@@ -140,7 +140,7 @@ class SpQRLinear(QuantLinear):
         """Pack a SpQR :class:`LayerResult` (extras as written by kvant.algorithms.spqr)."""
         ex = result.extras
         known = {"stat_bits", "stat_group_size", "scale_q", "scale_stats", "zero_q",
-                 "zero_stats", "perm", "outlier_mask", "outlier_vals"}
+                 "zero_stats", "perm", "outlier_mask", "outlier_vals", "input_scale"}
         unknown = set(ex) - known
         if unknown:
             raise NotImplementedError(f"SpQRLinear cannot store method extras {sorted(unknown)}")
@@ -149,7 +149,10 @@ class SpQRLinear(QuantLinear):
         sb = ex["stat_bits"]
         m = cls(k, n, result.bits, result.group_size, stat_bits=sb,
                 stat_group_size=ex["stat_group_size"], nnz=int(mask.sum()),
-                act_order=ex.get("perm") is not None, bias=bias is not None, dtype=dtype)
+                act_order=ex.get("perm") is not None, bias=bias is not None,
+                input_scale=ex.get("input_scale") is not None, dtype=dtype)
+        if m.input_scale is not None:  # AWQ with an outlier budget, scale not foldable
+            m.input_scale.copy_(ex["input_scale"].to(torch.float16).cpu())
         m.qweight.copy_(pack(result.qweight.cpu(), result.bits))
         if sb < 16:
             for name in ("scale", "zero"):
@@ -213,6 +216,8 @@ class SpQRLinear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N): dense dequantized matmul plus the CSR outlier product."""
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)
         y = torch.matmul(x, self.dense_weight().to(x.dtype).t())
         if self.outlier_vals is not None:
             y = y + csr_matmul(x, self.outlier_rowptr, self.outlier_cols,
@@ -225,7 +230,8 @@ class SpQRLinear(QuantLinear):
         """Bits per weight of each part: dense, statistics, permutation, outliers."""
         per = 8 / (self.in_features * self.out_features)
         nbytes = {name: t.numel() * t.element_size() for name, t in self.named_buffers()}
-        stats = ("scale_q", "zero_q", "scale_stats", "zero_stats", "scales", "qzeros")
+        stats = ("scale_q", "zero_q", "scale_stats", "zero_stats", "scales", "qzeros",
+                 "input_scale")
         outl = ("outlier_rowptr", "outlier_cols", "outlier_vals")
         return {"dense": per * nbytes["qweight"],
                 "stats": per * sum(nbytes.get(n, 0) for n in stats),
