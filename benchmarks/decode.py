@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -32,13 +30,10 @@ import torch.nn as nn
 
 
 def _commit() -> str:
-    if os.environ.get("KVANT_COMMIT"):
-        return os.environ["KVANT_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The commit recorded with results (KVANT_COMMIT on copies without .git)."""
+    from kvant.report import git_commit
+
+    return git_commit()
 
 
 def llama7b_shaped(layers: int = 32):

@@ -20,7 +20,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -36,13 +35,10 @@ PEER = "llm-compressor 0.14 GPTQ W4A16 g128 on H100 (quoted in issue 3, not run 
 
 
 def _commit() -> str:
-    if os.environ.get("KVANT_COMMIT"):
-        return os.environ["KVANT_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The commit recorded with results (KVANT_COMMIT on copies without .git)."""
+    from kvant.report import git_commit
+
+    return git_commit()
 
 
 def _sync(dev):

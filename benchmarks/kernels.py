@@ -22,7 +22,6 @@ import math
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -37,13 +36,10 @@ GS = 128
 
 
 def _commit() -> str:
-    if os.environ.get("KVANT_COMMIT"):
-        return os.environ["KVANT_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The commit recorded with results (KVANT_COMMIT on copies without .git)."""
+    from kvant.report import git_commit
+
+    return git_commit()
 
 
 def format_bits(bits: int, gs: int) -> float:

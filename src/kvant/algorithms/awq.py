@@ -60,10 +60,7 @@ class _AWQLayer(LayerQuantizer):
         cfg = self.config
         H = None
         if self.acc is not None:
-            H = self.acc.H
-            if self.acc.n == 0:
-                log.warning("layer %s saw no calibration input: H = I", self.name)
-                H = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+            H = self.acc.result(self.name)
         if cfg.outlier_budget > 0:
             res = self._with_outliers(H)
             self.acc = None

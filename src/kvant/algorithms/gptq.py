@@ -150,10 +150,7 @@ class _GPTQLayer(LayerQuantizer):
     def quantize(self) -> LayerResult:
         cfg = self.method.config
         self.method.release()
-        H = self.acc.H
-        if self.acc.n == 0:
-            log.warning("layer %s saw no calibration input: H = I (plain rounding)", self.name)
-            H = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+        H = self.acc.result(self.name)
         self.acc = None
         res = gptq_quantize(self.weight, H, cfg.qargs, block_size=cfg.block_size,
                             damp_percent=cfg.damp_percent, act_order=cfg.act_order,

@@ -109,10 +109,7 @@ class _QuIPLayer(LayerQuantizer):
         H = None
         self.method.release()
         if self.acc is not None:
-            H = self.acc.H.float().clone()
-            if self.acc.n == 0:  # as GPTQ: a layer the forward never used rounds with H = I
-                log.warning("layer %s saw no calibration input: H = I", self.name)
-                H = torch.eye(k, device=H.device)
+            H = self.acc.result(self.name).float().clone()
             self.acc = None  # free the accumulator before the walk
             zero_dead(H, W)  # inputs that are always 0: drop their weights
         extras: dict = {}

@@ -46,7 +46,7 @@ def config_class(method: str) -> type:
 
 def build(config: MethodConfig):
     """The method object for a config."""
-    cls = config_class(config.method)
+    config_class(config.method)  # a clear error for an unknown method
     return _METHODS[config.method][1](config)
 
 

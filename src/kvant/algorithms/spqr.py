@@ -349,10 +349,7 @@ class _SpQRLayer(LayerQuantizer):
         self.method.release()
         H = None
         if self.acc is not None:
-            H = self.acc.H
-            if self.acc.n == 0:
-                log.warning("layer %s saw no calibration input: H = I", self.name)
-                H = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+            H = self.acc.result(self.name)
         self.acc = None
         if cfg.base == "gptq":
             return spqr_gptq(self.weight, H, cfg, self.name)

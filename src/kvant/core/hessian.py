@@ -105,6 +105,14 @@ class HessianAccumulator:
         self.H.mul_(self.n / total).add_(g.to(self.device, self.dtype), alpha=2.0 / total)
         self.n = total
 
+    def result(self, layer: str = "") -> torch.Tensor:
+        """H, or the identity (plain rounding, logged) when the layer saw no input: a Linear
+        the calibration forward never used (an unused head, a skipped branch)."""
+        if self.n == 0:
+            log.warning("layer %s saw no calibration input: H = I (plain rounding)", layer)
+            return torch.eye(self.k, device=self.device, dtype=self.dtype)
+        return self.H
+
 
 def zero_dead(H: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:
     """Repair dead inputs in place: where diag(H) == 0 set H[k, k] = 1 and W[:, k] = 0.
