@@ -60,6 +60,8 @@ CONFIGS = [  # (label, spec)
     ("gptq+outliers", "spqr:bits=3,group_size=128,stat_bits=16,outlier_budget=0.01,"
                       "act_order=false"),
     ("rtn+outliers", "spqr:bits=3,group_size=16,base=rtn,outlier_budget=0.01,act_order=false"),
+    # ... and on AWQ+GPTQ (AWQ's scales and clip, GPTQ rounding, 1% fp16 outliers)
+    ("awq+gptq+outliers", "awq:bits=3,group_size=128,rounding=gptq,outlier_budget=0.01"),
 ]
 
 
@@ -102,10 +104,10 @@ def table(records: list[dict]) -> str:
     """Markdown: one row per configuration, bits split into their parts."""
     base = next(r["ppl"] for r in records if r["method"] == "float")
     lines = ["| method | spec | bits/weight | dense + stats + perm + outliers | outliers % | "
-             "ppl | Δ ppl % | KL | quant s |", "|---|---|---|---|---|---|---|---|---|"]
+             "ppl | Δ ppl % | KL | quant s | device |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if r["method"] == "float":
-            lines.append(f"| float | - | 32 | - | - | {r['ppl']:.4f} | | 0 | |")
+            lines.append(f"| float | - | 32 | - | - | {r['ppl']:.4f} | | 0 | | {r['device']} |")
             continue
         p = r.get("bits_parts")
         parts = " + ".join(f"{p[k]:.3f}" for k in ("dense", "stats", "perm", "outliers")) \
@@ -113,7 +115,7 @@ def table(records: list[dict]) -> str:
         frac = f"{100 * r['outlier_fraction']:.2f}" if "outlier_fraction" in r else "-"
         lines.append(f"| {r['method']} | `{r['spec']}` | {r['bits_per_weight']:.3f} | {parts} | "
                      f"{frac} | {r['ppl']:.4f} | {100 * (r['ppl'] / base - 1):+.2f} | "
-                     f"{r['kl']:.4f} | {r['quant_seconds']:.1f} |")
+                     f"{r['kl']:.4f} | {r['quant_seconds']:.1f} | {r['device']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -153,16 +155,18 @@ def plot(records: list[dict], other: list[dict], path: Path) -> None:
         pts.sort()
         ax.plot(*zip(*pts), marker="o", lw=2 if key == "spqr" else 1, label=f"{key} (this run)")
     groups: dict[str, list] = {}
+    shown = {"rtn", "gptq", "gptq-actorder", "awq", "awq+gptq", "quip-clip"}
     for r in other:
+        if r["method"] not in shown:
+            continue
         key = f"{r['method']} {rep.group_label(r.get('group_size'))}"
         groups.setdefault(key, []).append((r["bits_per_weight"], r["ppl"]))
     for key, pts in sorted(groups.items()):
         pts.sort()
         ax.plot(*zip(*pts), marker="s", mfc="none", ls=":", lw=0.8, label=key)
-    ax.set_yscale("log")
-    ax.set_xlim(2.8, 4.6)
+    ax.set_xlim(2.9, 4.5)
     base = next(r["ppl"] for r in records if r["method"] == "float")
-    ax.set_ylim(base * 0.995, base * 1.25)
+    ax.set_ylim(base * 0.997, base * 1.035)
     ax.set_xlabel("stored bits per weight (statistics, permutation, outliers counted)")
     ax.set_ylabel("perplexity per character")
     ax.set_title("nanoGPT Shakespeare: SpQR vs GPTQ and the other methods")
@@ -199,8 +203,9 @@ def main(argv=None) -> int:
         n_w = min(n_w, args.max_windows)
     ref = FloatReference(model, ids[: n_w * SEQ_LEN].view(n_w, SEQ_LEN), batch_size=16,
                          store="full", show_progress=False)
+    labels = {spec: label for label, spec in CONFIGS}
     configs = CONFIGS if args.configs is None else [
-        (config_from_spec(s).method, s) for s in args.configs]
+        (labels.get(s, config_from_spec(s).method), s) for s in args.configs]
     records = [{"model": MODEL, "method": "float", "bits": None, "group_size": None,
                 "bits_per_weight": None, "ppl": ref.ppl, "kl": 0.0,
                 "size_mb": rep.model_bytes(model) / 1e6, "device": rep.device_name(args.device),
@@ -221,7 +226,8 @@ def write_outputs(records: list[dict], out: Path) -> None:
     """spqr_nanogpt.{json,md,png}; the plot adds the other nanoGPT tables found in ``out``."""
     rep.write_json(records, out / "spqr_nanogpt.json")
     md = ["# SpQR on the embedded nanoGPT", "",
-          f"Device {records[0]['device']}, {records[0]['date']}, commit {records[0]['commit']}. "
+          f"Devices {', '.join(sorted({r['device'] for r in records}))}, {records[0]['date']}, "
+          f"commits {', '.join(sorted({r['commit'] for r in records}))}. "
           f"Calibration: training split, {N_CALIB} random windows x {SEQ_LEN} chars, seed "
           f"{SEED}. Eval: {records[0]['eval']}. Bits per weight count every stored byte of "
           "the quantized Linears (packed weights, statistics, permutation, CSR outliers).", "",

@@ -113,11 +113,16 @@ def plot_ppl_vs_bits(records: list[dict], path: str | os.PathLike, title: str) -
         if r["method"] == "float":
             ax.axhline(r["ppl"], color="k", ls="--", lw=1, label=f"float ({r['ppl']:.2f})")
             continue
-        key = f"{r['method']} {group_label(r.get('group_size'))}"
+        # SpQR's group size is one of its knobs along the bits axis: one line per method
+        key = r["method"] if r["method"].startswith("spqr") else \
+            f"{r['method']} {group_label(r.get('group_size'))}"
         lines.setdefault(key, []).append((r["bits_per_weight"], r["ppl"]))
-    for key, pts in sorted(lines.items()):
+    colors = plt.get_cmap("tab20").colors
+    markers = "os^vDP*Xhp<>"
+    for i, (key, pts) in enumerate(sorted(lines.items())):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=key)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=markers[i % len(markers)],
+                color=colors[i % len(colors)], label=key)
     ax.set_yscale("log")
     ax.set_xlabel("stored bits per weight (scales, zeros, extras counted)")
     ax.set_ylabel("perplexity")
