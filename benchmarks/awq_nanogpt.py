@@ -16,23 +16,19 @@ applied (folded into which module, or kept as an input scale). Writes
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import re
-import time
 from pathlib import Path
 
 import torch
 
-import kvant
 from kvant import report as rep
-from kvant.algorithms.registry import config_from_spec
-from kvant.calib.data_char import char_windows
 from kvant.eval.perplexity import char_perplexity
-from kvant.model.nanogpt import load_embedded, training_text, validation_text
+from kvant.model.nanogpt import load_embedded, validation_text
 
-MODEL = "nanogpt-shakespeare"
-N_CALIB, SEQ_LEN, SEED = 128, 256, 0
+import nanogpt_bench as nb  # benchmarks/: the protocol the nanoGPT tables share
+from nanogpt_bench import N_CALIB, SEED, SEQ_LEN
+
 METHODS = {  # label -> spec without the grid
     "rtn": "rtn:",
     "gptq": "gptq:",
@@ -70,24 +66,11 @@ def label_of(spec: str) -> str:
     return next((k for k, v in METHODS.items() if v == base), spec)
 
 
-def run_one(model, tok, label, spec, calib, args, commit: str) -> dict:
-    """Quantize a copy of ``model`` with ``spec``, score it: one benchmark record."""
-    cfg = config_from_spec(spec)
-    q = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    report = kvant.quantize(q, cfg, calib, kvant.EngineOptions(device=args.device,
-                                                                show_progress=False))
-    seconds = time.perf_counter() - t0
-    ev = char_perplexity(q, tok, validation_text(), seq_len=SEQ_LEN, max_windows=args.max_windows)
-    r = {"model": MODEL, "method": label, "spec": spec, "bits": cfg.bits,
-         "group_size": cfg.group_size, "sym": cfg.sym,
-         "bits_per_weight": rep.quantized_bits_per_weight(q), "ppl": ev["ppl"], "bpc": ev["bpc"],
-         "size_mb": rep.model_bytes(q) / 1e6, "quant_seconds": seconds, "peak_gpu_gb": None,
-         "device": rep.device_name(args.device),
-         "calib": f"training split, {N_CALIB} x {SEQ_LEN} chars, seed {SEED}",
-         "eval": f"validation split, seq_len {SEQ_LEN}, {ev['tokens']} chars, "
-                 f"{ev['windows']} windows", "date": rep.today(), "commit": commit}
-    if cfg.method == "awq":
+def run_one(model, tok, label, spec, calib, args) -> dict:
+    """Quantize a copy of ``model`` with ``spec``, score it: one benchmark record (plus where
+    AWQ put its scales and their mean exponent)."""
+    r, report = nb.run_one(model, tok, label, spec, calib, args.device, args.max_windows)
+    if r["spec"].startswith("awq"):
         r["awq_scales"] = treatments(report)
         alphas = [g["alpha"] for b in report.blocks for g in b["awq"] if "alpha" in g]
         r["awq_mean_alpha"] = sum(alphas) / max(len(alphas), 1)
@@ -121,25 +104,18 @@ def main(argv=None) -> int:
     p.add_argument("--name", default="awq_nanogpt", help="output file stem")
     p.add_argument("--combine", nargs="*", default=None, metavar="JSON",
                    help="merge these result files into --name instead of running")
-    p.add_argument("--commit", default=None, help="commit to record (default: git rev-parse; "
-                   "for machines that run a copy of the tree without .git)")
     args = p.parse_args(argv)
     if args.combine:
         combine([Path(f) for f in args.combine], Path(args.out), args.name)
         return 0
-    commit = args.commit or rep.git_commit()
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
     model, tok = load_embedded()
     model = model.to(args.device)
-    calib = char_windows(tok, training_text(), N_CALIB, SEQ_LEN, SEED)
+    calib = nb.calibration(tok)
     ev = char_perplexity(model, tok, validation_text(), seq_len=SEQ_LEN,
                          max_windows=args.max_windows)
-    records = [{"model": MODEL, "method": "float", "bits": None, "group_size": None,
-                "bits_per_weight": None, "ppl": ev["ppl"], "bpc": ev["bpc"],
-                "size_mb": rep.model_bytes(model) / 1e6, "device": rep.device_name(args.device),
-                "eval": f"validation split, seq_len {SEQ_LEN}, {ev['tokens']} chars, "
-                        f"{ev['windows']} windows", "date": rep.today(), "commit": commit}]
+    records = [nb.float_record(model, args.device, ev)]
     print(f"float ppl {ev['ppl']:.3f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +124,7 @@ def main(argv=None) -> int:
         for label in args.methods:
             base = METHODS[label]
             spec = base + ("," if base[-1] != ":" else "") + f"bits={bits},group_size={gs}"
-            r = run_one(model, tok, label, spec, calib, args, commit)
+            r = run_one(model, tok, label, spec, calib, args)
             print(f"{label:14s} w{bits} {rep.group_label(gs):6s} ppl {r['ppl']:.3f} "
                   f"({r['quant_seconds']:.1f} s) {r.get('awq_scales', '')}", flush=True)
             records.append(r)

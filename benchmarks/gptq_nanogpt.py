@@ -13,21 +13,17 @@ act-order + static is run with groups only. Writes ``gptq_nanogpt.{json,md,png}`
 from __future__ import annotations
 
 import argparse
-import copy
-import time
 from pathlib import Path
 
 import torch
 
-import kvant
 from kvant import report as rep
-from kvant.algorithms.registry import config_from_spec
-from kvant.calib.data_char import char_windows
 from kvant.eval.perplexity import char_perplexity
-from kvant.model.nanogpt import load_embedded, training_text, validation_text
+from kvant.model.nanogpt import load_embedded, validation_text
 
-MODEL = "nanogpt-shakespeare"
-N_CALIB, SEQ_LEN, SEED = 128, 256, 0
+import nanogpt_bench as nb  # benchmarks/: the protocol the nanoGPT tables share
+from nanogpt_bench import N_CALIB, SEED, SEQ_LEN
+
 METHODS = [  # (label, spec without the grid)
     ("rtn", "rtn:"),
     ("gptq", "gptq:"),
@@ -36,23 +32,6 @@ METHODS = [  # (label, spec without the grid)
 ]
 
 
-def run_one(model, tok, label, spec, calib, args) -> dict:
-    """Quantize a copy of ``model`` with ``spec``, score it: one benchmark record."""
-    cfg = config_from_spec(spec)
-    q = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    kvant.quantize(q, cfg, calib, kvant.EngineOptions(device=args.device, show_progress=False))
-    seconds = time.perf_counter() - t0
-    ev = char_perplexity(q, tok, validation_text(), seq_len=SEQ_LEN, max_windows=args.max_windows)
-    return {"model": MODEL, "method": label, "spec": spec, "bits": cfg.bits,
-            "group_size": cfg.group_size, "sym": cfg.sym,
-            "bits_per_weight": rep.quantized_bits_per_weight(q), "ppl": ev["ppl"],
-            "bpc": ev["bpc"], "size_mb": rep.model_bytes(q) / 1e6, "quant_seconds": seconds,
-            "peak_gpu_gb": None, "device": rep.device_name(args.device),
-            "calib": f"training split, {N_CALIB} x {SEQ_LEN} chars, seed {SEED}",
-            "eval": f"validation split, seq_len {SEQ_LEN}, {ev['tokens']} chars, "
-                    f"{ev['windows']} windows",
-            "date": rep.today(), "commit": rep.git_commit()}
 
 
 def summary(records: list[dict]) -> str:
@@ -90,16 +69,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     model, tok = load_embedded()
     model = model.to(args.device)
-    calib = char_windows(tok, training_text(), N_CALIB, SEQ_LEN, SEED)
+    calib = nb.calibration(tok)
     specs = dict(METHODS)
     ev = char_perplexity(model, tok, validation_text(), seq_len=SEQ_LEN,
                          max_windows=args.max_windows)
-    records = [{"model": MODEL, "method": "float", "bits": None, "group_size": None,
-                "bits_per_weight": None, "ppl": ev["ppl"], "bpc": ev["bpc"],
-                "size_mb": rep.model_bytes(model) / 1e6, "device": rep.device_name(args.device),
-                "eval": f"validation split, seq_len {SEQ_LEN}, {ev['tokens']} chars, "
-                        f"{ev['windows']} windows", "date": rep.today(),
-                "commit": rep.git_commit()}]
+    records = [nb.float_record(model, args.device, ev)]
     print(f"float ppl {ev['ppl']:.3f}", flush=True)
     for bits in args.bits:
         for gs in args.groups:
@@ -108,7 +82,8 @@ def main(argv=None) -> int:
                     continue  # per channel there are no groups to fix: same as act-order
                 spec = specs[label] + ("," if specs[label][-1] != ":" else "") + \
                     f"bits={bits},group_size={gs}"
-                r = run_one(model, tok, label, spec, calib, args)
+                r, _ = nb.run_one(model, tok, label, spec, calib, args.device,
+                                  args.max_windows)
                 print(f"{label:22s} w{bits} {rep.group_label(gs):8s} ppl {r['ppl']:.3f} "
                       f"({r['quant_seconds']:.1f} s)", flush=True)
                 records.append(r)

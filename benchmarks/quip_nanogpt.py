@@ -16,22 +16,18 @@ can go side by side or one after another.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import resource
-import time
 from pathlib import Path
 
 import torch
 
-import kvant
 from kvant import report as rep
-from kvant.algorithms.registry import config_from_spec
-from kvant.calib.data_char import char_windows
 from kvant.eval.perplexity import char_perplexity
-from kvant.model.nanogpt import load_embedded, training_text, validation_text
+from kvant.model.nanogpt import load_embedded, validation_text
 
-MODEL = "nanogpt-shakespeare"
+import nanogpt_bench as nb  # benchmarks/: the protocol the nanoGPT tables share
+from nanogpt_bench import N_CALIB, SEED, SEQ_LEN
+
 GRID = ["bits=2,group_size=-1", "bits=2,group_size=64", "bits=3,group_size=128",
         "bits=4,group_size=128"]
 # (label, spec without the grid)
@@ -47,30 +43,8 @@ METHODS = [
 # what a plain run measures (quip without clip is left to --methods)
 DEFAULT_METHODS = ["quip-clip", "gptq-clip", "quip-clip-rescale", "rot+rtn-clip", "rtn-clip",
                    "gptq"]
-N_CALIB, SEQ_LEN, SEED = 128, 256, 0
 
 
-def run_one(model, tok, label: str, spec: str, calib, args, device: str) -> dict:
-    """Quantize a copy of ``model`` with ``spec`` and score it; one benchmark record."""
-    cfg = config_from_spec(spec)
-    q = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    kvant.quantize(q, cfg, calib, options=kvant.EngineOptions(device=device,
-                                                                show_progress=False))
-    seconds = time.perf_counter() - t0
-    ev = char_perplexity(q, tok, validation_text(), seq_len=SEQ_LEN,
-                         max_windows=args.max_windows)
-    return {"model": MODEL, "method": label, "spec": spec, "bits": cfg.bits,
-            "group_size": cfg.group_size, "sym": cfg.sym,
-            "bits_per_weight": rep.quantized_bits_per_weight(q), "ppl": ev["ppl"],
-            "bpc": ev["bpc"], "size_mb": rep.model_bytes(q) / 1e6, "quant_seconds": seconds,
-            "peak_gpu_gb": None,
-            "peak_cpu_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-            "device": rep.device_name(device),
-            "calib": f"training split, {N_CALIB} x {SEQ_LEN} chars, seed {SEED}",
-            "eval": f"validation split, seq_len {SEQ_LEN}, {ev['tokens']} chars, "
-                    f"{ev['windows']} windows",
-            "date": rep.today(), "commit": rep.git_commit()}
 
 
 def summary(records: list[dict]) -> str:
@@ -144,16 +118,10 @@ def main(argv=None) -> int:
 
     model, tok = load_embedded()
     model = model.to(args.device)
-    calib = char_windows(tok, training_text(), N_CALIB, SEQ_LEN, seed=SEED)
+    calib = nb.calibration(tok)
     ev = char_perplexity(model, tok, validation_text(), seq_len=SEQ_LEN,
                          max_windows=args.max_windows)
-    evdesc = (f"validation split, seq_len {SEQ_LEN}, {ev['tokens']} chars, "
-              f"{ev['windows']} windows")
-    records = [{"model": MODEL, "method": "float", "bits": None, "group_size": None,
-                "bits_per_weight": None, "ppl": ev["ppl"], "bpc": ev["bpc"],
-                "size_mb": rep.model_bytes(model) / 1e6, "quant_seconds": 0.0,
-                "device": rep.device_name(args.device), "eval": evdesc, "date": rep.today(),
-                "commit": rep.git_commit()}]
+    records = [nb.float_record(model, args.device, ev)]
     print(f"float ppl {ev['ppl']:.4f} ({ev['tokens']} chars)", flush=True)
     out = Path(args.out)
     merge_and_write(records, out)
@@ -161,7 +129,7 @@ def main(argv=None) -> int:
         for label in args.methods:
             name, _, opts = specs[label].partition(":")
             spec = f"{name}:{','.join(filter(None, [grid, opts]))}"
-            r = run_one(model, tok, label, spec, calib, args, args.device)
+            r, _ = nb.run_one(model, tok, label, spec, calib, args.device, args.max_windows)
             print(f"{label:20s} {grid:24s} bpw {r['bits_per_weight']:.3f} "
                   f"ppl {r['ppl']:.4f} ({r['quant_seconds']:.1f}s)", flush=True)
             merge_and_write([r], out)  # after every row: an interrupted run keeps its rows

@@ -16,23 +16,20 @@ other benchmarks found in the results folder.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import time
 from pathlib import Path
 
 import torch
 
-import kvant
 from kvant import report as rep
 from kvant.algorithms.registry import config_from_spec
-from kvant.calib.data_char import char_windows
 from kvant.eval.kl import FloatReference
-from kvant.model.nanogpt import load_embedded, training_text, validation_text
+from kvant.model.nanogpt import load_embedded, validation_text
 from kvant.nn.spqr_linear import SpQRLinear
 
-MODEL = "nanogpt-shakespeare"
-N_CALIB, SEQ_LEN, SEED = 128, 256, 0
+import nanogpt_bench as nb  # benchmarks/: the protocol the nanoGPT tables share
+from nanogpt_bench import MODEL, N_CALIB, SEED, SEQ_LEN
+
 CONFIGS = [  # (label, spec)
     ("gptq", "gptq:bits=4,group_size=128"),
     ("gptq-actorder", "gptq:bits=4,group_size=128,act_order=true"),
@@ -81,23 +78,12 @@ def _parts(model) -> dict:
             "outlier_fraction": nnz / weights}
 
 
-def run_one(model, tok, ref, label, spec, calib, args) -> dict:
-    """Quantize a copy of ``model`` with ``spec`` and score it: one benchmark record."""
-    cfg = config_from_spec(spec)
-    q = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    kvant.quantize(q, cfg, calib, kvant.EngineOptions(device=args.device, show_progress=False))
-    seconds = time.perf_counter() - t0
+def run_one(model, ref, label, spec, calib, args) -> dict:
+    """Quantize a copy of ``model`` with ``spec``, score it against the float reference
+    (perplexity and KL): one benchmark record with the SpQR bits split into parts."""
+    q, cfg, _, seconds = nb.quantize_copy(model, spec, calib, args.device)
     ev = ref.compare(q, show_progress=False)
-    return {"model": MODEL, "method": label, "spec": spec, "bits": cfg.bits,
-            "group_size": cfg.group_size, "sym": cfg.sym,
-            "bits_per_weight": rep.quantized_bits_per_weight(q), "ppl": ev["ppl"],
-            "kl": ev["kl"], "size_mb": rep.model_bytes(q) / 1e6, "quant_seconds": seconds,
-            "peak_gpu_gb": None, "device": rep.device_name(args.device), **_parts(q),
-            "calib": f"training split, {N_CALIB} x {SEQ_LEN} chars, seed {SEED}",
-            "eval": f"validation split, seq_len {SEQ_LEN}, {ev['tokens']} chars, "
-                    f"{ev['windows']} windows",
-            "date": rep.today(), "commit": rep.git_commit()}
+    return nb.record(q, label, spec, cfg, seconds, args.device, ev, **_parts(q))
 
 
 def table(records: list[dict]) -> str:
@@ -196,7 +182,7 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     model, tok = load_embedded()
     model = model.to(args.device)
-    calib = char_windows(tok, training_text(), N_CALIB, SEQ_LEN, SEED)
+    calib = nb.calibration(tok)
     ids = torch.tensor(tok.encode(validation_text()), dtype=torch.long)
     n_w = ids.numel() // SEQ_LEN
     if args.max_windows:
@@ -206,14 +192,11 @@ def main(argv=None) -> int:
     labels = {spec: label for label, spec in CONFIGS}
     configs = CONFIGS if args.configs is None else [
         (labels.get(s, config_from_spec(s).method), s) for s in args.configs]
-    records = [{"model": MODEL, "method": "float", "bits": None, "group_size": None,
-                "bits_per_weight": None, "ppl": ref.ppl, "kl": 0.0,
-                "size_mb": rep.model_bytes(model) / 1e6, "device": rep.device_name(args.device),
-                "eval": f"validation split, seq_len {SEQ_LEN}, {ref.tokens} chars, "
-                        f"{n_w} windows", "date": rep.today(), "commit": rep.git_commit()}]
+    records = [nb.float_record(model, args.device,
+                               {"ppl": ref.ppl, "tokens": ref.tokens, "windows": n_w})]
     print(f"float ppl {ref.ppl:.4f}", flush=True)
     for label, spec in configs:
-        r = run_one(model, tok, ref, label, spec, calib, args)
+        r = run_one(model, ref, label, spec, calib, args)
         print(f"{label:14s} {r['bits_per_weight']:.3f} b/w  ppl {r['ppl']:.4f}  "
               f"kl {r['kl']:.4f}  ({r['quant_seconds']:.0f} s)  {spec}", flush=True)
         records.append(r)
