@@ -240,7 +240,9 @@ def write_outputs(records: list[dict], out: Path, name: str) -> None:
              f"seq_len {ev['seq_len']}, {ev['windows']} windows — {base['device']}")
     devices = sorted({r["device"] for r in ok})
     note = (f"\nCalibration: {json.dumps(calib)}. Eval: {json.dumps(ev)}. "
-            f"Devices: {', '.join(devices)}. Commit {base['commit']}, {base['date']}.\n")
+            f"Devices: {', '.join(devices)}. Commits: "
+            f"{', '.join(sorted({r.get('commit', 'unknown') for r in ok}))}; {base['date']}. "
+            "The spec of every row is in the JSON.\n")
     failed = [r for r in records if "error" in r]
     if failed:
         note += "\nFailed: " + "; ".join(f"{r['spec']}: {r['error']}" for r in failed) + "\n"
