@@ -268,3 +268,27 @@ def test_outlier_budget_validation():
         AWQConfig(outlier_budget=0.6)
     with pytest.raises(ConfigError, match="group_size"):
         AWQConfig(group_size=-1, outlier_budget=0.01)
+
+
+def test_outliers_keep_their_unclipped_values():
+    """With a clip search and an outlier budget, the grid is fitted to the clipped weight but
+    every outlier stores the weight's value before the clip (fp16-exact)."""
+    from kvant.algorithms.awq import _AWQLayer
+    from kvant.nn.spqr_linear import SpQRLinear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(32, 64, generator=g)
+    clipped = w.clamp(-1.5, 1.5)  # ~13% of the weights lose range
+    cfg = AWQConfig(bits=3, group_size=32, outlier_budget=0.02)
+    layer = _AWQLayer("l", clipped, cfg, None, {}, unclipped=w)
+    layer.observe(torch.randn(256, 64, generator=g))
+    m = SpQRLinear.from_result(layer.quantize(), None, dtype=torch.float32)
+    deq = m.dequantized_weight()
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    counts = (m.outlier_rowptr[1:] - m.outlier_rowptr[:-1]).long()
+    mask[torch.repeat_interleave(torch.arange(32), counts), m.outlier_cols.long()] = True
+    was_clipped = mask & ((w - clipped).abs() > 0.05)
+    assert int(mask.sum()) >= 40 and int(was_clipped.sum()) >= 3
+    # dense part + fp16 residual = the unclipped weight (to the residual's fp16 rounding)
+    assert torch.allclose(deq[mask], w[mask], atol=2e-3)
+    assert float((deq[was_clipped] - clipped[was_clipped]).abs().min()) > 1e-3

@@ -44,9 +44,11 @@ class _AWQLayer(LayerQuantizer):
     """Rounds one (already scaled and clipped) Linear with RTN or GPTQ."""
 
     def __init__(self, name: str, weight: torch.Tensor, config: AWQConfig,
-                 input_scale: torch.Tensor | None, info: dict):
+                 input_scale: torch.Tensor | None, info: dict,
+                 unclipped: torch.Tensor | None = None):
         self.name, self.weight, self.config = name, weight, config
         self.input_scale, self.info = input_scale, info
+        self.unclipped = unclipped  # (N, K) scaled weight before the clip (outlier budget)
         self.acc = None
         if config.rounding == "gptq" or config.outlier_budget > 0:
             from kvant.core.hessian import HessianAccumulator
@@ -92,8 +94,17 @@ class _AWQLayer(LayerQuantizer):
                           act_order=cfg.act_order and cfg.rounding == "gptq",
                           damp_percent=cfg.damp_percent, block_size=cfg.block_size)
         if cfg.rounding == "gptq":
-            return spqr_gptq(self.weight, H, scfg, self.name)
-        return spqr_rtn(self.weight, H, scfg, self.name)
+            res = spqr_gptq(self.weight, H, scfg, self.name)
+        else:
+            res = spqr_rtn(self.weight, H, scfg, self.name)
+        if self.unclipped is not None:
+            # the clip shaped the dense grid; an outlier keeps its unclipped value
+            ex = res.extras
+            mask = ex["outlier_mask"]
+            d = self.unclipped.to(mask.device).float() - self.weight.to(mask.device).float()
+            ex["outlier_vals"] = torch.where(mask, ex["outlier_vals"] + d,
+                                             ex["outlier_vals"]).half().float()
+        return res
 
 
 def _structure_key(block: nn.Module, names: list[str]) -> tuple:
@@ -111,6 +122,7 @@ class AWQ(QuantMethod):
         super().__init__(config)
         self._plans: dict = {}        # structure key -> (inspected module, FoldPlan)
         self._input_scales: dict = {}  # Linear name in the current block -> (K,) scale
+        self._unclipped: dict = {}     # Linear name -> weight before the clip (outlier budget)
         self._layer_info: dict = {}    # Linear name in the current block -> report entries
 
     # -- per block ---------------------------------------------------------------------
@@ -121,7 +133,7 @@ class AWQ(QuantMethod):
         One pass over the calibration inputs captures what every group's search needs; a
         group is captured again only when an earlier group's fold changed its inputs (seen
         on the probe batch, which also verifies every fold)."""
-        self._input_scales, self._layer_info = {}, {}
+        self._input_scales, self._layer_info, self._unclipped = {}, {}, {}
         groups = [g for g in ([n for n in names if n in linears] for names in groups) if g]
         dtype = next(iter(linears.values())).weight.dtype
         tol = fold.probe_tolerance(dtype)
@@ -245,6 +257,8 @@ class AWQ(QuantMethod):
             x = torch.cat(samples[n])[: cfg.clip_tokens]
             w = linear_weight(linears[n]).detach().float()
             w_new, shrink = search_clip(w, x, cfg.qargs, cfg.clip_grid, cfg.clip_max_shrink)
+            if cfg.outlier_budget > 0:
+                self._unclipped[n] = w.clone()
             set_weight(linears[n], w_new)
             out[n] = round(shrink, 4)
             self._layer_info.setdefault(n, {})["awq_clip"] = round(shrink, 4)
@@ -260,4 +274,5 @@ class AWQ(QuantMethod):
 
     def layer_quantizer(self, name: str, weight: torch.Tensor) -> LayerQuantizer:
         return _AWQLayer(name, weight, self.config, self._lookup(self._input_scales, name),
-                         dict(self._lookup(self._layer_info, name) or {}))
+                         dict(self._lookup(self._layer_info, name) or {}),
+                         unclipped=self._lookup(self._unclipped, name))
