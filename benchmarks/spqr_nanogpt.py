@@ -59,6 +59,9 @@ CONFIGS = [  # (label, spec)
     ("rtn+outliers", "spqr:bits=3,group_size=16,base=rtn,outlier_budget=0.01,act_order=false"),
     # ... and on AWQ+GPTQ (AWQ's scales and clip, GPTQ rounding, 1% fp16 outliers)
     ("awq+gptq+outliers", "awq:bits=3,group_size=128,rounding=gptq,outlier_budget=0.01"),
+    ("awq+gptq+outliers-noclip", "awq:bits=3,group_size=128,rounding=gptq,outlier_budget=0.01,"
+                                 "clip_search=false"),
+    ("awq+outliers", "awq:bits=3,group_size=128,outlier_budget=0.01"),
 ]
 
 

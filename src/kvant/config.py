@@ -276,7 +276,8 @@ class AWQConfig(MethodConfig):
     outlier_budget: when > 0, keep this fraction of each Linear's (scaled) weights in fp16 as
         CSR outliers, chosen by SpQR's sensitivity rule and left out of the grids (the
         separable outlier path of :mod:`kvant.algorithms.spqr`; layers become SpQRLinear with
-        fp16 statistics).
+        fp16 statistics). Outliers keep their values from before the clip search; on the
+        nanoGPT table clip_search=False still measured better with outliers (4.413 vs 4.424).
     """
 
     method: ClassVar[str] = "awq"
