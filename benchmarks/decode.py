@@ -14,7 +14,7 @@ time. Our kernels are tuned for the model's shapes and the batch before capture.
 ``--model`` takes any HF causal-LM directory (timed in fp16, then RTN-quantized) or a kvant
 checkpoint (timed as stored; no fp16 row). Writes benchmarks/results/decode.{json,md}.
 
-Usage: ``PYTHONPATH=src python3 benchmarks/decode.py [--batches 1,8] [--model DIR]``.
+Usage: ``PYTHONPATH=src python3 benchmarks/decode.py [--batches 1,8] [--model DIR|GGUF] [--name STEM]``.
 """
 
 from __future__ import annotations
@@ -193,6 +193,7 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--name", default="decode", help="output file stem")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     device = torch.cuda.get_device_name(0)
@@ -236,7 +237,7 @@ def main() -> None:
                          speedup=(fp16[b] / sec) if b in fp16 else None, weight_gb=gb))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "decode.json").write_text(json.dumps(rows, indent=1))
+    (out / f"{args.name}.json").write_text(json.dumps(rows, indent=1))
     lines = [f"# Decode speed on {device}", "",
              f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}. Model "
              f"`{name}`; one token per sequence per step, static KV cache of {args.ctx}, each "
@@ -249,8 +250,8 @@ def main() -> None:
         sp = f"{r['speedup']:.2f}×" if r["speedup"] else "–"
         lines.append(f"| {w} | {r['batch']} | {r['ms_per_step']:.2f} | "
                      f"{r['tokens_per_s']:.1f} | {sp} | {r['weight_gb']:.2f} |")
-    (out / "decode.md").write_text("\n".join(lines) + "\n")
-    log(f"wrote {out}/decode.{{json,md}}")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    log(f"wrote {out}/{args.name}.{{json,md}}")
 
 
 if __name__ == "__main__":
