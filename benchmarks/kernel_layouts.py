@@ -71,6 +71,7 @@ def main() -> None:
     import kvant.kernels.triton.dispatch as d
     from kvant.kernels.triton import repack as rp
 
+    d.WIDE_SEARCH = True  # stages 3-5, one or two chunks an iteration, up to 16 splits
     batches = [int(b) for b in args.batches.split(",")]
     tiles = [int(t) for t in args.tiles.split(",")]
     log = lambda msg: print(msg, flush=True)  # noqa: E731

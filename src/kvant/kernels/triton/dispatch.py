@@ -35,6 +35,7 @@ DOT_MAX_M = 64  # above: dequantize + cuBLAS (the H200 tuning run chose it at 12
 _COUNTER_SLOTS = 1 << 16  # split-K tile counters per device
 _SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles a program may keep in shared memory
 MAGIC = 0x4B000000  # float bits of 2**23, passed at run time (see planes.py)
+WIDE_SEARCH = False  # candidates(): the wider space of the layout sweep
 
 
 @dataclass(frozen=True)
@@ -213,10 +214,12 @@ def candidates(m: int, p: rp.PackedWeight, device: torch.device) -> list[Config]
                 if bn * cpi <= (32 if p.bits == 3 else 64):  # 3 bits: registers
                     out.update(Config("gemv", bn=bn, bm=1, split=s, cpi=cpi) for s in splits)
     bm = block_m("dot", m, p.bits)
-    # pairs layout: also deeper pipelines, two chunks an iteration and 16 splits
-    stages = (3, 4, 5) if p.pairs else (3,)
-    cpis = (1, 2) if p.pairs else (1,)
-    if p.pairs:
+    # WIDE_SEARCH (benchmarks/kernel_layouts.py): also deeper pipelines, two chunks an
+    # iteration and 16 splits for the pairs layout; on the H200 they were never faster
+    wide = WIDE_SEARCH and p.pairs
+    stages = (3, 4, 5) if wide else (3,)
+    cpis = (1, 2) if wide else (1,)
+    if wide:
         splits = splits + (16,)
     for bn in (32, 64, 128):
         if bn * bm > 8192:
