@@ -194,6 +194,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--name", default="decode", help="output file stem")
+    ap.add_argument("--fuse", action="store_true",
+                    help="fuse q/k/v and gate/up (kvant.nn.fuse) in both the fp16 and the W4 "
+                         "model: one GEMV per shared input")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     device = torch.cuda.get_device_name(0)
@@ -212,9 +215,17 @@ def main() -> None:
     else:
         model = llama7b_shaped(args.layers)
         name = f"llama2-7b-shape-random-{args.layers}L"
+    if args.fuse:  # before RTN: the fused float layers are then quantized as one
+        from kvant.nn.fuse import find_siblings, fuse_siblings
+
+        probe = torch.zeros(1, 4, dtype=torch.long, device="cuda")
+        fused = fuse_siblings(model, find_siblings(model, input_ids=probe))
+        log(f"fused {len(fused)} groups of sibling Linears")
+        name += "-fused"
     rows = []
     meta = dict(model=name, device=device, date=datetime.date.today().isoformat(),
-                commit=_commit(), ctx=args.ctx, steps=args.steps, torch=torch.__version__)
+                commit=_commit(), ctx=args.ctx, steps=args.steps, torch=torch.__version__,
+                fused=args.fuse)
     fp16 = {}
     if not quantized_input:
         gb = weight_bytes(model) / 1e9

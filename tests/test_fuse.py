@@ -1,0 +1,91 @@
+"""Fusing sibling QuantLinears (q/k/v, gate/up) gives the same outputs with fewer layers."""
+
+import pytest
+import torch
+
+from kvant.calib.engine import quantize_model
+from kvant.config import EngineOptions, GPTQConfig, RTNConfig
+from kvant.nn.fuse import FusedSlice, can_fuse, find_siblings, fuse_siblings
+from kvant.nn.qlinear import QuantLinear
+
+CPU = EngineOptions(device="cpu", show_progress=False, batch_size=4)
+
+
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def test_fused_llama_matches_unfused():
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(0))
+    quantize_model(model, RTNConfig(bits=4, group_size=32), None, CPU)
+    ref = model(ids).logits
+    groups = find_siblings(model, ids)
+    assert sorted(map(len, groups)) == [2, 2, 3, 3]  # q/k/v and gate/up of both blocks
+    assert ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj",
+            "model.layers.0.self_attn.v_proj"] in groups
+    assert fuse_siblings(model, groups) == groups
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn.k_proj, FusedSlice) and attn.q_proj.fused.out_features == 64 + 2 * 32
+    n_quant = sum(isinstance(m, QuantLinear) for m in model.modules())
+    assert n_quant == 2 * 4  # per block: fused qkv, o, fused gate/up, down
+    out = model(ids).logits
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    out2 = model(ids).logits  # a second forward recomputes, nothing stale
+    assert torch.equal(out, out2)
+
+
+def test_what_cannot_fuse():
+    a = QuantLinear(64, 32, 4, 32)
+    assert can_fuse([a]) is not None
+    assert "group_size" in can_fuse([a, QuantLinear(64, 32, 4, 16)])
+    assert "act-order" in can_fuse([a, QuantLinear(64, 32, 4, 32, act_order=True)])
+    assert "bias" in can_fuse([a, QuantLinear(64, 32, 4, 32, bias=True)])
+    assert can_fuse([a, QuantLinear(64, 48, 4, 32)]) is None
+    with pytest.raises(ValueError, match="not a QuantLinear"):
+        fuse_siblings(torch.nn.Sequential(torch.nn.ReLU()), [["0"]])
+    lin = torch.nn.Linear(64, 8)
+    assert "only plain" in can_fuse([a, lin])
+
+
+@torch.no_grad()
+def test_fused_float_llama_matches_unfused():
+    """The fp16 baseline fuses the same way (nn.Linear weights concatenated)."""
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+    ref = model(ids).logits
+    groups = find_siblings(model, ids)
+    assert sorted(map(len, groups)) == [2, 2, 3, 3]  # lm_head reads its own input
+    fuse_siblings(model, groups)
+    assert isinstance(model.model.layers[1].mlp.up_proj, FusedSlice)
+    assert torch.allclose(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_act_order_layers_stay_unfused():
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(1))
+    quantize_model(model, GPTQConfig(bits=4, group_size=32, act_order=True), ids, CPU)
+    groups = find_siblings(model, ids)
+    assert groups and fuse_siblings(model, groups) == []
+
+
+@torch.no_grad()
+def test_quantizing_a_fused_float_model_equals_fusing_a_quantized_one():
+    """RTN grids are per row, so quantizing the fused float layer (the slices look the layer
+    up on their owner) gives the model that fusing the quantized siblings gives."""
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+    a = tiny_llama()
+    fuse_siblings(a, find_siblings(a, ids))
+    quantize_model(a, RTNConfig(bits=4, group_size=32), None, CPU)
+    assert isinstance(a.model.layers[0].self_attn.q_proj.fused, QuantLinear)
+    b = tiny_llama()
+    quantize_model(b, RTNConfig(bits=4, group_size=32), None, CPU)
+    fuse_siblings(b, find_siblings(b, ids))
+    assert torch.allclose(a(ids).logits, b(ids).logits, rtol=1e-5, atol=1e-5)
