@@ -340,8 +340,11 @@ def main() -> None:
         f"{len(failed)} failed: {failed[:3]}")
 
     rows = []
+    partial = Path(args.out) / "kernels_partial.json"  # what a cut-off run still returns
+    partial.parent.mkdir(parents=True, exist_ok=True)
     for n, k in shapes:
         rows += bench_shape(n, k, 4, batches, True, log)
+        partial.write_text(json.dumps(rows, indent=1))
     for bits, bshapes in low.items():
         for n, k in bshapes:
             if (n, k) in shapes:
@@ -349,6 +352,7 @@ def main() -> None:
     meta["peer_err"] = ", ".join(sorted({f"{r['peer_rel_err']:.1e}" for r in rows
                                           if r["peer_rel_err"] is not None}))
     write_outputs(rows, Path(args.out), device, meta)
+    partial.unlink(missing_ok=True)
     log(f"wrote {args.out}/kernels.{{json,md,png}} ({len(rows)} rows)")
 
 
