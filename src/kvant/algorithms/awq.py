@@ -60,18 +60,15 @@ class _AWQLayer(LayerQuantizer):
 
     def quantize(self) -> LayerResult:
         cfg = self.config
-        H = None
-        if self.acc is not None:
-            H = self.acc.result(self.name)
+        H = self.acc.result(self.name) if self.acc is not None else None
+        self.acc = None
         if cfg.outlier_budget > 0:
             res = self._with_outliers(H)
-            self.acc = None
         elif H is not None:
             from kvant.algorithms.gptq import gptq_quantize
             res = gptq_quantize(self.weight, H, cfg.qargs, block_size=cfg.block_size,
                                 damp_percent=cfg.damp_percent, act_order=cfg.act_order,
                                 layer=self.name)
-            self.acc = None
         else:
             q, p = rtn(self.weight, cfg.qargs, self.name)
             s, z = p.expand(q.shape[1])
