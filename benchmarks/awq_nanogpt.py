@@ -20,11 +20,7 @@ import json
 import re
 from pathlib import Path
 
-import torch
-
 from kvant import report as rep
-from kvant.eval.perplexity import char_perplexity
-from kvant.model.nanogpt import load_embedded, validation_text
 
 import nanogpt_bench as nb  # benchmarks/: the protocol the nanoGPT tables share
 from nanogpt_bench import N_CALIB, SEED, SEQ_LEN
@@ -108,15 +104,9 @@ def main(argv=None) -> int:
     if args.combine:
         combine([Path(f) for f in args.combine], Path(args.out), args.name)
         return 0
-    torch.manual_seed(0)
-    torch.set_grad_enabled(False)
-    model, tok = load_embedded()
-    model = model.to(args.device)
-    calib = nb.calibration(tok)
-    ev = char_perplexity(model, tok, validation_text(), seq_len=SEQ_LEN,
-                         max_windows=args.max_windows)
-    records = [nb.float_record(model, args.device, ev)]
-    print(f"float ppl {ev['ppl']:.3f}", flush=True)
+    model, tok, calib = nb.setup(args.device)
+    records = [nb.float_row(model, tok, args.device, args.max_windows)]
+    print(f"float ppl {records[0]['ppl']:.3f}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for grid in args.grids:

@@ -18,8 +18,6 @@ from pathlib import Path
 import torch
 
 from kvant import report as rep
-from kvant.eval.perplexity import char_perplexity
-from kvant.model.nanogpt import load_embedded, validation_text
 
 import nanogpt_bench as nb  # benchmarks/: the protocol the nanoGPT tables share
 from nanogpt_bench import N_CALIB, SEED, SEQ_LEN
@@ -64,17 +62,11 @@ def main(argv=None) -> int:
                    help="CPU threads (1: immune to a busy machine's thread contention)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
-    torch.manual_seed(0)
-    torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
-    model, tok = load_embedded()
-    model = model.to(args.device)
-    calib = nb.calibration(tok)
+    model, tok, calib = nb.setup(args.device)
     specs = dict(METHODS)
-    ev = char_perplexity(model, tok, validation_text(), seq_len=SEQ_LEN,
-                         max_windows=args.max_windows)
-    records = [nb.float_record(model, args.device, ev)]
-    print(f"float ppl {ev['ppl']:.3f}", flush=True)
+    records = [nb.float_row(model, tok, args.device, args.max_windows)]
+    print(f"float ppl {records[0]['ppl']:.3f}", flush=True)
     for bits in args.bits:
         for gs in args.groups:
             for label in args.methods:

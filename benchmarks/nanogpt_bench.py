@@ -10,15 +10,32 @@ from __future__ import annotations
 import copy
 import time
 
+import torch
+
 import kvant
 from kvant import report as rep
 from kvant.algorithms.registry import config_from_spec
 from kvant.calib.data_char import char_windows
 from kvant.eval.perplexity import char_perplexity
-from kvant.model.nanogpt import training_text, validation_text
+from kvant.model.nanogpt import load_embedded, training_text, validation_text
 
 MODEL = "nanogpt-shakespeare"
 N_CALIB, SEQ_LEN, SEED = 128, 256, 0
+
+
+def setup(device: str):
+    """Seeded, gradient-free start: (embedded model on ``device``, tokenizer, calibration)."""
+    torch.manual_seed(0)
+    torch.set_grad_enabled(False)
+    model, tok = load_embedded()
+    model = model.to(device)
+    return model, tok, calibration(tok)
+
+
+def float_row(model, tok, device: str, max_windows: int | None = None) -> dict:
+    """The float model scored like every quantized row: its record (the table's first)."""
+    ev = char_perplexity(model, tok, validation_text(), seq_len=SEQ_LEN, max_windows=max_windows)
+    return float_record(model, device, ev)
 
 
 def calibration(tok):

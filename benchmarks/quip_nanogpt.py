@@ -22,8 +22,6 @@ from pathlib import Path
 import torch
 
 from kvant import report as rep
-from kvant.eval.perplexity import char_perplexity
-from kvant.model.nanogpt import load_embedded, validation_text
 
 import nanogpt_bench as nb  # benchmarks/: the protocol the nanoGPT tables share
 from nanogpt_bench import N_CALIB, SEED, SEQ_LEN
@@ -108,21 +106,15 @@ def main(argv=None) -> int:
                    help="CPU threads (1: immune to a busy machine's thread contention)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
-    torch.manual_seed(0)
-    torch.set_grad_enabled(False)
     torch.set_num_threads(args.threads)
     specs = dict(METHODS)
     unknown = set(args.methods) - set(specs)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; known {sorted(specs)}")
 
-    model, tok = load_embedded()
-    model = model.to(args.device)
-    calib = nb.calibration(tok)
-    ev = char_perplexity(model, tok, validation_text(), seq_len=SEQ_LEN,
-                         max_windows=args.max_windows)
-    records = [nb.float_record(model, args.device, ev)]
-    print(f"float ppl {ev['ppl']:.4f} ({ev['tokens']} chars)", flush=True)
+    model, tok, calib = nb.setup(args.device)
+    records = [nb.float_row(model, tok, args.device, args.max_windows)]
+    print(f"float ppl {records[0]['ppl']:.4f}", flush=True)
     out = Path(args.out)
     merge_and_write(records, out)
     for grid in args.grid:

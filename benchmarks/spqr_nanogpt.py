@@ -24,7 +24,7 @@ import torch
 from kvant import report as rep
 from kvant.algorithms.registry import config_from_spec
 from kvant.eval.kl import FloatReference
-from kvant.model.nanogpt import load_embedded, validation_text
+from kvant.model.nanogpt import validation_text
 from kvant.nn.spqr_linear import SpQRLinear
 
 import nanogpt_bench as nb  # benchmarks/: the protocol the nanoGPT tables share
@@ -181,11 +181,7 @@ def main(argv=None) -> int:
     if args.replot:
         write_outputs(json.loads(Path(args.replot).read_text()), out)
         return 0
-    torch.manual_seed(0)
-    torch.set_grad_enabled(False)
-    model, tok = load_embedded()
-    model = model.to(args.device)
-    calib = nb.calibration(tok)
+    model, tok, calib = nb.setup(args.device)
     ids = torch.tensor(tok.encode(validation_text()), dtype=torch.long)
     n_w = ids.numel() // SEQ_LEN
     if args.max_windows:
