@@ -16,8 +16,8 @@ from kvant.calib.data import calibration_data
 from kvant.eval.perplexity import perplexity
 
 __all__ = [
-    "AWQConfig", "ConfigError", "EngineOptions", "GPTQConfig", "MethodConfig", "QuantArgs", "RTNConfig",
-    "SpQRConfig",
+    "AWQConfig", "ConfigError", "EngineOptions", "GPTQConfig", "MethodConfig", "QuantArgs",
+    "RTNConfig", "SpQRConfig",
     "quantize", "save_quantized", "load_quantized", "calibration_for", "evaluate",
     "load_model", "calibration_data", "perplexity",
 ]

@@ -29,7 +29,7 @@ import torch.nn as nn
 from kvant.algorithms.awq_search import (capture_groups, changed, inspected_module,
                                          probe_signature, search_clip, search_scale,
                                          set_weight, small_probe)
-from kvant.algorithms.base import LayerQuantizer, LayerResult, QuantMethod
+from kvant.algorithms.base import LayerQuantizer, LayerResult, QuantMethod, block_relative
 from kvant.algorithms.registry import register
 from kvant.config import AWQConfig
 from kvant.core.grid import rtn
@@ -263,11 +263,8 @@ class AWQ(QuantMethod):
 
     # -- per layer ------------------------------------------------------------------------
     def _lookup(self, table: dict, name: str):
-        best = None
-        for rel in table:
-            if (name == rel or name.endswith("." + rel)) and (best is None or len(rel) > len(best)):
-                best = rel
-        return table.get(best) if best is not None else None
+        rel = block_relative(name, table)
+        return table[rel] if rel is not None else None
 
     def layer_quantizer(self, name: str, weight: torch.Tensor) -> LayerQuantizer:
         return _AWQLayer(name, weight, self.config, self._lookup(self._input_scales, name),

@@ -59,6 +59,16 @@ class LayerQuantizer:
 BlockRunner = Callable[[], list]
 
 
+def block_relative(name: str, relative_names) -> str | None:
+    """The longest of ``relative_names`` (names inside a block) that the full layer ``name``
+    ends with, or None: how a layer_quantizer call finds what prepare_block recorded."""
+    best = None
+    for rel in relative_names:
+        if (name == rel or name.endswith("." + rel)) and (best is None or len(rel) > len(best)):
+            best = rel
+    return best
+
+
 class QuantMethod:
     """A quantization method: per-layer quantizers plus optional block-level preparation."""
 

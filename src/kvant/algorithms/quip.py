@@ -32,7 +32,7 @@ import logging
 
 import torch
 
-from kvant.algorithms.base import LayerQuantizer, LayerResult
+from kvant.algorithms.base import LayerQuantizer, LayerResult, block_relative
 from kvant.algorithms.gptq import GPTQ, gptq_quantize
 from kvant.algorithms.registry import register
 from kvant.config import QuIPConfig
@@ -162,14 +162,10 @@ class QuIP(GPTQ):
         return {}
 
     def _input_key(self, name: str) -> str:
-        # name = block prefix + block-relative name; the longest matching suffix is the layer
-        best = ""
-        for rel in self._input_of:
-            if (name == rel or name.endswith("." + rel)) and len(rel) > len(best):
-                best = rel
-        if not best:
+        rel = block_relative(name, self._input_of)  # name = block prefix + rel
+        if rel is None:
             return name
-        return name[: len(name) - len(best)] + self._input_of[best]
+        return name[: len(name) - len(rel)] + self._input_of[rel]
 
     def layer_quantizer(self, name: str, weight: torch.Tensor) -> LayerQuantizer:
         return _QuIPLayer(self, name, weight, self._input_key(name))
