@@ -195,7 +195,7 @@ def test_shared_input_rotation_is_reused_exactly():
     x = torch.randn(3, 64)
     a(x)
     memo_y = b(x)  # reuses a's V x
-    assert QuipLinear._last_input[0]() is x
+    assert QuipLinear._last_input[0][0]() is x  # the memo holds (input key, V digest, V x)
     QuipLinear._last_input = None
     assert torch.equal(b(x), memo_y)
     x.mul_(2)  # in-place change: the memo must not be used

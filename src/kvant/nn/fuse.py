@@ -6,8 +6,8 @@ rows of such siblings into one :class:`~kvant.nn.qlinear.QuantLinear` (same bits
 input scale; no act-order permutation, which differs per layer) and replaces each sibling by
 a :class:`FusedSlice` that returns its rows of the fused output. Plain ``nn.Linear`` siblings
 (the float baseline) fuse the same way, by concatenating their weights. The fused layer runs once
-per input: the first slice to see an input computes it, the others reuse it (matched by the
-input tensor's identity and version), so the model's own forward code is unchanged.
+per input: the first slice to see an input computes it, the others reuse it (the very input
+tensor, unmodified: :mod:`kvant.nn.memo`), so the model's own forward code is unchanged.
 
 This is an inference-time transform, for eager execution and CUDA-graph capture; a fused
 model is not meant to be saved (the checkpoint stores the unfused layers) and its cache is
@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from kvant.nn.memo import input_key, same_input
 from kvant.nn.qlinear import QuantLinear
 
 __all__ = ["FusedSlice", "fuse_siblings", "can_fuse", "find_siblings"]
@@ -37,9 +38,8 @@ class _FusedGroup:
         self._left = 0
 
     def output(self, x: torch.Tensor, i: int) -> torch.Tensor:
-        key = (id(x), x._version, x.data_ptr())
-        if self._key != key or self._left == 0:
-            self._y, self._key = self.owner.fused(x), key
+        if self._left == 0 or not same_input(self._key, x):
+            self._y, self._key = self.owner.fused(x), input_key(x)
             self._left = len(self.bounds) - 1
         y = self._y[..., self.bounds[i]:self.bounds[i + 1]]
         self._left -= 1
@@ -129,13 +129,19 @@ def find_siblings(model: nn.Module, *args, **kwargs) -> list[list[str]]:
     """Names of the QuantLinears and nn.Linears that read the very same input tensor during
     one forward of ``model(*args, **kwargs)`` (q/k/v, gate/up, ...), groups of two or more in
     call order."""
-    seen: dict[tuple, list[str]] = {}
+    # (input tensor, its version, names); holding the tensors keeps a freed input's memory
+    # from being taken for a later, different one
+    seen: list[tuple] = []
     handles = []
 
     def hook(name):
         def fn(_m, a):
             x = a[0]
-            seen.setdefault((id(x), x._version, x.data_ptr()), []).append(name)
+            for t, version, names in seen:
+                if t is x and version == x._version:
+                    names.append(name)
+                    return
+            seen.append((x, x._version, [name]))
         return fn
 
     for name, m in model.named_modules():
@@ -146,7 +152,7 @@ def find_siblings(model: nn.Module, *args, **kwargs) -> list[list[str]]:
     finally:
         for h in handles:
             h.remove()
-    return [names for names in seen.values() if len(names) > 1]
+    return [names for _, _, names in seen if len(names) > 1]
 
 
 def fuse_siblings(model: nn.Module, groups: list[list[str]]) -> list[list[str]]:

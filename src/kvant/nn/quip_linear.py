@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import weakref
 
 import torch
 
 from kvant.algorithms.base import LayerResult
 from kvant.core.hadamard import RandomizedHadamard, pack_signs, split_size, unpack_signs
 from kvant.kernels import ops
+from kvant.nn.memo import input_key, same_input
 from kvant.nn.qlinear import QuantLinear, register_kind
 
 
@@ -42,7 +42,7 @@ class QuipLinear(QuantLinear):
     """QuantLinear in the rotated basis of QuIP; forward ``Uᵀ Q(W̃) V x`` (+ bias)."""
 
     kind = "quip"
-    # (weakref to input x, x._version, digest of V, V x): see the module docstring
+    # (input key of x, digest of V, V x): see the module docstring
     _last_input: tuple | None = None
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, *,
@@ -126,11 +126,10 @@ class QuipLinear(QuantLinear):
         if torch.compiler.is_compiling():
             return v.forward(x)
         memo = QuipLinear._last_input
-        if (memo is not None and memo[0]() is x and memo[1] == x._version
-                and memo[2] == self._vkey):
-            return memo[3]
+        if memo is not None and same_input(memo[0], x) and memo[1] == self._vkey:
+            return memo[2]
         xr = v.forward(x)
-        QuipLinear._last_input = (weakref.ref(x), x._version, self._vkey, xr)
+        QuipLinear._last_input = (input_key(x), self._vkey, xr)
         return xr
 
     def rotated_weight(self) -> torch.Tensor:
