@@ -1,7 +1,8 @@
 """Decode tokens/s, fp16 vs weight-only 4-bit, each step one replayed CUDA graph (issue 8).
 
 Default model: a Llama-2-7B-shaped LlamaForCausalLM (32 blocks, d 4096, 11008 intermediate,
-32 heads, vocab 32000) with random fp16 weights. It is timed in fp16, then every Linear of
+32 heads, vocab 32000) with random fp16 weights (``--shape smollm2-135m``: SmolLM2-135M's
+shapes). It is timed in fp16, then every Linear of
 its blocks is quantized with kvant's RTN grid (``core.grid.rtn``, asymmetric, ``--bits``
 ``--group-size``; lm_head stays fp16, as usual) into packed QuantLinears, and timed again.
 
@@ -9,12 +10,15 @@ A decode step is captured once as a CUDA graph (one token per sequence, a static
 ``--ctx`` positions, attention masked to the positions written so far) and replayed; the
 step runs the HF decoder layers directly with our own position and mask tensors, so no
 host-side logic of the HF top-level forward runs inside the graph. tokens/s = batch x steps /
-time. Our kernels are tuned for the model's shapes and the batch before capture.
+time. Our kernels are tuned for the model's shapes and the batch before capture. With
+``--compile`` the step is torch.compile-d (one graph, no break: the cache is initialised by
+an eager step first) before the capture; ``--fuse`` runs q/k/v and gate/up as one layer.
 
 ``--model`` takes any HF causal-LM directory (timed in fp16, then RTN-quantized) or a kvant
 checkpoint (timed as stored; no fp16 row). Writes benchmarks/results/decode.{json,md}.
 
-Usage: ``PYTHONPATH=src python3 benchmarks/decode.py [--batches 1,8] [--model DIR|GGUF] [--name STEM]``.
+Usage: ``PYTHONPATH=src python3 benchmarks/decode.py [--batches 1,8] [--model DIR|GGUF]
+[--shape NAME] [--fuse] [--compile] [--name STEM]``.
 """
 
 from __future__ import annotations
@@ -36,13 +40,26 @@ def _commit() -> str:
     return git_commit()
 
 
-def llama7b_shaped(layers: int = 32):
-    """Random fp16 LlamaForCausalLM with Llama-2-7B's shapes, on the GPU."""
+# random-weight shapes (the time of a step does not depend on the values)
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    # SmolLM2-135M's config: 30 blocks, d 576, 9 query / 3 key-value heads, tied embeddings
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                         tie_word_embeddings=True),
+}
+
+
+def random_llama(shape: str, layers: int = 0):
+    """Random fp16 LlamaForCausalLM with the shapes of ``SHAPES[shape]`` (``layers`` > 0
+    overrides the block count), on the GPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                      max_position_embeddings=4096)
+    kw = dict(SHAPES[shape])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    cfg = LlamaConfig(max_position_embeddings=4096, **kw)
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float16)
@@ -117,6 +134,9 @@ class Decoder:
         self.pos.add_(1)
 
     def capture(self, warmup: int = 3):
+        # one eager step first: the StaticCache allocates its layers lazily, which would
+        # otherwise break the compiled graph and recompile it once per layer
+        self.step()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -128,8 +148,8 @@ class Decoder:
             self._run()
 
     def time(self, steps: int) -> float:
-        """Seconds per step over ``steps`` replays (positions keep advancing)."""
-        self.pos.fill_(8)
+        """Seconds per step over ``steps`` replays (positions keep advancing; our position
+        and the StaticCache's own write counter advance together, one per step)."""
         self.graph.replay()
         torch.cuda.synchronize()
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -216,7 +236,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="", help="HF dir or kvant checkpoint (default: random "
                                                 "Llama-2-7B shape)")
-    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES),
+                    help="random-weight model shape when --model is not given")
+    ap.add_argument("--layers", type=int, default=0, help="override the block count")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--batches", default="1,8")
@@ -231,7 +253,7 @@ def main() -> None:
                     help="torch.compile the decode step (both models) before graph capture")
     args = ap.parse_args()
     if args.compile:  # one compiled step per (model, batch): four or more graphs
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     batches = [int(b) for b in args.batches.split(",")]
     device = torch.cuda.get_device_name(0)
 
@@ -247,8 +269,8 @@ def main() -> None:
         quantized_input = hasattr(model, "kvant_quantization_config")
         name = Path(args.model).name
     else:
-        model = llama7b_shaped(args.layers)
-        name = f"llama2-7b-shape-random-{args.layers}L"
+        model = random_llama(args.shape, args.layers)
+        name = f"{args.shape}-shape-random-{model.config.num_hidden_layers}L"
     if args.fuse:  # before RTN: the fused float layers are then quantized as one
         from kvant.nn.fuse import find_siblings, fuse_siblings
 

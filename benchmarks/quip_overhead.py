@@ -82,10 +82,29 @@ def time_pass(fn, reps: int, device) -> float:
     return statistics.median(times)
 
 
-def measure(model: str, bits: int, group_size: int, reps: int, device) -> dict:
-    """ms per token for plain and QuIP layers of ``model``, and for the transforms alone."""
+def graphed(fn):
+    """``fn`` captured once as a CUDA graph (after warm-up on a side stream, which also fills
+    the kernels' repacked caches); returns the replay. Times GPU work only: no Python or
+    launch overhead, as in a graph-captured decode step."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def measure(model: str, bits: int, group_size: int, reps: int, device,
+            graph: bool = False) -> dict:
+    """ms per token for plain and QuIP layers of ``model``, and for the transforms alone;
+    ``graph``: each pass replayed as one CUDA graph instead of run eagerly."""
     groups, blocks = MODELS[model]
     out = {}
+    wrap = graphed if graph else (lambda f: f)
     for kind in ("quant", "quip"):
         built = build_groups(groups, blocks, kind, bits, group_size, device)
 
@@ -93,7 +112,7 @@ def measure(model: str, bits: int, group_size: int, reps: int, device) -> dict:
             for x, mods in built:
                 for m in mods:
                     m(x)
-        out[kind] = time_pass(run, reps, device)
+        out[kind] = time_pass(wrap(run), reps, device)
         if kind == "quip":
             ys = {n: torch.randn(1, 1, n, device=device, dtype=torch.float16)
                   for _, ns in groups for n in ns}
@@ -105,9 +124,9 @@ def measure(model: str, bits: int, group_size: int, reps: int, device) -> dict:
                     v.forward(x)
                     for u in us:
                         u.inverse(ys[u.n])
-            out["transforms"] = time_pass(transforms_only, reps, device)
+            out["transforms"] = time_pass(wrap(transforms_only), reps, device)
         n_layers = sum(len(mods) for _, mods in built)
-        del built
+        built = None  # free the layers before the next kind
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"model": model, "bits": bits, "group_size": group_size, "layers": n_layers,
@@ -115,7 +134,7 @@ def measure(model: str, bits: int, group_size: int, reps: int, device) -> dict:
             "ms_per_token_transforms": out["transforms"],
             "overhead_ms": out["quip"] - out["quant"],
             "overhead_pct": 100 * (out["quip"] / out["quant"] - 1),
-            "dtype": "float16", "batch": 1}
+            "dtype": "float16", "batch": 1, "mode": "cuda graph" if graph else "eager"}
 
 
 def main(argv=None) -> int:
@@ -130,19 +149,25 @@ def main(argv=None) -> int:
     torch.set_grad_enabled(False)
     device = torch.device(args.device)
     records = []
-    for model in args.models:
-        r = measure(model, args.bits, args.group_size, args.reps, device)
-        r.update(device=rep.device_name(device), date=rep.today(), commit=rep.git_commit())
-        records.append(r)
-        print(json.dumps(r), flush=True)
+    # eager: what a Python loop over the layers pays (launches and dispatch included);
+    # CUDA graph (GPU only): the GPU time alone, as in a graph-captured decode step
+    for graph in ((False, True) if device.type == "cuda" else (False,)):
+        for model in args.models:
+            r = measure(model, args.bits, args.group_size, args.reps, device, graph)
+            r.update(device=rep.device_name(device), date=rep.today(), commit=rep.git_commit())
+            records.append(r)
+            print(json.dumps(r), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rep.write_json(records, out / "quip_overhead.json")
     lines = [f"## QuIP transform overhead, decode (batch 1, fp16), {records[0]['device']}", "",
-             "| model | linears | W | ms/token QuantLinear | ms/token QuipLinear | "
-             "transforms alone ms | overhead % |", "|---|---|---|---|---|---|---|"]
+             "Eager: one Python call per layer, as timed by CUDA events (launch and dispatch "
+             "overhead included). CUDA graph: the same pass captured and replayed, GPU time "
+             "only.", "",
+             "| mode | model | linears | W | ms/token QuantLinear | ms/token QuipLinear | "
+             "transforms alone ms | overhead % |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['model']} | {r['layers']} | {r['bits']}-bit "
+        lines.append(f"| {r['mode']} | {r['model']} | {r['layers']} | {r['bits']}-bit "
                      f"{rep.group_label(r['group_size'])} | {r['ms_per_token_quant']:.3f} | "
                      f"{r['ms_per_token_quip']:.3f} | {r['ms_per_token_transforms']:.3f} | "
                      f"{r['overhead_pct']:+.1f} |")

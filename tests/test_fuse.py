@@ -89,3 +89,25 @@ def test_quantizing_a_fused_float_model_equals_fusing_a_quantized_one():
     quantize_model(b, RTNConfig(bits=4, group_size=32), None, CPU)
     fuse_siblings(b, find_siblings(b, ids))
     assert torch.allclose(a(ids).logits, b(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_fused_model_compiles_in_one_graph():
+    """Under torch.compile the siblings share the fused product without the weak-reference
+    memo: one graph, no break, the eager logits."""
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (2, 8), generator=torch.Generator().manual_seed(1))
+    quantize_model(model, RTNConfig(bits=4, group_size=32), None, CPU)
+    fuse_siblings(model, find_siblings(model, ids))
+    ref = model(ids, use_cache=False).logits
+
+    def fwd(x):
+        return model(x, use_cache=False).logits
+
+    explained = torch._dynamo.explain(fwd)(ids)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    torch._dynamo.reset()
+    out = torch.compile(fwd, backend="eager")(ids)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
+    group = model.model.layers[0].self_attn.q_proj._group
+    assert group._y is None  # the last sibling dropped the shared product

@@ -9,9 +9,10 @@ a :class:`FusedSlice` that returns its rows of the fused output. Plain ``nn.Line
 per input: the first slice to see an input computes it, the others reuse it (the very input
 tensor, unmodified: :mod:`kvant.nn.memo`), so the model's own forward code is unchanged.
 
-This is an inference-time transform, for eager execution and CUDA-graph capture; a fused
-model is not meant to be saved (the checkpoint stores the unfused layers) and its cache is
-not traced by ``torch.compile``.
+This is an inference-time transform, for eager execution, CUDA-graph capture and
+``torch.compile`` (which cannot trace the weak-reference key: there the first sibling in call
+order computes the product and the others slice it, see ``_FusedGroup._traced_output``); a
+fused model is not meant to be saved (the checkpoint stores the unfused layers).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ class _FusedGroup:
         self._left = 0
 
     def output(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._traced_output(x, i)
         if self._left == 0 or not same_input(self._key, x):
             self._y, self._key = self.owner.fused(x), input_key(x)
             self._left = len(self.bounds) - 1
@@ -45,6 +48,21 @@ class _FusedGroup:
         self._left -= 1
         if self._left == 0:  # every sibling has its rows: free the fused output
             self._y, self._key = None, None
+        return y
+
+    def _traced_output(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        """The same under torch.compile, which cannot trace the weak-reference key: sibling 0
+        (the first one called: find_siblings lists siblings in call order) computes the
+        fused product, the others slice it within the same traced graph, the last drops it."""
+        if i == 0:
+            self._y = self.owner.fused(x)
+        elif self._y is None:
+            raise RuntimeError("fused sibling called before the first sibling of its group "
+                               "under torch.compile; the siblings must run in the order "
+                               "find_siblings recorded")
+        y = self._y[..., self.bounds[i]:self.bounds[i + 1]]
+        if i == len(self.bounds) - 2:
+            self._y = None
         return y
 
 
