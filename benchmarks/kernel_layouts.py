@@ -1,12 +1,13 @@
-"""Which 4-bit layout and loop shape read fastest: row tiles x chunks per iteration (issue 8).
+"""Variants of the 4-bit pairs kernel, each tuned and timed: row tiles, or the prefetch (issue 8).
 
 For each row-tile height of the pairs layout (``KVANT_W4_TILE``: 1 = row-major, 16, 64) and
-each weight shape and batch, every dispatch candidate (BN, split, pipeline stages, chunks per
-iteration) is timed as in kernels.py (rotating weight copies in a replayed CUDA graph); the
-best time per (tile, stages, cpi) is kept, next to fp16 cuBLAS. This chooses the defaults of
-repack.DEFAULT_TILE and dispatch.heuristic. Writes kernel_layouts.{json,md} into --out.
+each weight shape and batch, every dispatch candidate (BN, split, pipeline stages) is timed as
+in kernels.py (rotating weight copies in a replayed CUDA graph); the best time per (tile,
+stages) is kept, next to fp16 cuBLAS. This chose repack.DEFAULT_TILE and dispatch.heuristic.
+Writes kernel_layouts.{json,md} into --out. ``--prefetch-ab`` compares instead the kernel with
+and without loading the next chunk's group scales and zero points ahead (kernel_prefetch.*).
 
-Usage: ``PYTHONPATH=src python3 benchmarks/kernel_layouts.py --out DIR``.
+Usage: ``PYTHONPATH=src python3 benchmarks/kernel_layouts.py [--prefetch-ab] --out DIR``.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ BATCHES = [1, 16, 64]
 TILES = [1, 16, 64]
 
 
-def sweep(tile: int, shapes, batches, log) -> list:
-    """Time every candidate for each (shape, batch) with this row-tile height."""
+def sweep(tile: int, shapes, batches, log, prefetch: bool = True) -> list:
+    """Time every candidate for each (shape, batch) with this row-tile height and with or
+    without the prefetch of group parameters."""
     import kvant.kernels.triton.dispatch as d
 
     os.environ["KVANT_W4_TILE"] = str(tile)
+    d.PREFETCH = prefetch
     rows = []
     for n, k in shapes:
         p0 = kb._packed_problem(n, k, 4)
@@ -48,13 +51,13 @@ def sweep(tile: int, shapes, batches, log) -> list:
             us_fp16 = kb.graph_time_us([lambda w=w: torch.matmul(x, w.t()) for w in ws])
             by_knob: dict = {}
             for cfg, t in times.items():
-                key = f"stages={cfg.stages},cpi={cfg.cpi}"
+                key = f"stages={cfg.stages}"
                 if cfg.kernel == "dot" and t < by_knob.get(key, (1e9,))[0]:
                     by_knob[key] = (t, repr(cfg))
-            rows.append(dict(tile=tile, shape=[n, k], batch=m, us=us, us_fp16=us_fp16,
+            rows.append(dict(tile=tile, prefetch=prefetch, shape=[n, k], batch=m, us=us, us_fp16=us_fp16,
                              speedup=us_fp16 / us, config=repr(best), by_knob=by_knob,
                              gbps=p0.nbytes() / us / 1e3))
-            log(f"tile {tile} {n}x{k} M={m}: {us:.1f}us fp16 {us_fp16:.1f}us "
+            log(f"tile {tile} prefetch {prefetch} {n}x{k} M={m}: {us:.1f}us fp16 {us_fp16:.1f}us "
                 f"{us_fp16 / us:.2f}x {best}")
         del ps, ws
         torch.cuda.empty_cache()
@@ -67,17 +70,30 @@ def main() -> None:
     ap.add_argument("--tiles", default=",".join(map(str, TILES)))
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    ap.add_argument("--prefetch-ab", action="store_true",
+                    help="instead of tiles: the default tile with and without the prefetch "
+                         "of group scales and zero points (writes kernel_prefetch.{json,md})")
+    ap.add_argument("--shapes", default="", help="e.g. 8192x8192,28672x8192")
     args = ap.parse_args()
     import kvant.kernels.triton.dispatch as d
     from kvant.kernels.triton import repack as rp
 
-    d.WIDE_SEARCH = True  # stages 3-5, one or two chunks an iteration, up to 16 splits
     batches = [int(b) for b in args.batches.split(",")]
-    tiles = [int(t) for t in args.tiles.split(",")]
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+    if args.prefetch_ab:
+        variants = [(rp.DEFAULT_TILE, True), (rp.DEFAULT_TILE, False)]
+        stem, label = "kernel_prefetch", lambda t, pf: "prefetch" if pf else "no prefetch"
+    else:
+        d.WIDE_SEARCH = True  # stages 3-5, up to 16 splits
+        variants = [(int(t), True) for t in args.tiles.split(",")]
+        stem, label = "kernel_layouts", lambda t, pf: f"tile {t}"
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     rows = []
-    for tile in tiles:
+    for tile, prefetch in variants:
         os.environ["KVANT_W4_TILE"] = str(tile)
+        os.environ["KVANT_W4_PREFETCH"] = "1" if prefetch else "0"  # the compile workers
         t0 = time.time()
         probe = rp.PackedWeight(torch.empty(1, 1), None, None, None, 4, kb.GS, 4096, 4096,
                                 pairs=True, tile=tile)
@@ -89,35 +105,38 @@ def main() -> None:
                     tasks.add((4, cfg.bm, tuple(sorted(key.items())), "float16"))
         failed = kb.precompile([(b, m, dict(c), dt) for b, m, c, dt in sorted(tasks)],
                                args.workers)
-        log(f"tile {tile}: compiled {len(tasks)} in {time.time() - t0:.0f}s, "
+        log(f"{label(tile, prefetch)}: compiled {len(tasks)} in {time.time() - t0:.0f}s, "
             f"{len(failed)} failed {failed[:2]}")
-        rows += sweep(tile, SHAPES, batches, log)
+        rows += sweep(tile, shapes, batches, log, prefetch)
     device = torch.cuda.get_device_name(0)
     meta = dict(device=device, date=datetime.date.today().isoformat(), commit=kb._commit(),
                 torch=torch.__version__)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "kernel_layouts.json").write_text(json.dumps([{**meta, **r} for r in rows], indent=1))
-    md = [f"# 4-bit pairs layout: row tiles and loop shape, {device}", "",
+    (out / f"{stem}.json").write_text(json.dumps([{**meta, **r} for r in rows], indent=1))
+    what = ("with and without the prefetch of group scales and zero points (row tile "
+            f"{rp.DEFAULT_TILE})" if args.prefetch_ab else "for each row-tile height")
+    md = [f"# 4-bit pairs kernel: {stem.split('_')[1]}, {device}", "",
           f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}. Best tuned µs per "
-          "(shape, batch) for each row-tile height; speed-up vs fp16 cuBLAS (rotating copies, "
-          "replayed graph).", "",
-          "| N×K | batch | " + " | ".join(f"tile {t}" for t in tiles) + " | fp16 µs |",
-          "|---|---|" + "---|" * (len(tiles) + 1)]
-    for n, k in SHAPES:
+          f"(shape, batch) {what}; speed-up vs fp16 cuBLAS (rotating copies, replayed graph).",
+          "", "| N×K | batch | " + " | ".join(label(t, pf) for t, pf in variants)
+          + " | fp16 µs |", "|---|---|" + "---|" * (len(variants) + 1)]
+    for n, k in shapes:
         for m in batches:
             cells = []
-            for t in tiles:
-                r = next(r for r in rows if r["tile"] == t and r["shape"] == [n, k]
-                         and r["batch"] == m)
+            for t, pf in variants:
+                r = next(r for r in rows if r["tile"] == t and r["prefetch"] == pf
+                         and r["shape"] == [n, k] and r["batch"] == m)
                 cells.append(f"{r['us']:.1f} ({r['speedup']:.2f}×)")
             fp = next(r["us_fp16"] for r in rows if r["shape"] == [n, k] and r["batch"] == m)
             md.append(f"| {n}×{k} | {m} | " + " | ".join(cells) + f" | {fp:.1f} |")
-    md += ["", "Best µs by (stages, chunks per iteration), each cell over BN and split:", ""]
+    md += ["", "Best µs by pipeline stages, each cell over BN and split, and the chosen config:",
+           ""]
     for r in rows:
         knobs = ", ".join(f"{k} {v[0]:.1f}" for k, v in sorted(r["by_knob"].items()))
-        md.append(f"- tile {r['tile']} {r['shape'][0]}×{r['shape'][1]} M={r['batch']}: {knobs}")
-    (out / "kernel_layouts.md").write_text("\n".join(md) + "\n")
+        md.append(f"- {label(r['tile'], r['prefetch'])} {r['shape'][0]}×{r['shape'][1]} "
+                  f"M={r['batch']}: {knobs}; best `{r['config']}`")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     log("\n".join(md))
 
 

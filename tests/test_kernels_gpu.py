@@ -86,17 +86,21 @@ def test_4bit_g128_every_batch_and_kernel(dtype):
 def _pairs_variants(m):
     d = _dispatch()
     bm = d.block_m("dot", m)
-    return [d.Config("dot", bn=bn, bm=bm, split=sp, warps=d.dot_warps(bn, bm), stages=st, cpi=c)
-            for bn, sp, st, c in [(64, 1, 3, 2), (32, 3, 4, 2), (128, 16, 5, 1), (64, 4, 3, 1)]]
+    return [d.Config("dot", bn=bn, bm=bm, split=sp, warps=d.dot_warps(bn, bm), stages=st)
+            for bn, sp, st in [(64, 1, 3), (32, 3, 4), (128, 16, 5), (64, 4, 3)]]
 
 
+@pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("tile", [1, 16, 64])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_4bit_pairs_tiles_and_two_chunks_an_iteration(tile, dtype, monkeypatch):
-    # 200 rows: the last row tile is partial; 9 chunks: an odd count for two an iteration
+def test_4bit_pairs_tiles_and_prefetch(tile, dtype, prefetch, monkeypatch):
+    # 200 rows: the last row tile is partial; 9 chunks split 3 ways or 16 (one chunk each,
+    # so the prefetch of the next chunk's groups reaches past the split's end)
     monkeypatch.setenv("KVANT_W4_TILE", str(tile))
+    monkeypatch.setattr(_dispatch(), "PREFETCH", prefetch)
     _check(200, 1152, 4, 128, [1, 5, 16, 64], _pairs_variants, dtype)
     _check(72, 1024, 4, 32, [1, 16], _pairs_variants, dtype, act_order=True)
+    _check(96, 1024, 4, 64, [2], _pairs_variants, dtype)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

@@ -36,13 +36,16 @@ _COUNTER_SLOTS = 1 << 16  # split-K tile counters per device
 _SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles a program may keep in shared memory
 MAGIC = 0x4B000000  # float bits of 2**23, passed at run time (see planes.py)
 WIDE_SEARCH = False  # candidates(): the wider space of the layout sweep
+# the 4-bit kernel loads group scales and zero points one chunk ahead (pairs.py);
+# KVANT_W4_PREFETCH=0 turns it off, only to measure what it is worth (kernel_layouts.py)
+PREFETCH = os.environ.get("KVANT_W4_PREFETCH", "1") != "0"
 
 
 @dataclass(frozen=True)
 class Config:
     """One launch: ``kernel`` in {"gemv", "dot", "dequant"}; BN output channels and BM rows
     of x per program; ``split`` programs along K; Triton's warps and pipeline stages;
-    ``cpi`` chunks loaded per loop iteration (gemv)."""
+    ``cpi`` chunks loaded per loop iteration (gemv; the 4-bit pairs kernel takes one)."""
 
     kernel: str
     bn: int = 64
@@ -155,7 +158,7 @@ def launch(x2: torch.Tensor, p: rp.PackedWeight, cfg: Config,
                                                                  block_m("dot", 128, p.bits))
     grid_m, grid_n = -(-m // bm), -(-n // cfg.bn)
     cpi = 1
-    if cfg.kernel == "gemv" or p.pairs:  # chunks per loop iteration
+    if cfg.kernel == "gemv":  # chunks per loop iteration
         while cpi * 2 <= min(cfg.cpi, n_chunks):
             cpi *= 2
     cps = -(-n_chunks // max(1, min(cfg.split, n_chunks)))
@@ -172,7 +175,8 @@ def launch(x2: torch.Tensor, p: rp.PackedWeight, cfg: Config,
     meta = dict(GS=p.group_size, HAS_PERM=p.perm is not None, SPLIT=split > 1, BN=cfg.bn,
                 num_warps=cfg.warps, num_stages=_stages(cfg, p.bits, p.pairs, bm))
     if p.pairs:
-        wq_dot_pairs_kernel[(grid_m, grid_n, split)](*args, BM=bm, TH=p.tile, CPI=cpi, **meta)
+        wq_dot_pairs_kernel[(grid_m, grid_n, split)](*args, BM=bm, TH=p.tile,
+                                                     PREFETCH=PREFETCH, **meta)
         return out
     args = args + (MAGIC,)
     meta["BITS"] = p.bits
@@ -214,18 +218,17 @@ def candidates(m: int, p: rp.PackedWeight, device: torch.device) -> list[Config]
                 if bn * cpi <= (32 if p.bits == 3 else 64):  # 3 bits: registers
                     out.update(Config("gemv", bn=bn, bm=1, split=s, cpi=cpi) for s in splits)
     bm = block_m("dot", m, p.bits)
-    # WIDE_SEARCH (benchmarks/kernel_layouts.py): also deeper pipelines, two chunks an
-    # iteration and 16 splits for the pairs layout; on the H200 they were never faster
+    # WIDE_SEARCH (benchmarks/kernel_layouts.py): also deeper pipelines and 16 splits for
+    # the pairs layout; on the H200 they were never faster
     wide = WIDE_SEARCH and p.pairs
     stages = (3, 4, 5) if wide else (3,)
-    cpis = (1, 2) if wide else (1,)
     if wide:
         splits = splits + (16,)
     for bn in (32, 64, 128):
         if bn * bm > 8192:
             continue
         out.update(Config("dot", bn=bn, bm=bm, split=s, warps=dot_warps(bn, bm), stages=st,
-                          cpi=c) for s in splits for st in stages for c in cpis)
+                          cpi=1) for s in splits for st in stages)
     if m >= 64:
         out.add(Config("dequant", bn=32, bm=0))
     return sorted(out, key=repr)

@@ -55,20 +55,61 @@ def row_words(qw_ptr, rows, W, TH: tl.constexpr):
     return qw_ptr + base[:, None] + offs_c[None, :]
 
 
+@triton.jit
+def _group(z_ptr, s_ptr, rows, N, K, g, GS: tl.constexpr):
+    """Zero points and scales (fp32, (R,)) of group ``g`` for ``rows`` (padding past K: the
+    last group)."""
+    g = tl.minimum(g, (K - 1) // GS)
+    zf = tl.load(z_ptr + g * N + rows).to(tl.float32)
+    sc = tl.load(s_ptr + g * N + rows).to(tl.float32)
+    return zf, sc
+
+
+@triton.jit
+def _groups(z_ptr, s_ptr, rows, N, K, c, GS: tl.constexpr, NG: tl.constexpr):
+    """The NG (1, 2 or 4) groups of chunk ``c``: (z0, s0, z1, s1, z2, s2, z3, s3), the
+    unused ones repeating group 0 (no load)."""
+    z0, s0 = _group(z_ptr, s_ptr, rows, N, K, c * NG, GS)
+    z1, s1, z2, s2, z3, s3 = z0, s0, z0, s0, z0, s0
+    if NG > 1:
+        z1, s1 = _group(z_ptr, s_ptr, rows, N, K, c * NG + 1, GS)
+    if NG > 2:
+        z2, s2 = _group(z_ptr, s_ptr, rows, N, K, c * NG + 2, GS)
+        z3, s3 = _group(z_ptr, s_ptr, rows, N, K, c * NG + 3, GS)
+    return z0, s0, z1, s1, z2, s2, z3, s3
+
+
+@triton.jit
+def _pick(i: tl.constexpr, a, b, c, d):
+    """Element ``i`` of (a, b, c, d), chosen at compile time."""
+    r = a
+    if i == 1:
+        r = b
+    elif i == 2:
+        r = c
+    elif i == 3:
+        r = d
+    return r
+
+
 @triton.jit(do_not_specialize=["M", "chunks_per_split", "n_chunks"])
 def wq_dot_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
                         M, N, K, W, stride_xm, stride_om, chunks_per_split, n_chunks,
                         GS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT: tl.constexpr,
                         BN: tl.constexpr, BM: tl.constexpr, TH: tl.constexpr,
-                        CPI: tl.constexpr):
+                        PREFETCH: tl.constexpr):
     """out (M, N) = x (M, K) @ W (N, K)ᵀ for a 4-bit pairs-layout W (W words a row, tiled
-    by TH rows); CPI chunks per loop iteration (chunks_per_split a multiple of CPI, chunks
-    past n_chunks read the last chunk's words against zero-masked x); grid (M tiles,
-    N tiles, K splits)."""
+    by TH rows); grid (M tiles, N tiles, K splits).
+
+    The weight words and x tiles are pipelined by Triton (cp.async into shared memory). The
+    group scales and zero points are too narrow for that (1-2 bytes a thread), and as plain
+    loads their memory latency was exposed once per chunk; with PREFETCH they are loaded one
+    chunk ahead into registers, so each chunk's loads overlap the previous chunk's work."""
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     CK: tl.constexpr = 128
     PLANES: tl.constexpr = 4
     PPG: tl.constexpr = PLANES if GS == 0 else GS // 32  # planes per group
+    NG: tl.constexpr = PLANES // PPG  # groups per chunk
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -86,42 +127,50 @@ def wq_dot_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr
     acc = tl.zeros((BN, BM), tl.float32)
     if GS == 0:
         zf = tl.load(z_ptr + rows).to(tl.float32)
-    for c0 in range(c_lo, c_hi, CPI):
-        for ci in tl.static_range(CPI):
-            c = c0 + ci
-            wv = tl.load(w_ptrs + tl.minimum(c, n_chunks - 1) * (TH * 16))
-            if BF16:
-                d0 = dup_pairs(wv, BN)
-                d1 = dup_pairs(wv >> 4, BN)
-                d2 = dup_pairs(wv >> 8, BN)
-                d3 = dup_pairs(wv >> 12, BN)
+    else:  # the first chunk's groups; later ones arrive one chunk ahead (PREFETCH)
+        z0, s0, z1, s1, z2, s2, z3, s3 = _groups(z_ptr, s_ptr, rows, N, K, c_lo, GS, NG)
+    for c in range(c_lo, c_hi):
+        wv = tl.load(w_ptrs + c * (TH * 16))
+        if GS > 0:
+            if PREFETCH:  # the next chunk's (the last chunk re-reads its own)
+                n0, t0, n1, t1, n2, t2, n3, t3 = _groups(z_ptr, s_ptr, rows, N, K,
+                                                         tl.minimum(c + 1, n_chunks - 1),
+                                                         GS, NG)
             else:
-                d0 = dup_pairs(wv, BN)
-                d2 = dup_pairs(wv >> 8, BN)
-                d1 = d0
-                d3 = d2
-            for gi in tl.static_range(PLANES // PPG):
+                z0, s0, z1, s1, z2, s2, z3, s3 = _groups(z_ptr, s_ptr, rows, N, K, c, GS, NG)
+        if BF16:
+            d0 = dup_pairs(wv, BN)
+            d1 = dup_pairs(wv >> 4, BN)
+            d2 = dup_pairs(wv >> 8, BN)
+            d3 = dup_pairs(wv >> 12, BN)
+        else:
+            d0 = dup_pairs(wv, BN)
+            d2 = dup_pairs(wv >> 8, BN)
+            d1 = d0
+            d3 = d2
+        for gi in tl.static_range(NG):
+            if GS > 0:
+                zf = _pick(gi, z0, z1, z2, z3)
+                sc = _pick(gi, s0, s1, s2, s3)
+                accg = tl.zeros((BN, BM), tl.float32)
+            for pj in tl.static_range(PPG):
+                v = _plane(d0, d1, d2, d3, zf, gi * PPG + pj, BF16)  # (BN, 32) x.dtype
+                kk = c * CK + (gi * PPG + pj) * 32 + offs_r
+                k_ok = kk < K
+                if HAS_PERM:
+                    kx = tl.load(perm_ptr + kk, mask=k_ok, other=0)
+                else:
+                    kx = kk
+                xt = tl.load(x_ptrs + kx[:, None], mask=k_ok[:, None] & m_ok[None, :],
+                             other=0.0)  # (32, BM)
                 if GS > 0:
-                    g = tl.minimum(c * (CK // GS) + gi, (K - 1) // GS)  # padding: last group
-                    zf = tl.load(z_ptr + g * N + rows).to(tl.float32)
-                    sc = tl.load(s_ptr + g * N + rows).to(tl.float32)
-                    accg = tl.zeros((BN, BM), tl.float32)
-                for pj in tl.static_range(PPG):
-                    v = _plane(d0, d1, d2, d3, zf, gi * PPG + pj, BF16)  # (BN, 32) x.dtype
-                    kk = c * CK + (gi * PPG + pj) * 32 + offs_r
-                    k_ok = kk < K
-                    if HAS_PERM:
-                        kx = tl.load(perm_ptr + kk, mask=k_ok, other=0)
-                    else:
-                        kx = kk
-                    xt = tl.load(x_ptrs + kx[:, None], mask=k_ok[:, None] & m_ok[None, :],
-                                 other=0.0)  # (32, BM)
-                    if GS > 0:
-                        accg = tl.dot(v, xt, accg)
-                    else:
-                        acc = tl.dot(v, xt, acc)
-                if GS > 0:
-                    acc += accg * sc[:, None]
+                    accg = tl.dot(v, xt, accg)
+                else:
+                    acc = tl.dot(v, xt, acc)
+            if GS > 0:
+                acc += accg * sc[:, None]
+        if GS > 0 and PREFETCH:
+            z0, s0, z1, s1, z2, s2, z3, s3 = n0, t0, n1, t1, n2, t2, n3, t3
     if GS == 0:
         acc = acc * tl.load(s_ptr + rows).to(tl.float32)[:, None]
     mask = (offs_n < N)[:, None] & m_ok[None, :]
