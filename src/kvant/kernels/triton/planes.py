@@ -17,7 +17,8 @@ import triton.language as tl
 @triton.jit
 def plane_qz(w, w_hi, zneg, magic, J: tl.constexpr, BITS: tl.constexpr):
     """(q - z) fp32 (R, 32) of slot J of words ``w`` (R, 32) int32; ``w_hi = w >> 16``,
-    ``zneg`` fp32 = -zero point of each row, shaped to broadcast (e.g. (R, 1)), ``magic`` = 0x4B000000 passed at run time
+    ``zneg`` fp32 = -zero point of each row, shaped to broadcast (e.g. (R, 1)), ``magic`` =
+    0x4B000000 passed at run time
     (in a register, ptxas fuses mask-and-or into one LOP3)."""
     SH: tl.constexpr = (J * BITS) % 16  # bit position in w (slots < 16) or in w_hi
     MASK: tl.constexpr = ((1 << BITS) - 1) << SH
