@@ -30,21 +30,17 @@ BATCHES = [1, 16, 64]
 TILES = [1, 16, 64]
 
 
-def sweep(tile: int, shapes, batches, log, prefetch: bool = True, bits: int = 4) -> list:
+def sweep(tile: int, shapes, batches, log, prefetch: bool = True) -> list:
     """Time every candidate for each (shape, batch) with this row-tile height and with or
-    without the prefetch (4 bits: the pairs kernel's group parameters, switched globally;
-    the gemv kernel: only its candidates with that ``prefetch`` flag)."""
+    without the prefetch of group parameters."""
     import kvant.kernels.triton.dispatch as d
 
     os.environ["KVANT_W4_TILE"] = str(tile)
     d.PREFETCH = prefetch
-    all_candidates = d.candidates
-    d.candidates = lambda m, p, dev: [c for c in all_candidates(m, p, dev)
-                                      if c.kernel != "gemv" or c.prefetch == prefetch]
     rows = []
     for n, k in shapes:
-        p0 = kb._packed_problem(n, k, bits)
-        assert bits != 4 or p0.tile == tile
+        p0 = kb._packed_problem(n, k, 4)
+        assert p0.tile == tile
         ps = [p0] + [kb._clone(p0) for _ in range(kb._copies(p0.nbytes()) - 1)]
         ws = [torch.randn(n, k, device="cuda", dtype=torch.float16)
               for _ in range(kb._copies(n * k * 2))]
@@ -58,14 +54,13 @@ def sweep(tile: int, shapes, batches, log, prefetch: bool = True, bits: int = 4)
                 key = f"stages={cfg.stages}"
                 if cfg.kernel == "dot" and t < by_knob.get(key, (1e9,))[0]:
                     by_knob[key] = (t, repr(cfg))
-            rows.append(dict(tile=tile, prefetch=prefetch, bits=bits, shape=[n, k], batch=m, us=us, us_fp16=us_fp16,
+            rows.append(dict(tile=tile, prefetch=prefetch, shape=[n, k], batch=m, us=us, us_fp16=us_fp16,
                              speedup=us_fp16 / us, config=repr(best), by_knob=by_knob,
                              gbps=p0.nbytes() / us / 1e3))
             log(f"tile {tile} prefetch {prefetch} {n}x{k} M={m}: {us:.1f}us fp16 {us_fp16:.1f}us "
                 f"{us_fp16 / us:.2f}x {best}")
         del ps, ws
         torch.cuda.empty_cache()
-    d.candidates = all_candidates
     return rows
 
 
@@ -79,8 +74,6 @@ def main() -> None:
                     help="instead of tiles: the default tile with and without the prefetch "
                          "of group scales and zero points (writes kernel_prefetch.{json,md})")
     ap.add_argument("--shapes", default="", help="e.g. 8192x8192,28672x8192")
-    ap.add_argument("--bits", type=int, default=4, help="with --prefetch-ab: 2 or 3 time the "
-                    "gemv kernel's prefetch (writes kernel_prefetch_w{bits}.*)")
     args = ap.parse_args()
     import kvant.kernels.triton.dispatch as d
     from kvant.kernels.triton import repack as rp
@@ -92,8 +85,6 @@ def main() -> None:
     if args.prefetch_ab:
         variants = [(rp.DEFAULT_TILE, True), (rp.DEFAULT_TILE, False)]
         stem, label = "kernel_prefetch", lambda t, pf: "prefetch" if pf else "no prefetch"
-        if args.bits != 4:
-            stem += f"_w{args.bits}"
     else:
         d.WIDE_SEARCH = True  # stages 3-5, up to 16 splits
         variants = [(int(t), True) for t in args.tiles.split(",")]
@@ -107,7 +98,7 @@ def main() -> None:
         probe = rp.PackedWeight(torch.empty(1, 1), None, None, None, 4, kb.GS, 4096, 4096,
                                 pairs=True, tile=tile)
         tasks = set()
-        for m in (batches if args.bits == 4 else []):  # low bits compile while tuning
+        for m in batches:
             for cfg in d.candidates(m, probe, torch.device("cuda")):
                 if cfg.kernel == "dot":
                     key = dict(vars(cfg), split=min(cfg.split, 2))
@@ -116,7 +107,7 @@ def main() -> None:
                                args.workers)
         log(f"{label(tile, prefetch)}: compiled {len(tasks)} in {time.time() - t0:.0f}s, "
             f"{len(failed)} failed {failed[:2]}")
-        rows += sweep(tile, shapes, batches, log, prefetch, args.bits)
+        rows += sweep(tile, shapes, batches, log, prefetch)
     device = torch.cuda.get_device_name(0)
     meta = dict(device=device, date=datetime.date.today().isoformat(), commit=kb._commit(),
                 torch=torch.__version__)
@@ -125,13 +116,7 @@ def main() -> None:
     (out / f"{stem}.json").write_text(json.dumps([{**meta, **r} for r in rows], indent=1))
     what = ("with and without the prefetch of group scales and zero points (row tile "
             f"{rp.DEFAULT_TILE})" if args.prefetch_ab else "for each row-tile height")
-    if args.bits != 4:
-        what = (f"of {args.bits}-bit g{kb.GS} weights with and without the gemv kernel's "
-                "prefetch of the next iteration's words and group parameters (batch 5+: "
-                "the tensor-core kernel, unchanged)")
-    title = ("4-bit pairs kernel: " + stem.split("_")[1] if args.bits == 4
-             else f"{args.bits}-bit gemv kernel: prefetch")
-    md = [f"# {title}, {device}", "",
+    md = [f"# 4-bit pairs kernel: {stem.split('_')[1]}, {device}", "",
           f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}. Best tuned µs per "
           f"(shape, batch) {what}; speed-up vs fp16 cuBLAS (rotating copies, replayed graph).",
           "", "| N×K | batch | " + " | ".join(label(t, pf) for t, pf in variants)

@@ -71,8 +71,7 @@ def _all_kernels(m):
             d.Config("dot", bn=32, bm=bm, split=3, warps=d.dot_warps(32, bm))]
     if m <= d.GEMV_MAX_M:
         cfgs += [d.Config("gemv", bn=32, bm=1, split=1, cpi=1),
-                 d.Config("gemv", bn=16, bm=1, split=4, cpi=2, prefetch=False),
-                 d.Config("gemv", bn=32, bm=1, split=3, cpi=4, prefetch=True)]
+                 d.Config("gemv", bn=16, bm=1, split=4, cpi=2)]
     if m >= 33:
         cfgs.append(d.Config("dequant", bn=32, bm=0))
     return cfgs

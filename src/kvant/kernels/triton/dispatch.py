@@ -48,7 +48,7 @@ class Config:
     ``cpi`` chunks loaded per loop iteration (gemv; the 4-bit pairs kernel takes one);
     ``prefetch``: the 4-bit kernel loads the next chunk's group scales and zero points ahead
     (H200: +15-25 % at BM 16, but slower at BM 64, where registers are short); the gemv
-    kernel loads the next iteration's words and group parameters ahead."""
+    kernel has no prefetch (tried: kernel_prefetch_w2/w3.md)."""
 
     kernel: str
     bn: int = 64
@@ -105,7 +105,7 @@ def heuristic(m: int, n: int, k: int, bits: int, device: torch.device,
         bn = 32
         tiles = -(-n // bn) * m
         return Config("gemv", bn=bn, bm=1, split=_split_for(tiles, n_chunks, sms),
-                      cpi=1 if bits == 3 else 2, prefetch=False)
+                      cpi=1 if bits == 3 else 2)
     bm = block_m("dot", m, bits)
     # BN 128 at BM 16 since the prefetch (pairs layout; the H200 tuning chose it everywhere)
     bn = 128 if bm >= 64 or (pairs and bm <= 16) else 64
@@ -186,7 +186,7 @@ def launch(x2: torch.Tensor, p: rp.PackedWeight, cfg: Config,
     args = args + (MAGIC,)
     meta["BITS"] = p.bits
     if cfg.kernel == "gemv":
-        wq_gemv_kernel[(grid_m, grid_n, split)](*args, CPI=cpi, PREFETCH=cfg.prefetch, **meta)
+        wq_gemv_kernel[(grid_m, grid_n, split)](*args, CPI=cpi, **meta)
     else:
         wq_dot_kernel[(grid_m, grid_n, split)](*args, BM=bm, **meta)
     return out
@@ -221,8 +221,7 @@ def candidates(m: int, p: rp.PackedWeight, device: torch.device) -> list[Config]
         for bn in (16, 32, 64):
             for cpi in (1, 2, 4):
                 if bn * cpi <= (32 if p.bits == 3 else 64):  # 3 bits: registers
-                    out.update(Config("gemv", bn=bn, bm=1, split=s, cpi=cpi, prefetch=pf)
-                               for s in splits for pf in (True, False))
+                    out.update(Config("gemv", bn=bn, bm=1, split=s, cpi=cpi) for s in splits)
     bm = block_m("dot", m, p.bits)
     # WIDE_SEARCH (benchmarks/kernel_layouts.py): also deeper pipelines and 16 splits for
     # the pairs layout; on the H200 they were never faster

@@ -14,62 +14,19 @@ import triton.language as tl
 from kvant.kernels.triton.planes import plane3_qz, plane_qz, store_or_reduce
 
 
-@triton.jit
-def _words(w_ptrs, offs_h, cw, n_chunks, BITS: tl.constexpr):
-    """The words of chunks cw .. cw+CPI-1: (w0, w1, wh), each (BN, CPI, 32) int32 (3 bits:
-    the two 2-bit halves and the 1-bit words; else w1 = wh = w0)."""
-    if BITS == 3:
-        w0 = tl.load(w_ptrs + cw * 64 + offs_h[None, :, None] * 32)
-        w1 = tl.load(w_ptrs + (cw * 64 + 32) + offs_h[None, :, None] * 32)
-        wh = tl.load(w_ptrs + (n_chunks * 64 + cw * 32))
-    else:
-        w0 = tl.load(w_ptrs + cw * 32)
-        w1 = w0
-        wh = w0
-    return w0, w1, wh
-
-
-@triton.jit
-def _groups(z_ptr, s_ptr, rows, N, K, ch, GS: tl.constexpr, NG: tl.constexpr,
-            CK: tl.constexpr):
-    """-zero points and scales (fp32, (BN, CPI, NG)) of the NG groups of chunks ``ch``
-    (CPI,) (padding past K: the last group)."""
-    offs_g = tl.arange(0, NG)
-    g = tl.minimum(ch[:, None] * (CK // GS) + offs_g[None, :], (K - 1) // GS)  # (CPI, NG)
-    offs = g[None, :, :] * N + rows[:, None, None]
-    zq = -(tl.load(z_ptr + offs).to(tl.float32))
-    sq = tl.load(s_ptr + offs).to(tl.float32)
-    return zq, sq
-
-
-@triton.jit
-def _col(t, i: tl.constexpr, NG: tl.constexpr):
-    """t[:, :, i] of a (BN, CPI, NG) tensor, as (BN, CPI)."""
-    if NG == 1:
-        return tl.sum(t, axis=2)
-    return tl.sum(tl.where((tl.arange(0, NG) == i)[None, None, :], t, 0.0), axis=2)
-
-
 @triton.jit(do_not_specialize=["M", "chunks_per_split", "n_chunks", "magic"])
 def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
                    M, N, K, W, stride_xm, stride_om, chunks_per_split, n_chunks, magic,
                    BITS: tl.constexpr, GS: tl.constexpr, HAS_PERM: tl.constexpr,
-                   SPLIT: tl.constexpr, BN: tl.constexpr, CPI: tl.constexpr,
-                   PREFETCH: tl.constexpr):
+                   SPLIT: tl.constexpr, BN: tl.constexpr, CPI: tl.constexpr):
     """out (M, N) = x (M, K) @ W (N, K)ᵀ, one row of x per program, CPI chunks per loop
-    iteration (grid (M, N tiles, K splits)); other arguments as gemm.wq_dot_kernel.
-
-    Triton pipelines none of these loads (none feeds a dot). With PREFETCH the words and the
-    group scales and zero points of the next iteration are loaded into registers before this
-    iteration's arithmetic, so their memory latency overlaps it instead of being waited for
-    once per iteration."""
+    iteration (grid (M, N tiles, K splits)); other arguments as gemm.wq_dot_kernel."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     CK: tl.constexpr = 1024 if BITS == 3 else 1024 // BITS  # columns per chunk
     PLANES: tl.constexpr = CK // 32
     PPG: tl.constexpr = PLANES if GS == 0 else GS // 32  # planes per group
-    NG: tl.constexpr = PLANES // PPG  # groups per chunk
     offs_n = pid_n * BN + tl.arange(0, BN)
     offs_h = tl.arange(0, CPI)
     offs_r = tl.arange(0, 32)
@@ -85,32 +42,28 @@ def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt
     acc = tl.zeros((BN, CPI, 32), tl.float32)
     if GS == 0:  # one zero point a row
         zneg = -(tl.load(z_ptr + rows).to(tl.float32))[:, None, None]
-    if PREFETCH:  # the first iteration's loads; later ones arrive one iteration ahead
-        cw = tl.minimum(c_lo, n_chunks - CPI)
-        w0, w1, wh = _words(w_ptrs, offs_h, cw, n_chunks, BITS)
-        if GS > 0:
-            zq, sq = _groups(z_ptr, s_ptr, rows, N, K, cw + offs_h, GS, NG, CK)
     for c in range(c_lo, c_hi, CPI):
         # one unmasked load for all CPI chunks: a short tail shifts the window back inside
         # the weight and masks x of the chunks it re-reads (launch() keeps CPI <= n_chunks)
-        cw = tl.minimum(c, n_chunks - CPI)
-        if PREFETCH:  # the next iteration's window (the last one re-reads its own)
-            cn = tl.minimum(c + CPI, n_chunks - CPI)
-            nw0, nw1, nwh = _words(w_ptrs, offs_h, cn, n_chunks, BITS)
-            if GS > 0:
-                nzq, nsq = _groups(z_ptr, s_ptr, rows, N, K, cn + offs_h, GS, NG, CK)
+        cw = tl.minimum(c, n_chunks - CPI) if CPI > 1 else c
+        if BITS == 3:
+            w0 = tl.load(w_ptrs + cw * 64 + offs_h[None, :, None] * 32)
+            w1 = tl.load(w_ptrs + (cw * 64 + 32) + offs_h[None, :, None] * 32)
+            wh = tl.load(w_ptrs + (n_chunks * 64 + cw * 32))
         else:
-            w0, w1, wh = _words(w_ptrs, offs_h, cw, n_chunks, BITS)
-            if GS > 0:
-                zq, sq = _groups(z_ptr, s_ptr, rows, N, K, cw + offs_h, GS, NG, CK)
+            w0 = tl.load(w_ptrs + cw * 32)
+            w1 = w0
+            wh = w0
         ch = cw + offs_h  # (CPI,) chunk of each slice
         valid = (ch >= c) & (ch < c_hi)
         w0_hi = w0 >> 16
         w1_hi = w1 >> 16
-        for gi in tl.static_range(NG):
+        for gi in tl.static_range(PLANES // PPG):
             if GS > 0:
-                zneg = _col(zq, gi, NG)[:, :, None]  # (BN, CPI, 1)
-                sc = _col(sq, gi, NG)  # (BN, CPI)
+                g = tl.minimum(ch * (CK // GS) + gi, (K - 1) // GS)  # (CPI,) padding: last
+                zneg = -(tl.load(z_ptr + g[None, :] * N + rows[:, None]).to(tl.float32))
+                zneg = zneg[:, :, None]  # (BN, CPI, 1)
+                sc = tl.load(s_ptr + g[None, :] * N + rows[:, None]).to(tl.float32)
                 accg = tl.zeros((BN, CPI, 32), tl.float32)
             for pj in tl.static_range(PPG):
                 if BITS == 3:
@@ -133,10 +86,6 @@ def wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt
                     acc += v * xk[None, :, :]
             if GS > 0:
                 acc += accg * sc[:, :, None]
-        if PREFETCH:
-            w0, w1, wh = nw0, nw1, nwh
-            if GS > 0:
-                zq, sq = nzq, nsq
     y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
     if GS == 0:
         y = y * tl.load(s_ptr + rows).to(tl.float32)
