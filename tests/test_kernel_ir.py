@@ -1,0 +1,44 @@
+"""scripts/kernel_ir.py: the main-loop load census of a compiled kernel's TTGIR."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location(
+    "kernel_ir", Path(__file__).parents[1] / "scripts" / "kernel_ir.py")
+kernel_ir = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(kernel_ir)
+
+TTGIR = """
+    %a = tt.load %p0 : tensor<64x!tt.ptr<f16>>
+    %r:2 = scf.for %i = %lo to %hi step %c1 iter_args(%x = %a) -> (tensor<64xf32>) {
+      %w = ttg.async_copy_global_to_local %p1, %buf mask %m : tensor<64x16x!tt.ptr<i32>>
+      %z = tt.load %p2 : tensor<64x!tt.ptr<i8>>
+      %inner = scf.if %c -> (i32) {
+        %s = tt.load %p3 : tensor<64x!tt.ptr<f16>>
+      }
+      scf.yield %x : tensor<64xf32>
+    }
+    %after = tt.load %p4 : tensor<64x!tt.ptr<f32>>
+"""
+
+
+def test_loop_loads_counts_only_the_first_loop_body():
+    assert kernel_ir.loop_loads(TTGIR) == ["cp.async %w", "plain    %z", "plain    %s"]
+    assert kernel_ir.loop_loads("%a = tt.load %p\n") == []
+
+
+def test_pairs_kernel_pipelines_words_and_x_but_not_scales():
+    pytest.importorskip("triton.backends.compiler")
+    try:
+        compiled = kernel_ir.compile_kernel("pairs", {"PREFETCH": 0}, warps=4, stages=3)
+    except Exception as e:  # a Triton without the NVIDIA backend or its ptxas
+        pytest.skip(f"cannot compile for sm_90 here: {e!r}"[:200])
+    loads = kernel_ir.loop_loads(compiled.asm["ttgir"])
+    kinds = [ln.split()[0] for ln in loads]
+    # the (BN, 16) words and four (32, BM) x tiles go through cp.async; the group's zero
+    # points and scales (1-2 bytes a thread) stay plain loads: what the prefetch is for
+    assert kinds.count("cp.async") == 5 and kinds.count("plain") == 2
+    assert {ln.split()[1].split("_")[0] for ln in loads if ln.startswith("plain")} == \
+        {"%zf", "%sc"}
