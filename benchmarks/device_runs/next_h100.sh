@@ -1,0 +1,23 @@
+#!/bin/bash
+# Prepared for a later session (unrun): the kernel table and the 7B-shape decode on an H100
+# (kind nvidia-h100-x1; no carry), the card the peer figures come from. One call,
+# about 6 minutes: GPU tests first (4 shards), then kernels.py, then decode.py fused +
+# compiled.
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+R=/tmp/res; rm -rf $R; mkdir -p $R
+nvidia-smi --query-gpu=name,memory.total --format=csv > $R/gpus.txt
+python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_kernels_gpu.py \
+  | grep '::' > /tmp/ids
+PIDS=""
+for i in 0 1 2 3; do
+  awk "NR%4==$i" /tmp/ids > /tmp/ids$i
+  timeout 200 python3 -m pytest -q -p no:cacheprovider $(cat /tmp/ids$i) \
+    > $R/gpu_tests$i.log 2>&1 &
+  PIDS="$PIDS $!"
+done
+wait $PIDS
+timeout 150 python3 benchmarks/kernels.py --out $R > $R/kernels.log 2>&1
+timeout 200 python3 benchmarks/decode.py --fuse --compile --name decode_fused_compiled_h100 \
+  --out $R > $R/decode.log 2>&1
+tar czf $OUT/h100.tgz -C $R .
+tail -n 1 $R/gpu_tests*.log; grep -h "tokens/s" $R/decode.log
