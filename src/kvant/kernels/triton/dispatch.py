@@ -47,8 +47,8 @@ class Config:
     of x per program; ``split`` programs along K; Triton's warps and pipeline stages;
     ``cpi`` chunks loaded per loop iteration (gemv; the 4-bit pairs kernel takes one);
     ``prefetch``: the 4-bit kernel loads the next chunk's group scales and zero points ahead
-    (H200: +15-25 % at BM 16, but slower at BM 64, where registers are short); the gemv
-    kernel has no prefetch (tried: kernel_prefetch_w2/w3.md)."""
+    (H200: +4-20 % at BM 16, most on large shapes; slower at BM 64, where registers are
+    short); the gemv kernel has no prefetch (tried: kernel_prefetch_w2/w3.md)."""
 
     kernel: str
     bn: int = 64
