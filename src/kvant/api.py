@@ -44,6 +44,15 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None)
     return ckpt.save_checkpoint(model, out_dir, model_type, spec, qc, files)
 
 
+def export_quantized(model: nn.Module, out_dir: str | os.PathLike, fmt: str,
+                     tokenizer=None) -> Path:
+    """Write a kvant-quantized Hugging Face model in the GPTQ or AWQ checkpoint layout that
+    vLLM and transformers load (``fmt`` "gptq" or "awq"; kvant.formats.hf_export)."""
+    from kvant.formats.hf_export import export_hf
+
+    return export_hf(model, out_dir, fmt, tokenizer)
+
+
 def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu"):
     """Load a kvant checkpoint -> (model, tokenizer). Needs no calibration."""
     from kvant.algorithms.registry import config_from_dict

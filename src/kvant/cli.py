@@ -119,6 +119,15 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from kvant.api import export_quantized, load_quantized
+
+    model, tok = load_quantized(args.checkpoint)
+    out = export_quantized(model, args.out, args.format, tok)
+    print(f"wrote {args.format.upper()} checkpoint {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kvant``."""
     p = argparse.ArgumentParser(prog="kvant", description="weight-only quantization of LMs")
@@ -175,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
+
+    x = sub.add_parser("export", help="write a kvant checkpoint of a Hugging Face model in "
+                                      "the GPTQ or AWQ layout (vLLM, transformers)")
+    x.add_argument("checkpoint", help="a kvant checkpoint directory")
+    x.add_argument("--format", required=True, choices=["gptq", "awq"])
+    x.add_argument("--out", required=True, help="output directory")
+    x.set_defaults(fn=cmd_export)
     return p
 
 

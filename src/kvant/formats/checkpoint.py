@@ -7,13 +7,13 @@ shard is present and has the recorded size before reading it, and needs no calib
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -49,37 +49,16 @@ def _dedupe(state: dict) -> tuple[dict, dict]:
     return tensors, aliases
 
 
-def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, model_type: str,
-                    model_config: dict, quantization_config: dict,
-                    extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write ``model`` (with its QuantLinear modules) to ``out_dir`` atomically."""
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike):
+    """Yield a fresh temporary sibling of ``out_dir``; when the block succeeds, it replaces
+    ``out_dir`` (an existing one is swapped out, then removed); on any error it is deleted,
+    so ``out_dir`` is never left half-written."""
     out = Path(out_dir)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
     try:
-        tensors, aliases = _dedupe(model.state_dict())
-        shards: list[dict] = [{}]
-        size = 0
-        for name, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            if size and size + nbytes > MAX_SHARD_BYTES:
-                shards.append({})
-                size = 0
-            shards[-1][name] = t
-            size += nbytes
-        files = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            files[fname] = {"bytes": (tmp / fname).stat().st_size, "tensors": sorted(shard)}
-        qc = dict(quantization_config)
-        qc.update({"format": FORMAT, "format_version": FORMAT_VERSION,
-                   "modules": _module_entries(model)})
-        meta = {"model_type": model_type, "model_config": model_config,
-                "quantization_config": qc, "files": files, "tied": aliases}
-        (tmp / "config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
-        for fname, data in (extra_files or {}).items():
-            (tmp / fname).write_bytes(data)
+        yield tmp
         if out.exists():
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
@@ -90,7 +69,45 @@ def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, model_type: st
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+def write_shards(tensors: dict, folder: Path, max_bytes: int = MAX_SHARD_BYTES) -> dict:
+    """Save ``tensors`` (name -> CPU tensor) as ``model-0000i-of-0000n.safetensors`` files of
+    at most ``max_bytes`` each (a larger single tensor gets its own file). Returns
+    {file name: {"bytes": size on disk, "tensors": sorted names}}."""
+    shards: list[dict] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if size and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    files = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        files[fname] = {"bytes": (folder / fname).stat().st_size, "tensors": sorted(shard)}
+    return files
+
+
+def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, model_type: str,
+                    model_config: dict, quantization_config: dict,
+                    extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write ``model`` (with its QuantLinear modules) to ``out_dir`` atomically."""
+    with atomic_dir(out_dir) as tmp:
+        tensors, aliases = _dedupe(model.state_dict())
+        files = write_shards(tensors, tmp)
+        qc = dict(quantization_config)
+        qc.update({"format": FORMAT, "format_version": FORMAT_VERSION,
+                   "modules": _module_entries(model)})
+        meta = {"model_type": model_type, "model_config": model_config,
+                "quantization_config": qc, "files": files, "tied": aliases}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        for fname, data in (extra_files or {}).items():
+            (tmp / fname).write_bytes(data)
+    return Path(out_dir)
 
 
 def read_config(ckpt_dir: str | os.PathLike) -> dict:

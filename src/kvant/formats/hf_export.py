@@ -1,0 +1,225 @@
+"""Export a kvant-quantized Hugging Face model in the GPTQ or AWQ (GEMM) checkpoint layout.
+
+These are the layouts vLLM (``quantization="gptq"`` / ``"awq"``, read from config.json) and
+transformers (through gptqmodel/optimum or autoawq) load. The export is a plain HF model
+directory: ``config.json`` with a ``quantization_config``, safetensors shards with
+``model.safetensors.index.json``, the tokenizer, and (GPTQ) ``quantize_config.json``.
+Non-quantized tensors are written in float16. docs/FORMAT.md draws both layouts.
+
+What kvant stores per layer (``QuantLinear``) maps onto them losslessly, with the same
+dequantized weight ``(q - z) * s``:
+
+- GPTQ (``checkpoint_format="gptq"``, the on-disk format of auto-gptq and gptqmodel):
+  ``qweight`` int32 (K·bits/32, N), column n the little-endian bit stream of row n's values
+  along K (kvant's ``qweight`` transposed); ``qzeros`` int32 (G, N·bits/32), the bit stream
+  of ``z - 1`` along N (the historic "v1" offset: loaders add 1, so z = 0 cannot be
+  stored); ``scales`` fp16 (G, N); ``g_idx`` int32 (K,), the group of every input column
+  (act-order keeps kvant's). 2, 3, 4 and 8 bits.
+- AWQ GEMM: 4 bits only, ``qweight`` int32 (K, N/8), word j of row k holding the values of
+  columns 8j + o for o in (0, 2, 4, 6, 1, 3, 5, 7) at bits 0, 4, ..., 28; ``qzeros`` int32
+  (G, N/8) packed the same way (z itself); ``scales`` fp16 (G, N). No act-order.
+
+Layers the formats cannot express are refused with the reason (QuIP's rotations, SpQR's
+outliers, an AWQ input scale that nothing absorbed, mixed bit widths or group sizes, a block
+Linear left in float, shapes the packing does not divide).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from kvant.formats.checkpoint import _dedupe, atomic_dir, write_shards
+from kvant.formats.packing import pack, unpack
+from kvant.nn.qlinear import QuantLinear
+
+FORMATS = ("gptq", "awq")
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column (within 8) held by nibble 0, 1, ..., 7
+
+
+class ExportError(ValueError):
+    """The model cannot be written in the requested layout; the message says why."""
+
+
+def _grid(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q (N, K), z (N, G), s (N, G) fp16) of a layer, per-tensor grids broadcast to rows."""
+    n, k = m.out_features, m.in_features
+    q = unpack(m.qweight, m.bits, k)
+    g = m.scales.shape[1]
+    z = unpack(m.qzeros, m.bits, g).expand(n, g)
+    s = m.scales.to(torch.float16).expand(n, g)
+    return q, z, s
+
+
+def _check_layer(name: str, m: nn.Module, fmt: str) -> None:
+    if type(m) is not QuantLinear:
+        raise ExportError(f"{name}: {type(m).__name__} layers ({getattr(m, 'kind', '?')}) "
+                          f"carry data the {fmt.upper()} layout has no place for")
+    if m.input_scale is not None:
+        raise ExportError(f"{name}: an AWQ input scale that no previous operation absorbed; "
+                          f"the {fmt.upper()} layout has no per-input scale")
+    if fmt == "awq":
+        if m.bits != 4:
+            raise ExportError(f"{name}: the AWQ GEMM layout holds 4-bit weights, not {m.bits}")
+        if m.g_idx is not None:
+            raise ExportError(f"{name}: act-order (g_idx) has no place in the AWQ layout")
+        if m.group_size <= 0:
+            raise ExportError(f"{name}: the AWQ layout needs groups (group_size > 0)")
+        if m.out_features % 8:
+            raise ExportError(f"{name}: out_features {m.out_features} is not a multiple of 8")
+    else:
+        if (m.in_features * m.bits) % 32 or (m.out_features * m.bits) % 32:
+            raise ExportError(f"{name}: GPTQ packing needs in_features and out_features times "
+                              f"{m.bits} bits to be whole int32 words "
+                              f"({m.in_features}x{m.out_features})")
+
+
+def gptq_tensors(m: QuantLinear) -> dict[str, torch.Tensor]:
+    """The GPTQ (v1) tensors of one layer: qweight, qzeros, scales, g_idx (and bias)."""
+    q, z, s = _grid(m)
+    k, gs = m.in_features, m.group_size
+    if m.g_idx is not None:
+        g_idx = m.g_idx.to(torch.int32)
+    elif gs > 0:
+        g_idx = torch.arange(k, dtype=torch.int32) // gs
+    else:
+        g_idx = torch.zeros(k, dtype=torch.int32)
+    if int(z.min()) < 1:
+        q, z = _lift_zero_points(q, z, g_idx.long(), m.bits)
+    out = {"qweight": pack(q, m.bits).t().contiguous(),        # (K·bits/32, N)
+           "qzeros": pack((z - 1).t().contiguous(), m.bits),   # (G, N·bits/32)
+           "scales": s.t().contiguous(),                        # (G, N)
+           "g_idx": g_idx}
+    if m.bias is not None:
+        out["bias"] = m.bias.to(torch.float16)
+    return out
+
+
+def _lift_zero_points(q: torch.Tensor, z: torch.Tensor, gi: torch.Tensor, bits: int):
+    """GPTQ stores z - 1, so a group with z = 0 is shifted to z = 1 and codes q + 1: the same
+    (q - z), exact when no code of the group is already 2**bits - 1 (else ExportError)."""
+    n, k = q.shape
+    top = torch.zeros(z.shape, dtype=q.dtype).scatter_reduce(
+        1, gi.expand(n, k), q, "amax", include_self=False)  # (N, G) largest code per group
+    zero = z == 0
+    stuck = zero & (top == (1 << bits) - 1)
+    if bool(stuck.any()):
+        raise ExportError(f"{int(stuck.sum())} groups have zero point 0 and use the top code; "
+                          "the GPTQ layout (it stores z - 1) cannot hold them")
+    return q + zero.to(q.dtype)[:, gi], z + zero.to(z.dtype)
+
+
+def _awq_pack(v: torch.Tensor) -> torch.Tensor:
+    """(R, N) values in [0, 16) -> (R, N/8) int32, nibble i of word j = column 8j+AWQ_ORDER[i]."""
+    r, n = v.shape
+    cols = v.to(torch.int64).reshape(r, n // 8, 8)[:, :, list(AWQ_ORDER)]
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
+    words = (cols << shifts).sum(-1)
+    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+
+
+def awq_tensors(m: QuantLinear) -> dict[str, torch.Tensor]:
+    """The AWQ GEMM tensors of one layer: qweight, qzeros, scales (and bias)."""
+    q, z, s = _grid(m)
+    out = {"qweight": _awq_pack(q.t()),          # (K, N/8)
+           "qzeros": _awq_pack(z.t()),           # (G, N/8)
+           "scales": s.t().contiguous()}         # (G, N)
+    if m.bias is not None:
+        out["bias"] = m.bias.to(torch.float16)
+    return out
+
+
+def _block_linears_left_float(model: nn.Module, quantized: dict) -> list[str]:
+    """Float nn.Linear modules inside the repeated blocks that hold the quantized layers
+    (GPTQ/AWQ loaders expect every block Linear quantized; a head outside may stay float).
+    A block list is the dotted path before the first numeric part of a layer's name."""
+    lists = set()
+    for name in quantized:
+        parts = name.split(".")
+        idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        if idx:
+            lists.add(".".join(parts[:idx]) + ".")
+    return [name for name, mod in model.named_modules()
+            if type(mod) is nn.Linear and name not in quantized
+            and any(name.startswith(prefix) for prefix in lists)]
+
+
+def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str, tokenizer=None) -> Path:
+    """Write ``model`` (quantized by kvant, a transformers model) as a GPTQ or AWQ checkpoint
+    directory, atomically. Raises :class:`ExportError` naming the first layer or setting the
+    layout cannot express."""
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; known: {FORMATS}")
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as e:
+        raise ExportError("GPTQ/AWQ export needs transformers (pip install kvant[hf])") from e
+    hf_config = getattr(model, "config", None)
+    if not isinstance(model, PreTrainedModel) or hf_config is None:
+        raise ExportError("GPTQ/AWQ export needs a Hugging Face transformers model; this one "
+                          "has no config (the nanoGPT model has no architecture that vLLM or "
+                          "transformers load: use kvant.save_quantized)")
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not layers:
+        raise ExportError("the model has no quantized layers")
+    for name, m in layers.items():
+        _check_layer(name, m, fmt)
+    kinds = {(m.bits, m.group_size) for m in layers.values()}
+    if len(kinds) > 1:
+        raise ExportError(f"the {fmt.upper()} layout has one bit width and group size for the "
+                          f"whole model; this one mixes {sorted(kinds)}")
+    float_left = _block_linears_left_float(model, layers)
+    if float_left:
+        raise ExportError(f"block Linear layers left in float ({float_left[:3]}...): "
+                          f"{fmt.upper()} loaders expect every block Linear quantized")
+    bits, group_size = kinds.pop()
+    convert = gptq_tensors if fmt == "gptq" else awq_tensors
+
+    # tied embeddings are stored once (loaders re-tie them from the config): dedupe before
+    # the float16 cast, which would make the two names separate tensors
+    kept, _aliases = _dedupe(model.state_dict())
+    skip = {f"{name}.{b}" for name, m in layers.items() for b, _ in m.named_buffers()}
+    tensors = {key: t.to(torch.float16) if t.is_floating_point() else t
+               for key, t in kept.items() if key not in skip}
+    for name, m in layers.items():
+        for b, t in convert(m).items():
+            tensors[f"{name}.{b}"] = t.contiguous()
+
+    act_order = any(m.g_idx is not None for m in layers.values())
+    if fmt == "gptq":
+        qc = {"quant_method": "gptq", "bits": bits,
+              "group_size": group_size if group_size > 0 else -1, "desc_act": act_order,
+              "sym": _symmetric(layers.values(), bits), "checkpoint_format": "gptq",
+              "static_groups": False, "true_sequential": True, "damp_percent": 0.01,
+              "quantizer": "kvant"}
+    else:
+        qc = {"quant_method": "awq", "bits": bits, "group_size": group_size,
+              "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
+    config = hf_config.to_dict()
+    config["quantization_config"] = qc
+    config["torch_dtype"] = config["dtype"] = "float16"  # transformers 4.x / 5.x names
+    # vLLM picks the model class from "architectures", which a GGUF-loaded config lacks
+    if not config.get("architectures"):
+        config["architectures"] = [type(model).__name__]
+    with atomic_dir(out_dir) as tmp:
+        files = write_shards(tensors, tmp)
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size()
+                                                for t in tensors.values())},
+                 "weight_map": {t: f for f, info in files.items() for t in info["tensors"]}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, sort_keys=True))
+        if fmt == "gptq":
+            (tmp / "quantize_config.json").write_text(json.dumps(qc, indent=1))
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(str(tmp))
+    return Path(out_dir)
+
+
+def _symmetric(layers, bits: int) -> bool:
+    """Whether every zero point is the grid's midpoint 2**(bits-1) (a symmetric grid)."""
+    mid = 1 << (bits - 1)
+    return all(bool((_grid(m)[1] == mid).all()) for m in layers)
