@@ -193,6 +193,32 @@ def test_awq_gptq_and_input_scale_on_gqa_llama():
     assert rel_err(logits(model, calib), ref) < 0.5
 
 
+def test_unfoldable_channels_left_unscaled_make_an_exportable_model(tmp_path):
+    """scale_unfoldable=False: o_proj under GQA stays unscaled (AutoAWQ's choice), no layer
+    has an input_scale, and the model exports to the GPTQ and AWQ layouts; with the default
+    the input scale is kept and the exporter refuses it."""
+    from kvant.formats.hf_export import ExportError, export_hf
+
+    calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama(kv_heads=2)
+    report = quantize_model(model, AWQConfig(bits=4, group_size=32, n_grid=5, sym=True,
+                                             scale_unfoldable=False), calib, CPU)
+    layers = [m for m in model.modules() if hasattr(m, "input_scale")]
+    assert layers and all(m.input_scale is None for m in layers)
+    info = report.layers["model.layers.0.self_attn.o_proj"]["awq_scale"]
+    assert "input_scale" not in info
+    # q/k/v, gate/up and down still get their folds
+    assert "fold->" in report.layers["model.layers.0.self_attn.q_proj"]["awq_scale"]
+    for fmt in ("gptq", "awq"):
+        assert (export_hf(model, tmp_path / fmt, fmt) / "config.json").exists()
+    default = tiny_llama(kv_heads=2)
+    quantize_model(default, AWQConfig(bits=4, group_size=32, n_grid=5, sym=True), calib, CPU)
+    with pytest.raises(ExportError, match="input scale"):
+        export_hf(default, tmp_path / "refused", "awq")
+    with pytest.raises(ConfigError, match="scale nothing"):
+        AWQConfig(fold=False, scale_unfoldable=False)
+
+
 def test_single_linear_search_uses_exact_quadratic_form():
     """For a group of one Linear, the Gram-matrix loss equals the output MSE it replaces."""
     from kvant.algorithms.awq_search import GroupCapture, capture_groups, search_scale

@@ -128,3 +128,22 @@ def test_calibration_protocol_and_sources(model_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(CompatError, match="offline"):
         autoawq_calibration(tok, "pileval")
+
+
+def test_facade_model_exports_to_the_gemm_layout(model_dir, tmp_path):
+    """With scale_unfoldable=False (AutoAWQ's treatment of unabsorbable channels) the
+    facade's model exports to AutoAWQ's GEMM layout for vLLM."""
+    import json
+
+    import kvant
+    from transformers import AutoTokenizer
+
+    model = AutoAWQForCausalLM.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model.quantize(tokenizer, quant_config={"zero_point": True, "q_group_size": 32,
+                                            "w_bit": 4, "version": "GEMM"},
+                   calib_data=TEXTS, max_calib_samples=16, max_calib_seq_len=128,
+                   scale_unfoldable=False)
+    out = kvant.export_quantized(model.model, tmp_path / "gemm", "awq", tokenizer)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (qc["quant_method"], qc["version"], qc["group_size"]) == ("awq", "gemm", 32)

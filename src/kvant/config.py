@@ -272,6 +272,10 @@ class AWQConfig(MethodConfig):
     damp_percent, act_order, block_size: GPTQ knobs, used when rounding="gptq".
     fold: fold 1/s into the preceding operation where the block allows it; False keeps every
         scale as the QuantLinear's ``input_scale``.
+    scale_unfoldable: scale channels that no preceding operation can absorb too, keeping
+        their scale as ``input_scale`` (default); False leaves them unscaled, as AutoAWQ does
+        (e.g. o_proj under grouped-query attention), so every layer stays a plain
+        QuantLinear that the GPTQ/AWQ exports (``kvant.export_quantized``) can hold.
     true_sequential: with rounding="gptq", calibrate later groups on quantized earlier ones.
     outlier_budget: when > 0, keep this fraction of each Linear's (scaled) weights in fp16 as
         CSR outliers, chosen by SpQR's sensitivity rule and left out of the grids (the
@@ -293,6 +297,7 @@ class AWQConfig(MethodConfig):
     act_order: bool = False
     block_size: int = 128
     fold: bool = True
+    scale_unfoldable: bool = True
     true_sequential: bool = True
     outlier_budget: float = 0.0
 
@@ -314,9 +319,12 @@ class AWQConfig(MethodConfig):
             raise ConfigError(f"rounding must be 'rtn' or 'gptq', got {self.rounding!r}")
         if not 0 < self.damp_percent < 1:
             raise ConfigError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
-        for name in ("duo_scaling", "clip_search", "act_order", "fold", "true_sequential"):
+        for name in ("duo_scaling", "clip_search", "act_order", "fold", "scale_unfoldable",
+                     "true_sequential"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not self.fold and not self.scale_unfoldable:
+            raise ConfigError("fold=False with scale_unfoldable=False would scale nothing")
         if self.rounding == "gptq" and self.group_size == 0:
             raise ConfigError("rounding='gptq' does not support group_size=0 (one scale per "
                               "tensor); use -1 (per channel) or a positive group")

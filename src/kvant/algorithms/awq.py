@@ -168,6 +168,9 @@ class AWQ(QuantMethod):
                 k = linear_weight(linears[names[0]]).shape[1]
                 plan = fold.FoldPlan(dead=torch.zeros(k, dtype=torch.bool),
                                      free=torch.ones(k, dtype=torch.bool))
+            if not self.config.scale_unfoldable:  # unabsorbable channels keep s = 1
+                plan = fold.FoldPlan(sources=plan.sources, dead=plan.dead | plan.free,
+                                     free=torch.zeros_like(plan.free))
             self._plans[key] = (module, plan)
         return (*self._plans[key], cached)
 
@@ -188,11 +191,14 @@ class AWQ(QuantMethod):
             # a plan cached from an earlier block may not fit this one: probe this block
             _, plan, _ = self._plan(block, linears, names, probe, tol, fresh=True)
             ok, err, new_sig = self._apply(plan, *args)
-        if not ok:
+        if not ok and cfg.scale_unfoldable:
             log.warning("AWQ fold of %s failed verification (error %.3g); keeping the scale "
                         "as input_scale", names, err)
             plan = fold.FoldPlan(dead=plan.dead, free=torch.ones(s.numel(), dtype=torch.bool))
             ok, err, new_sig = self._apply(plan, *args)
+        elif not ok:  # scale_unfoldable=False: leave the group unscaled
+            log.warning("AWQ fold of %s failed verification (error %.3g); leaving it "
+                        "unscaled", names, err)
         treatment = plan.describe() if ok else "not scaled (verification failed)"
         for n in names:
             self._layer_info[n] = {"awq_alpha": info["alpha"], "awq_scale": treatment}

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 PILEVAL = ("mit-han-lab/pile-val-backup", "validation")  # AutoAWQ's default calibration set
 # AWQConfig fields a quantize() call may set directly (kvant extensions, not AutoAWQ's)
 _KVANT_KEYS = ("n_grid", "clip_grid", "clip_max_shrink", "clip_tokens", "rounding",
-               "damp_percent", "act_order", "block_size", "fold", "true_sequential")
+               "damp_percent", "act_order", "block_size", "fold", "scale_unfoldable",
+               "true_sequential")
 _QUANT_CONFIG_KEYS = ("zero_point", "q_group_size", "w_bit", "version",
                       "modules_to_not_convert", "quant_method")
 
