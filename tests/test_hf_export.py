@@ -248,3 +248,39 @@ def test_cli_export(tmp_path, tiny_gpt, capsys):
                  "--out", str(tmp_path / "x")]) == 2
     assert "Hugging Face" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_compressed_tensors_layout():
+    m = _layer(64, 32, 4, 32, seed=9)
+    from kvant.formats.hf_export import ct_tensors
+
+    t = ct_tensors(m, symmetric=False)
+    assert torch.equal(t["weight_packed"], m.qweight)  # the stored stream is theirs too
+    assert t["weight_shape"].tolist() == [32, 64] and t["weight_scale"].shape == (32, 2)
+    assert t["weight_zero_point"].shape == (4, 2)  # 32 rows x 4 bits packed along N
+    z = torch.tensor([_stream(t["weight_zero_point"][:, g], 4, 32) for g in range(2)]).t()
+    gi = torch.arange(64) // 32
+    q = torch.tensor([_stream(t["weight_packed"][r], 4, 64) for r in range(32)])
+    w = (q - z[:, gi]).float() * t["weight_scale"][:, gi].float()
+    assert torch.equal(w.half(), m.dequantized_weight())
+    assert "weight_zero_point" not in ct_tensors(m, symmetric=True)
+
+
+def test_transformers_loads_the_compressed_tensors_export(tmp_path):
+    """transformers + the compressed-tensors package read the export on the CPU and
+    decompress it to kvant's weights (symmetric grid: see docs/FORMAT.md for asymmetric)."""
+    pytest.importorskip("compressed_tensors")
+    transformers = pytest.importorskip("transformers")
+    model = _tiny_llama(bits=4, group_size=32, sym=True)
+    out = export_hf(model, tmp_path / "ct", "compressed-tensors")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["ignore"] == ["lm_head"] and qc["format"] == "pack-quantized"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the first forward decompresses the layers
+        a, b = model(ids).logits.float(), loaded(ids).logits.float()
+    assert float((a - b).norm() / a.norm()) < 2e-3
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        ours = model.model.layers[1].get_submodule(name).dequantized_weight().float()
+        theirs = loaded.model.layers[1].get_submodule(name).weight.float()
+        assert torch.allclose(theirs, ours, rtol=0, atol=1e-4), name

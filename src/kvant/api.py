@@ -46,8 +46,9 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None)
 
 def export_quantized(model: nn.Module, out_dir: str | os.PathLike, fmt: str,
                      tokenizer=None) -> Path:
-    """Write a kvant-quantized Hugging Face model in the GPTQ or AWQ checkpoint layout that
-    vLLM and transformers load (``fmt`` "gptq" or "awq"; kvant.formats.hf_export)."""
+    """Write a kvant-quantized Hugging Face model in the GPTQ, AWQ or compressed-tensors
+    checkpoint layout that vLLM and transformers load (``fmt`` "gptq", "awq" or
+    "compressed-tensors"; kvant.formats.hf_export)."""
     from kvant.formats.hf_export import export_hf
 
     return export_hf(model, out_dir, fmt, tokenizer)

@@ -186,9 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_inspect)
 
     x = sub.add_parser("export", help="write a kvant checkpoint of a Hugging Face model in "
-                                      "the GPTQ or AWQ layout (vLLM, transformers)")
+                                      "the GPTQ, AWQ or compressed-tensors layout (vLLM, "
+                                      "transformers)")
     x.add_argument("checkpoint", help="a kvant checkpoint directory")
-    x.add_argument("--format", required=True, choices=["gptq", "awq"])
+    x.add_argument("--format", required=True, choices=["gptq", "awq", "compressed-tensors"])
     x.add_argument("--out", required=True, help="output directory")
     x.set_defaults(fn=cmd_export)
     return p

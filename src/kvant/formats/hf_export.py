@@ -1,7 +1,9 @@
-"""Export a kvant-quantized Hugging Face model in the GPTQ or AWQ (GEMM) checkpoint layout.
+"""Export a kvant-quantized Hugging Face model in the GPTQ, AWQ (GEMM) or compressed-tensors
+(pack-quantized) checkpoint layout.
 
-These are the layouts vLLM (``quantization="gptq"`` / ``"awq"``, read from config.json) and
-transformers (through gptqmodel/optimum or autoawq) load. The export is a plain HF model
+These are the layouts vLLM (``quantization="gptq"`` / ``"awq"`` / ``"compressed-tensors"``,
+read from config.json) and transformers (through gptqmodel/optimum, autoawq, or the
+compressed-tensors package, which also runs on the CPU) load. The export is a plain HF model
 directory: ``config.json`` with a ``quantization_config``, safetensors shards with
 ``model.safetensors.index.json``, the tokenizer, and (GPTQ) ``quantize_config.json``.
 Non-quantized tensors are written in float16. docs/FORMAT.md draws both layouts.
@@ -18,6 +20,12 @@ dequantized weight ``(q - z) * s``:
 - AWQ GEMM: 4 bits only, ``qweight`` int32 (K, N/8), word j of row k holding the values of
   columns 8j + o for o in (0, 2, 4, 6, 1, 3, 5, 7) at bits 0, 4, ..., 28; ``qzeros`` int32
   (G, N/8) packed the same way (z itself); ``scales`` fp16 (G, N). No act-order.
+- compressed-tensors ``pack-quantized`` (llm-compressor's format): ``weight_packed`` int32
+  (N, ceil(K·bits/32)) is kvant's ``qweight`` itself (their codes are signed, q - 2**(bits-1),
+  offset back to q for packing); ``weight_scale`` (N, G); ``weight_zero_point`` (asymmetric
+  grids only) int32 (ceil(N·bits/32), G), z packed along N; ``weight_shape`` (N, K). Groups
+  must be contiguous (act-order only with the trivial g_idx). Float Linears are listed in
+  ``ignore``.
 
 Layers the formats cannot express are refused with the reason (QuIP's rotations, SpQR's
 outliers, an AWQ input scale that nothing absorbed, mixed bit widths or group sizes, a block
@@ -37,7 +45,7 @@ from kvant.formats.checkpoint import _dedupe, atomic_dir, write_shards
 from kvant.formats.packing import pack, unpack
 from kvant.nn.qlinear import QuantLinear
 
-FORMATS = ("gptq", "awq")
+FORMATS = ("gptq", "awq", "compressed-tensors")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column (within 8) held by nibble 0, 1, ..., 7
 
 
@@ -71,6 +79,11 @@ def _check_layer(name: str, m: nn.Module, fmt: str) -> None:
             raise ExportError(f"{name}: the AWQ layout needs groups (group_size > 0)")
         if m.out_features % 8:
             raise ExportError(f"{name}: out_features {m.out_features} is not a multiple of 8")
+    elif fmt == "compressed-tensors":
+        if m.g_idx is not None and not torch.equal(
+                m.g_idx.long(), torch.arange(m.in_features) // max(m.group_size, 1)):
+            raise ExportError(f"{name}: act-order with regrouped columns (g_idx) has no place "
+                              "in the pack-quantized layout")
     else:
         if (m.in_features * m.bits) % 32 or (m.out_features * m.bits) % 32:
             raise ExportError(f"{name}: GPTQ packing needs in_features and out_features times "
@@ -133,6 +146,34 @@ def awq_tensors(m: QuantLinear) -> dict[str, torch.Tensor]:
     return out
 
 
+def ct_tensors(m: QuantLinear, symmetric: bool) -> dict[str, torch.Tensor]:
+    """The compressed-tensors pack-quantized tensors of one layer (``weight_zero_point`` only
+    for an asymmetric scheme)."""
+    _q, z, s = _grid(m)
+    out = {"weight_packed": m.qweight.contiguous(),                 # (N, ceil(K·b/32))
+           "weight_scale": s.contiguous(),                          # (N, G)
+           "weight_shape": torch.tensor([m.out_features, m.in_features])}
+    if not symmetric:
+        out["weight_zero_point"] = pack(z.t().contiguous(), m.bits).t().contiguous()
+    if m.bias is not None:
+        out["bias"] = m.bias.to(torch.float16)
+    return out
+
+
+def _ct_config(bits: int, group_size: int, symmetric: bool, ignore: list[str]) -> dict:
+    """compressed-tensors' quantization_config for one int weight scheme on every Linear."""
+    weights = {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False,
+               "strategy": "group" if group_size > 0 else "channel",
+               "group_size": group_size if group_size > 0 else None, "actorder": None}
+    return {"quant_method": "compressed-tensors", "format": "pack-quantized",
+            "quantization_status": "compressed", "ignore": ignore, "kv_cache_scheme": None,
+            "global_compression_ratio": None,
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                          "input_activations": None,
+                                          "output_activations": None,
+                                          "format": "pack-quantized"}}}
+
+
 def _block_linears_left_float(model: nn.Module, quantized: dict) -> list[str]:
     """Float nn.Linear modules inside the repeated blocks that hold the quantized layers
     (GPTQ/AWQ loaders expect every block Linear quantized; a head outside may stay float).
@@ -149,8 +190,8 @@ def _block_linears_left_float(model: nn.Module, quantized: dict) -> list[str]:
 
 
 def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str, tokenizer=None) -> Path:
-    """Write ``model`` (quantized by kvant, a transformers model) as a GPTQ or AWQ checkpoint
-    directory, atomically. Raises :class:`ExportError` naming the first layer or setting the
+    """Write ``model`` (quantized by kvant, a transformers model) as a GPTQ, AWQ or
+    compressed-tensors checkpoint directory, atomically. Raises :class:`ExportError` naming the first layer or setting the
     layout cannot express."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; known: {FORMATS}")
@@ -173,11 +214,18 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str, tokenizer=
         raise ExportError(f"the {fmt.upper()} layout has one bit width and group size for the "
                           f"whole model; this one mixes {sorted(kinds)}")
     float_left = _block_linears_left_float(model, layers)
-    if float_left:
+    if float_left and fmt != "compressed-tensors":  # there: listed in "ignore"
         raise ExportError(f"block Linear layers left in float ({float_left[:3]}...): "
                           f"{fmt.upper()} loaders expect every block Linear quantized")
     bits, group_size = kinds.pop()
-    convert = gptq_tensors if fmt == "gptq" else awq_tensors
+    symmetric = _symmetric(layers.values(), bits)
+    if fmt == "gptq":
+        convert = gptq_tensors
+    elif fmt == "awq":
+        convert = awq_tensors
+    else:
+        def convert(m):
+            return ct_tensors(m, symmetric)
 
     # tied embeddings are stored once (loaders re-tie them from the config): dedupe before
     # the float16 cast, which would make the two names separate tensors
@@ -193,12 +241,15 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str, tokenizer=
     if fmt == "gptq":
         qc = {"quant_method": "gptq", "bits": bits,
               "group_size": group_size if group_size > 0 else -1, "desc_act": act_order,
-              "sym": _symmetric(layers.values(), bits), "checkpoint_format": "gptq",
+              "sym": symmetric, "checkpoint_format": "gptq",
               "static_groups": False, "true_sequential": True, "damp_percent": 0.01,
               "quantizer": "kvant"}
-    else:
+    elif fmt == "awq":
         qc = {"quant_method": "awq", "bits": bits, "group_size": group_size,
               "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
+    else:
+        float_linears = [n for n, mod in model.named_modules() if type(mod) is nn.Linear]
+        qc = _ct_config(bits, group_size, symmetric, float_linears)
     config = hf_config.to_dict()
     config["quantization_config"] = qc
     config["torch_dtype"] = config["dtype"] = "float16"  # transformers 4.x / 5.x names
