@@ -175,7 +175,8 @@ def from_spec(spec_: dict, ckpt_dir: str | os.PathLike | None = None):
         model = transformers.AutoModelForCausalLM.from_config(config, **dtype_kwargs(dtype))
     tokenizer = None
     if ckpt_dir is not None and any((Path(ckpt_dir) / f).is_file() for f in TOKENIZER_FILES):
-        tokenizer = load_tokenizer(ckpt_dir)
+        # the model config, not the checkpoint's config.json (kvant's own, model_type "hf")
+        tokenizer = load_tokenizer(ckpt_dir, config=config)
     return prepare_for_calibration(model), tokenizer
 
 
