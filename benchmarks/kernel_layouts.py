@@ -54,7 +54,8 @@ def sweep(tile: int, shapes, batches, log, prefetch: bool = True) -> list:
                 key = f"stages={cfg.stages}"
                 if cfg.kernel == "dot" and t < by_knob.get(key, (1e9,))[0]:
                     by_knob[key] = (t, repr(cfg))
-            rows.append(dict(tile=tile, prefetch=prefetch, shape=[n, k], batch=m, us=us, us_fp16=us_fp16,
+            rows.append(dict(tile=tile, prefetch=prefetch, shape=[n, k], batch=m, us=us,
+                             us_fp16=us_fp16,
                              speedup=us_fp16 / us, config=repr(best), by_knob=by_knob,
                              gbps=p0.nbytes() / us / 1e3))
             log(f"tile {tile} prefetch {prefetch} {n}x{k} M={m}: {us:.1f}us fp16 {us_fp16:.1f}us "

@@ -191,8 +191,8 @@ def _block_linears_left_float(model: nn.Module, quantized: dict) -> list[str]:
 
 def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str, tokenizer=None) -> Path:
     """Write ``model`` (quantized by kvant, a transformers model) as a GPTQ, AWQ or
-    compressed-tensors checkpoint directory, atomically. Raises :class:`ExportError` naming the first layer or setting the
-    layout cannot express."""
+    compressed-tensors checkpoint directory, atomically. Raises :class:`ExportError` naming
+    the first layer or setting the layout cannot express."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; known: {FORMATS}")
     try:
