@@ -56,10 +56,10 @@ class ExportError(ValueError):
 def _grid(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(q (N, K), z (N, G), s (N, G) fp16) of a layer, per-tensor grids broadcast to rows."""
     n, k = m.out_features, m.in_features
-    q = unpack(m.qweight, m.bits, k)
+    q = unpack(m.qweight.cpu(), m.bits, k)  # the export is built on the CPU
     g = m.scales.shape[1]
-    z = unpack(m.qzeros, m.bits, g).expand(n, g)
-    s = m.scales.to(torch.float16).expand(n, g)
+    z = unpack(m.qzeros.cpu(), m.bits, g).expand(n, g)
+    s = m.scales.cpu().to(torch.float16).expand(n, g)
     return q, z, s
 
 
@@ -81,7 +81,7 @@ def _check_layer(name: str, m: nn.Module, fmt: str) -> None:
             raise ExportError(f"{name}: out_features {m.out_features} is not a multiple of 8")
     elif fmt == "compressed-tensors":
         if m.g_idx is not None and not torch.equal(
-                m.g_idx.long(), torch.arange(m.in_features) // max(m.group_size, 1)):
+                m.g_idx.cpu().long(), torch.arange(m.in_features) // max(m.group_size, 1)):
             raise ExportError(f"{name}: act-order with regrouped columns (g_idx) has no place "
                               "in the pack-quantized layout")
     else:
@@ -96,7 +96,7 @@ def gptq_tensors(m: QuantLinear) -> dict[str, torch.Tensor]:
     q, z, s = _grid(m)
     k, gs = m.in_features, m.group_size
     if m.g_idx is not None:
-        g_idx = m.g_idx.to(torch.int32)
+        g_idx = m.g_idx.cpu().to(torch.int32)
     elif gs > 0:
         g_idx = torch.arange(k, dtype=torch.int32) // gs
     else:
@@ -108,7 +108,7 @@ def gptq_tensors(m: QuantLinear) -> dict[str, torch.Tensor]:
            "scales": s.t().contiguous(),                        # (G, N)
            "g_idx": g_idx}
     if m.bias is not None:
-        out["bias"] = m.bias.to(torch.float16)
+        out["bias"] = m.bias.cpu().to(torch.float16)
     return out
 
 
@@ -142,7 +142,7 @@ def awq_tensors(m: QuantLinear) -> dict[str, torch.Tensor]:
            "qzeros": _awq_pack(z.t()),           # (G, N/8)
            "scales": s.t().contiguous()}         # (G, N)
     if m.bias is not None:
-        out["bias"] = m.bias.to(torch.float16)
+        out["bias"] = m.bias.cpu().to(torch.float16)
     return out
 
 
@@ -150,13 +150,13 @@ def ct_tensors(m: QuantLinear, symmetric: bool) -> dict[str, torch.Tensor]:
     """The compressed-tensors pack-quantized tensors of one layer (``weight_zero_point`` only
     for an asymmetric scheme)."""
     _q, z, s = _grid(m)
-    out = {"weight_packed": m.qweight.contiguous(),                 # (N, ceil(K·b/32))
+    out = {"weight_packed": m.qweight.cpu().contiguous(),           # (N, ceil(K·b/32))
            "weight_scale": s.contiguous(),                          # (N, G)
            "weight_shape": torch.tensor([m.out_features, m.in_features])}
     if not symmetric:
         out["weight_zero_point"] = pack(z.t().contiguous(), m.bits).t().contiguous()
     if m.bias is not None:
-        out["bias"] = m.bias.to(torch.float16)
+        out["bias"] = m.bias.cpu().to(torch.float16)
     return out
 
 
