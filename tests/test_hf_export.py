@@ -182,6 +182,12 @@ def test_export_refuses_what_the_layout_cannot_hold(tmp_path):
     with pytest.raises(ExportError, match="left in float"):
         export_hf(model, tmp_path / "gptq", "gptq")
     assert list(tmp_path.iterdir()) == []
+    from kvant.nn.fuse import find_siblings, fuse_siblings
+
+    fused = _tiny_llama()
+    fuse_siblings(fused, find_siblings(fused, torch.zeros(1, 4, dtype=torch.long)))
+    with pytest.raises(ExportError, match="before kvant.nn.fuse"):
+        export_hf(fused, tmp_path / "fused", "compressed-tensors")
 
 
 # Cross-checks against the reference packers, opt-in (their packages need CUDA builds to

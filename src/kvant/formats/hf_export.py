@@ -204,6 +204,12 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str, tokenizer=
         raise ExportError("GPTQ/AWQ export needs a Hugging Face transformers model; this one "
                           "has no config (the nanoGPT model has no architecture that vLLM or "
                           "transformers load: use kvant.save_quantized)")
+    from kvant.nn.fuse import FusedSlice
+
+    fused = [name for name, m in model.named_modules() if isinstance(m, FusedSlice)]
+    if fused:
+        raise ExportError(f"fused sibling layers ({fused[0]}, ...) are an inference-time "
+                          "transform; export the model before kvant.nn.fuse.fuse_siblings")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ExportError("the model has no quantized layers")
