@@ -76,8 +76,13 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu"):
     return model.to(device).eval(), tok
 
 
-def load_model(path_or_id: str | os.PathLike, dtype=None, device: str | torch.device = "cpu"):
+def load_model(path_or_id: str | os.PathLike, dtype=None, device: str | torch.device = "cpu",
+               lazy: bool = False):
     """Load any model kvant knows -> (model, tokenizer).
+
+    ``lazy=True`` (a local Hugging Face safetensors directory): the decoder blocks are not
+    read now but one at a time while :func:`quantize` works (kvant.model.lazy), so a model
+    larger than host memory can be quantized; it runs once every block is quantized.
 
     - ``"nanogpt"`` / ``"default"``: the embedded nanoGPT Shakespeare model;
     - a ``.gguf`` file: dequantized into a float Hugging Face model (float32 by default);
@@ -88,6 +93,13 @@ def load_model(path_or_id: str | os.PathLike, dtype=None, device: str | torch.de
     """
     import json
 
+    if lazy:
+        from kvant.model.lazy import load_lazy
+
+        if torch.device(device).type != "cpu":
+            raise ValueError("lazy loading keeps the model on the CPU (quantize moves one "
+                             "block at a time to the compute device)")
+        return load_lazy(path_or_id, dtype or "auto")
     if str(path_or_id) in ("nanogpt", "default"):
         return nanogpt.load_embedded(dtype or torch.float32)
     path = Path(path_or_id)

@@ -72,7 +72,7 @@ def cmd_quantize(args) -> int:
     from kvant.config import EngineOptions
 
     config = _config_from_args(args)
-    model, tok = kvant.load_model(args.model, device="cpu")
+    model, tok = kvant.load_model(args.model, device="cpu", lazy=args.lazy)
     calib = None
     from kvant.algorithms.registry import build
     if build(config).needs_calibration:
@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "model's context if shorter")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default=None, help="compute device (default cuda if present)")
+    q.add_argument("--lazy", action="store_true",
+                   help="read the decoder blocks from disk one at a time (HF safetensors "
+                        "directory): quantize a model larger than host memory")
     q.add_argument("--out", required=True, help="output checkpoint directory")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_quantize)

@@ -58,7 +58,9 @@ def validate_model(model: nn.Module, config: MethodConfig) -> tuple[str, nn.Modu
         for name, lin in find_linears(block, config.ignore, f"{prefix}.{i}.").items():
             full = f"{prefix}.{i}.{name}"
             w = linear_weight(lin)
-            if not torch.isfinite(w).all():
+            # a lazily loaded block is still on the meta device: its tensors are checked
+            # when they are read (kvant.model.lazy)
+            if not w.is_meta and not torch.isfinite(w).all():
                 raise ValueError(f"layer {full!r} has NaN or Inf weights")
             check_group_size(w.shape[1], config.group_size, full)
     return prefix, blocks
@@ -157,10 +159,13 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
     report = QuantReport(config=config.to_dict())
     true_seq = getattr(config, "true_sequential", True)
 
+    lazy = getattr(model, "kvant_lazy_blocks", None)  # blocks read from disk one at a time
     inputs: list[BlockInput] = []
     if method.needs_calibration:
         report.n_calib = len(calib)
         batches = torch.split(calib, options.batch_size)
+        if lazy is not None:
+            lazy.load(0, blocks[0])
         with _on_device_except_blocks(model, blocks, device):
             blocks[0].to(device)
             inputs = capture_block_inputs(model, blocks[0], batches, device)
@@ -169,6 +174,8 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
                disable=not options.show_progress)
     for i, block in bar:
         tb = time.perf_counter()
+        if lazy is not None:
+            lazy.load(i, block)
         home = next(block.parameters()).device
         block.to(device)
         bprefix = f"{prefix}.{i}."

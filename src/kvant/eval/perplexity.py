@@ -142,6 +142,9 @@ def eval_windows(tokenizer, dataset="wikitext2", seq_len: int = 2048, eval_file=
 def windows_nll(model, windows: torch.Tensor, batch_size: int = 1, device=None,
                 show_progress: bool = True, desc: str = "perplexity") -> torch.Tensor:
     """Sum of next-token NLL of each window (W,) float64; logits taken in float32."""
+    from kvant.model.lazy import check_materialized
+
+    check_materialized(model)  # a lazily loaded model before quantization: a clear error
     device = torch.device(device) if device is not None else _device_of(model)
     out = torch.zeros(len(windows), dtype=torch.float64)
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not show_progress):

@@ -1,0 +1,101 @@
+"""Peak host memory of quantizing a model loaded whole vs lazily (blocks read one at a time).
+
+A random Llama (``--hidden``, ``--layers``; fp16 safetensors shards) is saved to a temporary
+directory, then RTN W4 g128 runs twice, each in a fresh process: ``kvant.load_model(dir)``
+(every weight in memory) and ``kvant.load_model(dir, lazy=True)`` (kvant.model.lazy). The
+peak resident set size of each process (``ru_maxrss``) is recorded with the checkpoint size
+and the time; both quantized models are saved and compared tensor by tensor.
+
+Writes ``lazy_memory.{json,md}``. Usage: ``PYTHONPATH=src python3 benchmarks/lazy_memory.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from kvant import report as rep
+
+CHILD = r"""
+import json, resource, sys, time, torch, kvant
+src, out, lazy = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+t0 = time.time()
+model, tok = kvant.load_model(src, dtype=torch.float16, lazy=lazy)
+kvant.quantize(model, kvant.RTNConfig(bits=4, group_size=128),
+               options=kvant.EngineOptions(device="cpu", show_progress=False))
+kvant.save_quantized(model, out, tok)
+print(json.dumps({"seconds": time.time() - t0,
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+"""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=5504)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    import transformers
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from hf_tiny import tiny_tokenizer
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "model"
+        cfg = transformers.LlamaConfig(
+            vocab_size=args.vocab, hidden_size=args.hidden,
+            intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+            num_attention_heads=args.hidden // 128, num_key_value_heads=args.hidden // 128,
+            max_position_embeddings=2048)
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg).half()
+        n_params = sum(p.numel() for p in model.parameters())
+        model.save_pretrained(src, max_shard_size="500MB")
+        tiny_tokenizer().save_pretrained(src)
+        del model
+        ckpt_gb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 2**30
+        outs = {}
+        for lazy in (False, True):
+            outs[lazy] = Path(tmp) / f"q{int(lazy)}"
+            res = subprocess.run([sys.executable, "-c", CHILD, str(src), str(outs[lazy]),
+                                  str(int(lazy))], capture_output=True, text=True, check=True)
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            rows.append(dict(model=f"llama-random-{args.layers}L-d{args.hidden}",
+                             params=n_params, checkpoint_gb=ckpt_gb, method="rtn", bits=4,
+                             group_size=128, loading="lazy" if lazy else "whole", **r,
+                             device=rep.device_name("cpu"), date=rep.today(),
+                             commit=rep.git_commit()))
+            print(json.dumps(rows[-1]), flush=True)
+        a = {k: v for f in outs[False].glob("*.safetensors") for k, v in load_file(str(f)).items()}
+        b = {k: v for f in outs[True].glob("*.safetensors") for k, v in load_file(str(f)).items()}
+        same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        for r in rows:
+            r["identical_checkpoints"] = same
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rep.write_json(rows, out / "lazy_memory.json")
+    md = [f"# Peak host memory of quantization, whole vs lazy loading, {rows[0]['device']}", "",
+          f"{rows[0]['date']}, commit {rows[0]['commit']}. {rows[0]['model']} "
+          f"({rows[0]['params'] / 1e6:.0f} M parameters, fp16 checkpoint "
+          f"{rows[0]['checkpoint_gb']:.2f} GiB), RTN W4 g128, load + quantize + save in one "
+          f"process each; quantized checkpoints identical: {same}.", "",
+          "| loading | peak RSS GiB | seconds |", "|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['loading']} | {r['peak_rss_gb']:.2f} | {r['seconds']:.1f} |")
+    (out / "lazy_memory.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""Quantize models larger than host memory: decoder blocks read from disk one at a time.
+
+``load_lazy(dir)`` builds a Hugging Face model whose decoder blocks stay on the ``meta``
+device (no memory); everything outside them (embeddings, final norm, head) is read at once.
+The model carries a :class:`LazyBlocks` as ``model.kvant_lazy_blocks``; the calibration
+engine (``kvant.calib.engine.quantize_model``) calls :meth:`LazyBlocks.load` just before it
+quantizes block i, so the float weights of one block at a time are in memory (a 70B Llama:
+~1.7 GB in fp16 instead of 140 GB), next to the packed blocks already done.
+
+Only safetensors checkpoints (one file, or shards with ``model.safetensors.index.json``)
+whose tensor names are the model's state_dict names, as ``save_pretrained`` writes them.
+Until every block is quantized the model cannot run: :func:`check_materialized` says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from kvant.model.discovery import find_blocks
+
+
+class LazyLoadError(ValueError):
+    """A lazy load cannot go on: missing tensors, unsupported files, NaN weights."""
+
+
+def _weight_map(folder: Path) -> dict[str, Path]:
+    """tensor name -> safetensors file of a checkpoint directory."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        entries = json.loads(index.read_text())["weight_map"]
+        return {name: folder / f for name, f in entries.items()}
+    single = folder / "model.safetensors"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), "pt") as f:
+            return {name: single for name in f.keys()}
+    raise LazyLoadError(f"{folder} has no model.safetensors or model.safetensors.index.json: "
+                        "lazy loading reads safetensors checkpoints only")
+
+
+class LazyBlocks:
+    """Reads the tensors of one decoder block (or of everything outside the blocks) from a
+    safetensors checkpoint, cast to ``dtype``, into a module built on the meta device."""
+
+    def __init__(self, folder: str | os.PathLike, prefix: str, dtype: torch.dtype):
+        self.folder, self.prefix, self.dtype = Path(folder), prefix, dtype
+        self.weight_map = _weight_map(self.folder)
+        self.loaded: set[int] = set()
+
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        missing = [n for n in names if n not in self.weight_map]
+        if missing:
+            raise LazyLoadError(f"{len(missing)} tensors missing from {self.folder} "
+                                f"(first: {missing[0]!r})")
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.weight_map[n], []).append(n)
+        out = {}
+        for file, group in by_file.items():
+            with safe_open(str(file), "pt") as f:
+                for n in group:
+                    t = f.get_tensor(n)
+                    out[n] = t.to(self.dtype) if t.is_floating_point() else t
+        return out
+
+    def fill(self, module: nn.Module, names: list[str], strip: str = "") -> None:
+        """Assign checkpoint tensors ``names`` (full names; ``strip`` removed to get the
+        module's own keys) to ``module``, replacing its meta tensors."""
+        state = self._read(names)
+        for n, t in state.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise LazyLoadError(f"tensor {n!r} has NaN or Inf values")
+        local = {n[len(strip):]: t for n, t in state.items()}
+        module.load_state_dict(local, strict=False, assign=True)
+
+    def load(self, i: int, block: nn.Module) -> None:
+        """Read block ``i``'s weights into ``block`` (on the CPU); a no-op once done."""
+        if i in self.loaded:
+            return
+        strip = f"{self.prefix}.{i}."
+        names = [strip + k for k in block.state_dict()]
+        self.fill(block, names, strip)
+        still_meta = [n for n, p in block.named_parameters() if p.is_meta]
+        if still_meta:
+            raise LazyLoadError(f"block {i}: {still_meta[0]!r} is not in the checkpoint")
+        self.loaded.add(i)
+
+
+def load_lazy(folder: str | os.PathLike, dtype="auto"):
+    """(model, tokenizer) of a local Hugging Face safetensors directory with the decoder
+    blocks left on the meta device, to be read one at a time while quantizing."""
+    from accelerate import init_empty_weights
+
+    from kvant.model import hf
+
+    transformers = hf._require_transformers()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LazyLoadError(f"lazy loading needs a local model directory, got {str(folder)!r}")
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    hf.check_architecture(config)
+    dtype = hf.resolve_dtype(dtype)
+    if dtype == "auto":
+        stored = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
+        dtype = stored if isinstance(stored, torch.dtype) else getattr(
+            torch, str(stored or "float32").removeprefix("torch."), torch.float32)
+    with init_empty_weights(include_buffers=False):
+        model = transformers.AutoModelForCausalLM.from_config(config, **hf.dtype_kwargs(dtype))
+    prefix, blocks = find_blocks(model)
+    lazy = LazyBlocks(folder, prefix, dtype)
+    inside = {f"{prefix}."}
+    outside = [n for n in model.state_dict() if not any(n.startswith(p) for p in inside)]
+    present = [n for n in outside if n in lazy.weight_map]
+    lazy.fill(model, present)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    left = [n for n, p in model.named_parameters()
+            if p.is_meta and not n.startswith(f"{prefix}.")]
+    if left:
+        raise LazyLoadError(f"{left[0]!r} is not in the checkpoint {folder}")
+    model.kvant_lazy_blocks = lazy
+    tokenizer = hf.load_tokenizer(folder)
+    return hf.prepare_for_calibration(model), tokenizer
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Raise a clear error if some weights of ``model`` are still unread (meta)."""
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise LazyLoadError(f"{len(meta)} weights are not loaded yet (first: {meta[0]!r}): a "
+                            "lazily loaded model runs only after kvant.quantize has read and "
+                            "quantized every block")
