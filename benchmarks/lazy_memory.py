@@ -35,26 +35,17 @@ print(json.dumps({"seconds": time.time() - t0,
 """
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--intermediate", type=int, default=5504)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args(argv)
+def _measure(args, layers: int, tiny_tokenizer) -> list:
+    """Whole and lazy rows for a random Llama of ``layers`` blocks."""
     import transformers
     from safetensors.torch import load_file
-
-    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-    from hf_tiny import tiny_tokenizer
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "model"
         cfg = transformers.LlamaConfig(
             vocab_size=args.vocab, hidden_size=args.hidden,
-            intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+            intermediate_size=args.intermediate, num_hidden_layers=layers,
             num_attention_heads=args.hidden // 128, num_key_value_heads=args.hidden // 128,
             max_position_embeddings=2048)
         torch.manual_seed(0)
@@ -70,7 +61,7 @@ def main(argv=None) -> int:
             res = subprocess.run([sys.executable, "-c", CHILD, str(src), str(outs[lazy]),
                                   str(int(lazy))], capture_output=True, text=True, check=True)
             r = json.loads(res.stdout.strip().splitlines()[-1])
-            rows.append(dict(model=f"llama-random-{args.layers}L-d{args.hidden}",
+            rows.append(dict(model=f"llama-random-{layers}L-d{args.hidden}",
                              params=n_params, checkpoint_gb=ckpt_gb, method="rtn", bits=4,
                              group_size=128, loading="lazy" if lazy else "whole", **r,
                              device=rep.device_name("cpu"), date=rep.today(),
@@ -81,17 +72,36 @@ def main(argv=None) -> int:
         same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         for r in rows:
             r["identical_checkpoints"] = same
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=2048)
+    ap.add_argument("--intermediate", type=int, default=5504)
+    ap.add_argument("--layers", default="8,16", help="block counts, comma separated")
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+    from hf_tiny import tiny_tokenizer
+
+    rows = []
+    for layers in [int(v) for v in args.layers.split(",")]:
+        rows += _measure(args, layers, tiny_tokenizer)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rep.write_json(rows, out / "lazy_memory.json")
     md = [f"# Peak host memory of quantization, whole vs lazy loading, {rows[0]['device']}", "",
-          f"{rows[0]['date']}, commit {rows[0]['commit']}. {rows[0]['model']} "
-          f"({rows[0]['params'] / 1e6:.0f} M parameters, fp16 checkpoint "
-          f"{rows[0]['checkpoint_gb']:.2f} GiB), RTN W4 g128, load + quantize + save in one "
-          f"process each; quantized checkpoints identical: {same}.", "",
-          "| loading | peak RSS GiB | seconds |", "|---|---|---|"]
+          f"{rows[0]['date']}, commit {rows[0]['commit']}. Random Llama (d {args.hidden}, "
+          f"intermediate {args.intermediate}), fp16 safetensors; RTN W4 g128; load + quantize "
+          "+ save in a fresh process each; peak resident set size.", "",
+          "| model | parameters | checkpoint GiB | loading | peak RSS GiB | seconds | "
+          "same checkpoint |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['loading']} | {r['peak_rss_gb']:.2f} | {r['seconds']:.1f} |")
+        md.append(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {r['checkpoint_gb']:.2f} | "
+                  f"{r['loading']} | {r['peak_rss_gb']:.2f} | {r['seconds']:.1f} | "
+                  f"{r['identical_checkpoints']} |")
     (out / "lazy_memory.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

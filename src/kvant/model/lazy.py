@@ -68,7 +68,11 @@ class LazyBlocks:
             with safe_open(str(file), "pt") as f:
                 for n in group:
                     t = f.get_tensor(n)
-                    out[n] = t.to(self.dtype) if t.is_floating_point() else t
+                    # a copy: get_tensor's tensors may share the file's memory map, which a
+                    # small tensor that stays (a norm) would keep resident with every page
+                    # of the shard the quantization touched
+                    out[n] = t.to(self.dtype if t.is_floating_point() else t.dtype,
+                                  copy=True)
         return out
 
     def fill(self, module: nn.Module, names: list[str], strip: str = "") -> None:
@@ -92,6 +96,21 @@ class LazyBlocks:
         if still_meta:
             raise LazyLoadError(f"block {i}: {still_meta[0]!r} is not in the checkpoint")
         self.loaded.add(i)
+
+
+def _return_freed_memory() -> None:
+    """Make glibc serve allocations above 128 KB with mmap, so each block's freed float
+    weights and temporaries go back to the system instead of staying in the heap (with the
+    default dynamic threshold, freeing ~100 MB blocks raised it and RSS grew by about a
+    block's size per block: benchmarks/results/lazy_memory.md). No-op off glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD; also stops its dynamic growth
+    except (OSError, AttributeError):
+        pass
 
 
 def load_lazy(folder: str | os.PathLike, dtype="auto"):
@@ -127,6 +146,7 @@ def load_lazy(folder: str | os.PathLike, dtype="auto"):
     if left:
         raise LazyLoadError(f"{left[0]!r} is not in the checkpoint {folder}")
     model.kvant_lazy_blocks = lazy
+    _return_freed_memory()
     tokenizer = hf.load_tokenizer(folder)
     return hf.prepare_for_calibration(model), tokenizer
 
