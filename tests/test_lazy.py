@@ -28,9 +28,15 @@ def llama_dir(tmp_path):
     return tmp_path / "m"
 
 
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, CUDA])])
 @pytest.mark.parametrize("config", [RTNConfig(bits=4, group_size=32),
                                     GPTQConfig(bits=3, group_size=32, act_order=True)])
-def test_lazy_quantization_equals_eager(llama_dir, config):
+def test_lazy_quantization_equals_eager(llama_dir, config, device):
+    """Blocks read on the CPU and moved to ``device`` one at a time, as the engine does."""
+    opts = kvant.EngineOptions(device=device, show_progress=False, batch_size=4)
     assert len(list(llama_dir.glob("*.safetensors"))) > 1
     calib = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
     eager, _ = kvant.load_model(llama_dir, dtype=torch.float32)
@@ -40,8 +46,8 @@ def test_lazy_quantization_equals_eager(llama_dir, config):
     assert lazy.lm_head.weight is lazy.model.embed_tokens.weight  # tied again
     with pytest.raises(LazyLoadError, match="not loaded yet"):
         kvant.perplexity(lazy, tok, "wikitext2", eval_file=__file__, seq_len=32)
-    kvant.quantize(eager, config, calib, OPTS)
-    kvant.quantize(lazy, config, calib, OPTS)
+    kvant.quantize(eager, config, calib, opts)
+    kvant.quantize(lazy, config, calib, opts)
     assert not any(p.is_meta for p in lazy.parameters())
     ea, la = eager.state_dict(), lazy.state_dict()
     assert list(ea) == list(la)

@@ -1,7 +1,8 @@
 #!/bin/bash
 # Prepared for a later session (unrun): the kernel table and the 7B-shape decode on an H100
 # (kind nvidia-h100-x1; no carry), the card the peer figures come from. One call,
-# about 6 minutes: GPU tests first (4 shards), then kernels.py, then decode.py fused +
+# about 6 minutes: GPU tests first (4 shards), lazy loading on the GPU, then kernels.py,
+# then decode.py fused +
 # compiled.
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 R=/tmp/res; rm -rf $R; mkdir -p $R
@@ -16,6 +17,7 @@ for i in 0 1 2 3; do
   PIDS="$PIDS $!"
 done
 wait $PIDS
+timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_lazy.py > $R/lazy_gpu.log 2>&1
 timeout 150 python3 benchmarks/kernels.py --out $R > $R/kernels.log 2>&1
 timeout 200 python3 benchmarks/decode.py --fuse --compile --name decode_fused_compiled_h100 \
   --out $R > $R/decode.log 2>&1
