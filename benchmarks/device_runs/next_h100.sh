@@ -2,8 +2,7 @@
 # Prepared for a later session (unrun): the kernel table and the 7B-shape decode on an H100
 # (kind nvidia-h100-x1; no carry), the card the peer figures come from. One call,
 # about 6 minutes: GPU tests first (4 shards), lazy loading on the GPU, then kernels.py,
-# then decode.py fused +
-# compiled.
+# then decode.py fused + compiled.
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 R=/tmp/res; rm -rf $R; mkdir -p $R
 nvidia-smi --query-gpu=name,memory.total --format=csv > $R/gpus.txt
