@@ -100,6 +100,27 @@ def loop_loads(ttgir: str) -> list[str]:
     return out
 
 
+def loop_mma(ttgir: str) -> dict:
+    """In the main loop: tensor-core dots issued (``warp_group_dot`` / ``tt.dot``) and waits
+    on them, with how many wait for every dot in flight (``pendings = 0``)."""
+    lines = ttgir.splitlines()
+    start = next((i for i, ln in enumerate(lines) if "scf.for" in ln), None)
+    counts = {"dots": 0, "waits": 0, "full_waits": 0}
+    if start is None:
+        return counts
+    depth = 0
+    for ln in lines[start:]:
+        depth += ln.count("{") - ln.count("}")
+        if "warp_group_dot_wait" in ln:
+            counts["waits"] += 1
+            counts["full_waits"] += "pendings = 0" in ln
+        elif "warp_group_dot " in ln or "= tt.dot " in ln:
+            counts["dots"] += 1
+        if depth <= 0:
+            break
+    return counts
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("kernel", choices=sorted(KERNELS))
@@ -128,6 +149,9 @@ def main(argv=None) -> int:
     print("loads in the main loop:")
     for line in loop_loads(compiled.asm["ttgir"]):
         print("  " + line)
+    mma = loop_mma(compiled.asm["ttgir"])
+    print(f"tensor-core dots in the main loop: {mma['dots']}, waits {mma['waits']} "
+          f"({mma['full_waits']} waiting for every dot in flight)")
     print(f"wrote {out}/{args.kernel}.{{ttgir,ptx}}")
     return 0
 

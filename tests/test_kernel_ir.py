@@ -27,6 +27,7 @@ TTGIR = """
 def test_loop_loads_counts_only_the_first_loop_body():
     assert kernel_ir.loop_loads(TTGIR) == ["cp.async %w", "plain    %z", "plain    %s"]
     assert kernel_ir.loop_loads("%a = tt.load %p\n") == []
+    assert kernel_ir.loop_mma(TTGIR) == {"dots": 0, "waits": 0, "full_waits": 0}
 
 
 def test_pairs_kernel_pipelines_words_and_x_but_not_scales():
@@ -42,3 +43,6 @@ def test_pairs_kernel_pipelines_words_and_x_but_not_scales():
     assert kinds.count("cp.async") == 5 and kinds.count("plain") == 2
     assert {ln.split()[1].split("_")[0] for ln in loads if ln.startswith("plain")} == \
         {"%zf", "%sc"}
+    # four planes a chunk, one wgmma each, each awaited before the next plane is unpacked
+    assert kernel_ir.loop_mma(compiled.asm["ttgir"]) == {"dots": 4, "waits": 4,
+                                                          "full_waits": 4}
