@@ -1,13 +1,15 @@
-"""Variants of the 4-bit pairs kernel, each tuned and timed: row tiles, or the prefetch (issue 8).
+"""Variants of the 4-bit pairs kernel, each tuned and timed: row tiles, or one switch (issue 8).
 
 For each row-tile height of the pairs layout (``KVANT_W4_TILE``: 1 = row-major, 16, 64) and
 each weight shape and batch, every dispatch candidate (BN, split, pipeline stages) is timed as
 in kernels.py (rotating weight copies in a replayed CUDA graph); the best time per (tile,
 stages) is kept, next to fp16 cuBLAS. This chose repack.DEFAULT_TILE and dispatch.heuristic.
 Writes kernel_layouts.{json,md} into --out. ``--prefetch-ab`` compares instead the kernel with
-and without loading the next chunk's group scales and zero points ahead (kernel_prefetch.*).
+and without loading the next chunk's group scales and zero points ahead (kernel_prefetch.*);
+``--one-dot-ab`` with and without the one-dot-per-chunk variant (kernel_one_dot.*).
 
-Usage: ``PYTHONPATH=src python3 benchmarks/kernel_layouts.py [--prefetch-ab] --out DIR``.
+Usage: ``PYTHONPATH=src python3 benchmarks/kernel_layouts.py [--prefetch-ab | --one-dot-ab]
+--out DIR``.
 """
 
 from __future__ import annotations
@@ -30,13 +32,21 @@ BATCHES = [1, 16, 64]
 TILES = [1, 16, 64]
 
 
-def sweep(tile: int, shapes, batches, log, prefetch: bool = True) -> list:
+# switch name -> (dispatch module attribute, environment variable the compile workers read)
+SWITCHES = {"prefetch": ("PREFETCH", "KVANT_W4_PREFETCH"),
+            "one_dot": ("ONE_DOT", "KVANT_W4_ONE_DOT")}
+
+
+def sweep(tile: int, shapes, batches, log, prefetch: bool = True, switch: str = "prefetch"
+          ) -> list:
     """Time every candidate for each (shape, batch) with this row-tile height and with or
-    without the prefetch of group parameters."""
+    without the switch under test (``prefetch``: the value of ``switch``, default the
+    prefetch of group parameters)."""
     import kvant.kernels.triton.dispatch as d
 
     os.environ["KVANT_W4_TILE"] = str(tile)
-    d.PREFETCH = prefetch
+    d.PREFETCH = True
+    setattr(d, SWITCHES[switch][0], prefetch)
     rows = []
     for n, k in shapes:
         p0 = kb._packed_problem(n, k, 4)
@@ -54,7 +64,8 @@ def sweep(tile: int, shapes, batches, log, prefetch: bool = True) -> list:
                 key = f"stages={cfg.stages}"
                 if cfg.kernel == "dot" and t < by_knob.get(key, (1e9,))[0]:
                     by_knob[key] = (t, repr(cfg))
-            rows.append(dict(tile=tile, prefetch=prefetch, shape=[n, k], batch=m, us=us,
+            rows.append(dict(tile=tile, switch=switch, prefetch=prefetch, shape=[n, k],
+                             batch=m, us=us,
                              us_fp16=us_fp16,
                              speedup=us_fp16 / us, config=repr(best), by_knob=by_knob,
                              gbps=p0.nbytes() / us / 1e3))
@@ -71,6 +82,9 @@ def main() -> None:
     ap.add_argument("--tiles", default=",".join(map(str, TILES)))
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1))
+    ap.add_argument("--one-dot-ab", action="store_true",
+                    help="instead of tiles: the default tile with and without one K=128 dot "
+                         "per chunk (writes kernel_one_dot.{json,md})")
     ap.add_argument("--prefetch-ab", action="store_true",
                     help="instead of tiles: the default tile with and without the prefetch "
                          "of group scales and zero points (writes kernel_prefetch.{json,md})")
@@ -83,9 +97,12 @@ def main() -> None:
     shapes = SHAPES
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    if args.prefetch_ab:
+    switch = "one_dot" if args.one_dot_ab else "prefetch"
+    if args.prefetch_ab or args.one_dot_ab:
         variants = [(rp.DEFAULT_TILE, True), (rp.DEFAULT_TILE, False)]
-        stem, label = "kernel_prefetch", lambda t, pf: "prefetch" if pf else "no prefetch"
+        stem = "kernel_one_dot" if args.one_dot_ab else "kernel_prefetch"
+        name = "one dot" if args.one_dot_ab else "prefetch"
+        label = lambda t, pf: name if pf else f"no {name}"  # noqa: E731
     else:
         d.WIDE_SEARCH = True  # stages 3-5, up to 16 splits
         variants = [(int(t), True) for t in args.tiles.split(",")]
@@ -94,7 +111,8 @@ def main() -> None:
     rows = []
     for tile, prefetch in variants:
         os.environ["KVANT_W4_TILE"] = str(tile)
-        os.environ["KVANT_W4_PREFETCH"] = "1" if prefetch else "0"  # the compile workers
+        os.environ["KVANT_W4_PREFETCH"] = "1"
+        os.environ[SWITCHES[switch][1]] = "1" if prefetch else "0"  # the compile workers
         t0 = time.time()
         probe = rp.PackedWeight(torch.empty(1, 1), None, None, None, 4, kb.GS, 4096, 4096,
                                 pairs=True, tile=tile)
@@ -108,7 +126,7 @@ def main() -> None:
                                args.workers)
         log(f"{label(tile, prefetch)}: compiled {len(tasks)} in {time.time() - t0:.0f}s, "
             f"{len(failed)} failed {failed[:2]}")
-        rows += sweep(tile, shapes, batches, log, prefetch)
+        rows += sweep(tile, shapes, batches, log, prefetch, switch)
     device = torch.cuda.get_device_name(0)
     meta = dict(device=device, date=datetime.date.today().isoformat(), commit=kb._commit(),
                 torch=torch.__version__)
@@ -117,6 +135,9 @@ def main() -> None:
     (out / f"{stem}.json").write_text(json.dumps([{**meta, **r} for r in rows], indent=1))
     what = ("with and without the prefetch of group scales and zero points (row tile "
             f"{rp.DEFAULT_TILE})" if args.prefetch_ab else "for each row-tile height")
+    if args.one_dot_ab:
+        what = ("with and without one K=128 dot per chunk (pairs.ONE_DOT; g128 has one "
+                f"group a chunk), prefetch on, row tile {rp.DEFAULT_TILE}")
     md = [f"# 4-bit pairs kernel: {stem.split('_')[1]}, {device}", "",
           f"{meta['date']}, commit {meta['commit']}, torch {meta['torch']}. Best tuned µs per "
           f"(shape, batch) {what}; speed-up vs fp16 cuBLAS (rotating copies, replayed graph).",

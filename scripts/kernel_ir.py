@@ -56,7 +56,7 @@ def compile_kernel(name: str, const: dict, warps: int, stages: int, arch: int = 
     module, fn_name, args, unspecialised, defaults = KERNELS[name]
     fn = getattr(importlib.import_module(module), fn_name)
     consts = {**defaults, **const}
-    for k in ("HAS_PERM", "SPLIT", "PREFETCH"):
+    for k in ("HAS_PERM", "SPLIT", "PREFETCH", "ONE_DOT"):
         if k in consts:
             consts[k] = bool(consts[k])
     signature = {a: t for a, t in args}

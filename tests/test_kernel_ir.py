@@ -46,3 +46,16 @@ def test_pairs_kernel_pipelines_words_and_x_but_not_scales():
     # four planes a chunk, one wgmma each, each awaited before the next plane is unpacked
     assert kernel_ir.loop_mma(compiled.asm["ttgir"]) == {"dots": 4, "waits": 4,
                                                           "full_waits": 4}
+
+
+def test_one_dot_variant_issues_one_dot_per_chunk():
+    pytest.importorskip("triton.backends.compiler")
+    try:
+        compiled = kernel_ir.compile_kernel("pairs", {"ONE_DOT": 1}, warps=4, stages=3)
+    except Exception as e:  # a Triton without the NVIDIA backend or its ptxas
+        pytest.skip(f"cannot compile for sm_90 here: {e!r}"[:200])
+    ttgir = compiled.asm["ttgir"]
+    assert kernel_ir.loop_mma(ttgir) == {"dots": 1, "waits": 1, "full_waits": 1}
+    kinds = [ln.split()[0] for ln in kernel_ir.loop_loads(ttgir)]
+    assert kinds.count("cp.async") == 2  # the words and one (128, BM) x tile
+

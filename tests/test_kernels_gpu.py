@@ -94,10 +94,24 @@ def _pairs_variants(m):
 @pytest.mark.parametrize("tile", [1, 16, 64])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_4bit_pairs_tiles_and_prefetch(tile, dtype, prefetch, monkeypatch):
+    _pairs_cases(tile, dtype, prefetch, False, monkeypatch)
+
+
+@pytest.mark.parametrize("tile", [1, 16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_4bit_pairs_one_dot_per_chunk(tile, dtype, monkeypatch):
+    # the experimental ONE_DOT variant (g128 and per channel; other groups ignore it)
+    _pairs_cases(tile, dtype, True, True, monkeypatch)
+    _check(96, 1024, 4, -1, [1, 16], _pairs_variants, dtype)
+    _check(128, 1152, 4, 128, [1, 16], _pairs_variants, dtype, act_order=True)
+
+
+def _pairs_cases(tile, dtype, prefetch, one_dot, monkeypatch):
     # 200 rows: the last row tile is partial; 9 chunks split 3 ways or 16 (one chunk each,
     # so the prefetch of the next chunk's groups reaches past the split's end)
     monkeypatch.setenv("KVANT_W4_TILE", str(tile))
     monkeypatch.setattr(_dispatch(), "PREFETCH", prefetch)
+    monkeypatch.setattr(_dispatch(), "ONE_DOT", one_dot)
     _check(200, 1152, 4, 128, [1, 5, 16, 64], _pairs_variants, dtype)
     _check(72, 1024, 4, 32, [1, 16], _pairs_variants, dtype, act_order=True)
     _check(96, 1024, 4, 64, [2], _pairs_variants, dtype)

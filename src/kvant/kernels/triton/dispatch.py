@@ -39,6 +39,9 @@ WIDE_SEARCH = False  # candidates(): the wider space of the layout sweep
 # the 4-bit kernel loads group scales and zero points one chunk ahead (pairs.py);
 # KVANT_W4_PREFETCH=0 turns it off, only to measure what it is worth (kernel_layouts.py)
 PREFETCH = os.environ.get("KVANT_W4_PREFETCH", "1") != "0"
+# experimental, off: one K=128 dot per chunk for one-group-a-chunk grids (pairs.py ONE_DOT);
+# correct under Triton's interpreter, not yet run on a GPU (kernel_layouts.py --one-dot-ab)
+ONE_DOT = os.environ.get("KVANT_W4_ONE_DOT", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -181,7 +184,8 @@ def launch(x2: torch.Tensor, p: rp.PackedWeight, cfg: Config,
                 num_warps=cfg.warps, num_stages=_stages(cfg, p.bits, p.pairs, bm))
     if p.pairs:
         wq_dot_pairs_kernel[(grid_m, grid_n, split)](*args, BM=bm, TH=p.tile,
-                                                     PREFETCH=PREFETCH and cfg.prefetch, **meta)
+                                                     PREFETCH=PREFETCH and cfg.prefetch,
+                                                     ONE_DOT=ONE_DOT, **meta)
         return out
     args = args + (MAGIC,)
     meta["BITS"] = p.bits
