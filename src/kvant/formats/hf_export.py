@@ -243,19 +243,7 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str, tokenizer=
         for b, t in convert(m).items():
             tensors[f"{name}.{b}"] = t.contiguous()
 
-    act_order = any(m.g_idx is not None for m in layers.values())
-    if fmt == "gptq":
-        qc = {"quant_method": "gptq", "bits": bits,
-              "group_size": group_size if group_size > 0 else -1, "desc_act": act_order,
-              "sym": symmetric, "checkpoint_format": "gptq",
-              "static_groups": False, "true_sequential": True, "damp_percent": 0.01,
-              "quantizer": "kvant"}
-    elif fmt == "awq":
-        qc = {"quant_method": "awq", "bits": bits, "group_size": group_size,
-              "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
-    else:
-        float_linears = [n for n, mod in model.named_modules() if type(mod) is nn.Linear]
-        qc = _ct_config(bits, group_size, symmetric, float_linears)
+    qc = _quantization_config(fmt, model, layers, bits, group_size, symmetric)
     config = hf_config.to_dict()
     config["quantization_config"] = qc
     config["torch_dtype"] = config["dtype"] = "float16"  # transformers 4.x / 5.x names
@@ -274,6 +262,22 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str, tokenizer=
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(str(tmp))
     return Path(out_dir)
+
+
+def _quantization_config(fmt: str, model: nn.Module, layers: dict, bits: int,
+                         group_size: int, symmetric: bool) -> dict:
+    """The ``quantization_config`` of config.json that the format's loaders read."""
+    if fmt == "gptq":
+        return {"quant_method": "gptq", "bits": bits,
+                "group_size": group_size if group_size > 0 else -1,
+                "desc_act": any(m.g_idx is not None for m in layers.values()),
+                "sym": symmetric, "checkpoint_format": "gptq", "static_groups": False,
+                "true_sequential": True, "damp_percent": 0.01, "quantizer": "kvant"}
+    if fmt == "awq":
+        return {"quant_method": "awq", "bits": bits, "group_size": group_size,
+                "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
+    float_linears = [n for n, mod in model.named_modules() if type(mod) is nn.Linear]
+    return _ct_config(bits, group_size, symmetric, float_linears)
 
 
 def _symmetric(layers, bits: int) -> bool:
