@@ -15,7 +15,7 @@ last one to finish (planes.store_or_reduce): no extra launch, no memset.
 import triton
 import triton.language as tl
 
-from kvant.kernels.triton.planes import plane3_qz, plane_qz, store_or_reduce
+from kvant.kernels.triton.planes import plane3_qz, plane_qz, store_or_reduce, x_tile
 
 
 @triton.jit(do_not_specialize=["M", "chunks_per_split", "n_chunks", "magic"])
@@ -70,13 +70,7 @@ def wq_dot_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_
                 else:
                     v = plane_qz(wv, w_hi, zneg, magic, gi * PPG + pj, BITS)
                 kk = c * CK + (gi * PPG + pj) * 32 + offs_r
-                k_ok = kk < K
-                if HAS_PERM:
-                    kx = tl.load(perm_ptr + kk, mask=k_ok, other=0)
-                else:
-                    kx = kk
-                xt = tl.load(x_ptrs + kx[:, None], mask=k_ok[:, None] & m_ok[None, :],
-                             other=0.0)  # (32, BM)
+                xt = x_tile(x_ptrs, perm_ptr, kk, K, m_ok, HAS_PERM)  # (32, BM)
                 if GS > 0:
                     accg = tl.dot(v.to(xt.dtype), xt, accg)
                 else:

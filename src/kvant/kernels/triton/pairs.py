@@ -11,7 +11,7 @@ the planes layout. The plane comes out in the activation's 16-bit type, ready fo
 import triton
 import triton.language as tl
 
-from kvant.kernels.triton.planes import dup_pairs, pair_qz, store_or_reduce
+from kvant.kernels.triton.planes import dup_pairs, pair_qz, store_or_reduce, x_tile
 
 
 @triton.jit
@@ -107,13 +107,7 @@ def _chunk_dot(d0, d1, d2, d3, zf, sc, acc, x_ptrs, perm_ptr, c, K, m_ok, GS: tl
     v01 = tl.reshape(tl.permute(tl.join(v0, v1), (0, 2, 1)), (BN, 64))
     v23 = tl.reshape(tl.permute(tl.join(v2, v3), (0, 2, 1)), (BN, 64))
     v = tl.reshape(tl.permute(tl.join(v01, v23), (0, 2, 1)), (BN, 128))
-    kk = c * 128 + tl.arange(0, 128)
-    k_ok = kk < K
-    if HAS_PERM:
-        kx = tl.load(perm_ptr + kk, mask=k_ok, other=0)
-    else:
-        kx = kk
-    xt = tl.load(x_ptrs + kx[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+    xt = x_tile(x_ptrs, perm_ptr, c * 128 + tl.arange(0, 128), K, m_ok, HAS_PERM)
     if GS > 0:
         acc += tl.dot(v, xt) * sc[:, None]
     else:
@@ -198,13 +192,7 @@ def wq_dot_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr
             for pj in tl.static_range(PPG):
                 v = _plane(d0, d1, d2, d3, zf, gi * PPG + pj, BF16)  # (BN, 32) x.dtype
                 kk = c * CK + (gi * PPG + pj) * 32 + offs_r
-                k_ok = kk < K
-                if HAS_PERM:
-                    kx = tl.load(perm_ptr + kk, mask=k_ok, other=0)
-                else:
-                    kx = kk
-                xt = tl.load(x_ptrs + kx[:, None], mask=k_ok[:, None] & m_ok[None, :],
-                             other=0.0)  # (32, BM)
+                xt = x_tile(x_ptrs, perm_ptr, kk, K, m_ok, HAS_PERM)  # (32, BM)
                 if GS > 0:
                     accg = tl.dot(v, xt, accg)
                 else:

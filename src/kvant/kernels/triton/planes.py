@@ -56,6 +56,18 @@ def plane3_qz(lo, lo_hi, hw, zneg, magic, P: tl.constexpr):
 
 
 @triton.jit
+def x_tile(x_ptrs, perm_ptr, kk, K, m_ok, HAS_PERM: tl.constexpr):
+    """The (len(kk), BM) tile of x for input columns ``kk`` of the repacked order (through
+    ``perm`` for act-order), zero past K and on rows of x past M; ``x_ptrs`` (1, BM)."""
+    k_ok = kk < K
+    if HAS_PERM:
+        kx = tl.load(perm_ptr + kk, mask=k_ok, other=0)
+    else:
+        kx = kk
+    return tl.load(x_ptrs + kx[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+
+
+@triton.jit
 def store_or_reduce(acc, out_ptrs, part_ptr, part_offs, mask, cnt_ptr, tile, pid_k, n_split,
                     part_stride, SPLIT: tl.constexpr):
     """Write the fp32 tile ``acc`` to ``out_ptrs`` (cast to their dtype), or with split-K:
