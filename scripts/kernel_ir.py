@@ -12,9 +12,9 @@ own ``ptxas`` assembles the PTX.
 Integer arguments get the 16-divisibility that Triton gives real launches with such sizes,
 so the IR matches what runs on the card. Writes ``<out>/<kernel>.{ttgir,ptx}``.
 
-Usage::
+Usage (``--sass``: also the machine code, one instruction a line, to diff two builds)::
 
-    python3 scripts/kernel_ir.py pairs --const GS=128 BN=128 BM=16 TH=16 PREFETCH=1
+    python3 scripts/kernel_ir.py pairs --const GS=128 BN=128 BM=16 TH=16 PREFETCH=1 --sass
     python3 scripts/kernel_ir.py gemv --const BITS=3 GS=128 BN=32 CPI=1 --stages 2
 """
 
@@ -121,6 +121,25 @@ def loop_mma(ttgir: str) -> dict:
     return counts
 
 
+def sass(cubin: bytes, folder: Path, name: str) -> Path:
+    """Disassemble ``cubin`` with Triton's nvdisasm into ``folder/name.sass``, one instruction
+    a line without addresses or encodings, so two builds can be diffed: identical SASS means
+    a source change (a refactor) did not change the machine code."""
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    cub = folder / f"{name}.cubin"
+    cub.write_bytes(cubin)
+    text = subprocess.run([str(nvdisasm), "-c", str(cub)], capture_output=True,
+                          text=True).stdout
+    lines = [ln.split("*/", 1)[-1].strip() if "*/" in ln else ln.strip()
+             for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(("//", "."))]
+    out = folder / f"{name}.sass"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("kernel", choices=sorted(KERNELS))
@@ -128,6 +147,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=3)
     ap.add_argument("--out", default="/tmp/kvant-ir")
+    ap.add_argument("--sass", action="store_true",
+                    help="also write <kernel>.sass (nvdisasm, diffable between builds)")
     args = ap.parse_args(argv)
     const = {}
     for item in args.const:
@@ -152,6 +173,8 @@ def main(argv=None) -> int:
     mma = loop_mma(compiled.asm["ttgir"])
     print(f"tensor-core dots in the main loop: {mma['dots']}, waits {mma['waits']} "
           f"({mma['full_waits']} waiting for every dot in flight)")
+    if args.sass:
+        print(f"wrote {sass(compiled.asm['cubin'], out, args.kernel)}")
     print(f"wrote {out}/{args.kernel}.{{ttgir,ptx}}")
     return 0
 

@@ -59,3 +59,13 @@ def test_one_dot_variant_issues_one_dot_per_chunk():
     kinds = [ln.split()[0] for ln in kernel_ir.loop_loads(ttgir)]
     assert kinds.count("cp.async") == 2  # the words and one (128, BM) x tile
 
+
+
+def test_sass_is_written_and_holds_the_wgmma(tmp_path):
+    pytest.importorskip("triton.backends.compiler")
+    try:
+        compiled = kernel_ir.compile_kernel("pairs", {}, warps=4, stages=3)
+    except Exception as e:  # a Triton without the NVIDIA backend or its ptxas
+        pytest.skip(f"cannot compile for sm_90 here: {e!r}"[:200])
+    text = kernel_ir.sass(compiled.asm["cubin"], tmp_path, "pairs").read_text()
+    assert "HGMMA" in text and "0x" not in text.split("\n")[0]  # instructions, no addresses
