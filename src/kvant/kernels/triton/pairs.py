@@ -24,25 +24,24 @@ def _zc(zf, SH: tl.constexpr, BF16: tl.constexpr):
 
 
 @triton.jit
+def _pick(i: tl.constexpr, a, b, c, d):
+    """Element ``i`` of (a, b, c, d), chosen at compile time."""
+    r = a
+    if i == 1:
+        r = b
+    elif i == 2:
+        r = c
+    elif i == 3:
+        r = d
+    return r
+
+
+@triton.jit
 def _plane(d0, d1, d2, d3, zf, P: tl.constexpr, BF16: tl.constexpr):
-    """(q - z) of plane P (0..3) of a chunk; d* are the duplicated, pre-shifted words."""
-    if BF16:
-        if P == 0:
-            src = d0
-        elif P == 1:
-            src = d1
-        elif P == 2:
-            src = d2
-        else:
-            src = d3
-        return pair_qz(src, _zc(zf, 0, True), 0, True)
-    else:
-        SH: tl.constexpr = 4 * (P % 2)
-        if P < 2:
-            src = d0
-        else:
-            src = d2
-        return pair_qz(src, _zc(zf, SH, False), SH, False)
+    """(q - z) of plane P (0..3) of a chunk; d* are the duplicated, pre-shifted words (fp16:
+    the caller passes d1 = d0 and d3 = d2, planes 1 and 3 sit 4 bits higher)."""
+    SH: tl.constexpr = 0 if BF16 else 4 * (P % 2)
+    return pair_qz(_pick(P, d0, d1, d2, d3), _zc(zf, SH, BF16), SH, BF16)
 
 
 @triton.jit
@@ -77,19 +76,6 @@ def _groups(z_ptr, s_ptr, rows, N, K, c, GS: tl.constexpr, NG: tl.constexpr):
         z2, s2 = _group(z_ptr, s_ptr, rows, N, K, c * NG + 2, GS)
         z3, s3 = _group(z_ptr, s_ptr, rows, N, K, c * NG + 3, GS)
     return z0, s0, z1, s1, z2, s2, z3, s3
-
-
-@triton.jit
-def _pick(i: tl.constexpr, a, b, c, d):
-    """Element ``i`` of (a, b, c, d), chosen at compile time."""
-    r = a
-    if i == 1:
-        r = b
-    elif i == 2:
-        r = c
-    elif i == 3:
-        r = d
-    return r
 
 
 @triton.jit
@@ -179,11 +165,11 @@ def wq_dot_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr
             d3 = d2
         if ONE_DOT and NG == 1:
             if GS > 0:
-                acc = _chunk_dot(d0, d1, d2, d3, z0, s0, acc, x_ptrs, perm_ptr, c, K, m_ok,
-                                 GS, HAS_PERM, BF16, BN, BM)
-            else:  # per-channel scale: applied after the loop
-                acc = _chunk_dot(d0, d1, d2, d3, zf, zf, acc, x_ptrs, perm_ptr, c, K, m_ok,
-                                 GS, HAS_PERM, BF16, BN, BM)
+                zf, sc = z0, s0
+            else:  # per-channel scale: applied after the loop, sc unused
+                sc = zf
+            acc = _chunk_dot(d0, d1, d2, d3, zf, sc, acc, x_ptrs, perm_ptr, c, K, m_ok,
+                             GS, HAS_PERM, BF16, BN, BM)
         for gi in tl.static_range(0 if (ONE_DOT and NG == 1) else NG):
             if GS > 0:
                 zf = _pick(gi, z0, z1, z2, z3)
@@ -230,11 +216,10 @@ def dequant_pairs_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, W, n_chunks, strid
     n_ok = (offs_n < N)[:, None]
     for gi in tl.static_range(PLANES // PPG):
         if GS > 0:
-            g = tl.minimum(c * (CK // GS) + gi, (K - 1) // GS)
+            zf, sc = _group(z_ptr, s_ptr, rows, N, K, c * (CK // GS) + gi, GS)
         else:
-            g = 0
-        zf = tl.load(z_ptr + g * N + rows).to(tl.float32)
-        sc = tl.load(s_ptr + g * N + rows).to(tl.float32)
+            zf = tl.load(z_ptr + rows).to(tl.float32)
+            sc = tl.load(s_ptr + rows).to(tl.float32)
         for pj in tl.static_range(PPG):
             v = _plane(d0, d0, d2, d2, zf, gi * PPG + pj, False).to(tl.float32)
             w = (v * sc[:, None]).to(tl.float16).to(out_ptr.dtype.element_ty)
