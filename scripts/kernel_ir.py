@@ -80,44 +80,44 @@ def ptxas_report(ptx: Path, arch: int = 90) -> str:
     return "\n".join(lines) or (res.stdout + res.stderr).strip()
 
 
-def loop_loads(ttgir: str) -> list[str]:
-    """One line per load inside the main ``scf.for`` loop: 'cp.async' (pipelined into shared
-    memory) or 'plain' (a register load: waited for in the same iteration, unless its value
-    is only used in the next one, as the prefetched scales are), with its SSA name."""
+def main_loop(ttgir: str) -> list[str]:
+    """The lines of the first ``scf.for`` of a TTGIR, nested regions included ([] if none)."""
     lines = ttgir.splitlines()
     start = next((i for i, ln in enumerate(lines) if "scf.for" in ln), None)
     if start is None:
         return []
-    depth, out = 0, []
+    depth, body = 0, []
     for ln in lines[start:]:
+        body.append(ln)
         depth += ln.count("{") - ln.count("}")
+        if depth <= 0:
+            break
+    return body
+
+
+def loop_loads(ttgir: str) -> list[str]:
+    """One line per load inside the main loop: 'cp.async' (pipelined into shared memory) or
+    'plain' (a register load: waited for in the same iteration, unless its value is only
+    used in the next one, as the prefetched scales are), with its SSA name."""
+    out = []
+    for ln in main_loop(ttgir):
         if "async_copy_global_to_local" in ln or re.search(r"= tt\.load ", ln):
             kind = "cp.async" if "async_copy" in ln else "plain"
             var = re.match(r"\s*(%[\w.#:]+)", ln)
             out.append(f"{kind:8s} {var.group(1) if var else '?'}")
-        if depth <= 0:
-            break
     return out
 
 
 def loop_mma(ttgir: str) -> dict:
     """In the main loop: tensor-core dots issued (``warp_group_dot`` / ``tt.dot``) and waits
     on them, with how many wait for every dot in flight (``pendings = 0``)."""
-    lines = ttgir.splitlines()
-    start = next((i for i, ln in enumerate(lines) if "scf.for" in ln), None)
     counts = {"dots": 0, "waits": 0, "full_waits": 0}
-    if start is None:
-        return counts
-    depth = 0
-    for ln in lines[start:]:
-        depth += ln.count("{") - ln.count("}")
+    for ln in main_loop(ttgir):
         if "warp_group_dot_wait" in ln:
             counts["waits"] += 1
             counts["full_waits"] += "pendings = 0" in ln
         elif "warp_group_dot " in ln or "= tt.dot " in ln:
             counts["dots"] += 1
-        if depth <= 0:
-            break
     return counts
 
 

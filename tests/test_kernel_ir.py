@@ -24,6 +24,15 @@ TTGIR = """
 """
 
 
+def _compile_pairs(**const):
+    """The 4-bit pairs kernel compiled for sm_90 with these constexprs, or a skip."""
+    pytest.importorskip("triton.backends.compiler")
+    try:
+        return kernel_ir.compile_kernel("pairs", const, warps=4, stages=3)
+    except Exception as e:  # a Triton without the NVIDIA backend or its ptxas
+        pytest.skip(f"cannot compile for sm_90 here: {e!r}"[:200])
+
+
 def test_loop_loads_counts_only_the_first_loop_body():
     assert kernel_ir.loop_loads(TTGIR) == ["cp.async %w", "plain    %z", "plain    %s"]
     assert kernel_ir.loop_loads("%a = tt.load %p\n") == []
@@ -31,11 +40,7 @@ def test_loop_loads_counts_only_the_first_loop_body():
 
 
 def test_pairs_kernel_pipelines_words_and_x_but_not_scales():
-    pytest.importorskip("triton.backends.compiler")
-    try:
-        compiled = kernel_ir.compile_kernel("pairs", {"PREFETCH": 0}, warps=4, stages=3)
-    except Exception as e:  # a Triton without the NVIDIA backend or its ptxas
-        pytest.skip(f"cannot compile for sm_90 here: {e!r}"[:200])
+    compiled = _compile_pairs(PREFETCH=0)
     loads = kernel_ir.loop_loads(compiled.asm["ttgir"])
     kinds = [ln.split()[0] for ln in loads]
     # the (BN, 16) words and four (32, BM) x tiles go through cp.async; the group's zero
@@ -49,23 +54,14 @@ def test_pairs_kernel_pipelines_words_and_x_but_not_scales():
 
 
 def test_one_dot_variant_issues_one_dot_per_chunk():
-    pytest.importorskip("triton.backends.compiler")
-    try:
-        compiled = kernel_ir.compile_kernel("pairs", {"ONE_DOT": 1}, warps=4, stages=3)
-    except Exception as e:  # a Triton without the NVIDIA backend or its ptxas
-        pytest.skip(f"cannot compile for sm_90 here: {e!r}"[:200])
+    compiled = _compile_pairs(ONE_DOT=1)
     ttgir = compiled.asm["ttgir"]
     assert kernel_ir.loop_mma(ttgir) == {"dots": 1, "waits": 1, "full_waits": 1}
     kinds = [ln.split()[0] for ln in kernel_ir.loop_loads(ttgir)]
     assert kinds.count("cp.async") == 2  # the words and one (128, BM) x tile
 
 
-
 def test_sass_is_written_and_holds_the_wgmma(tmp_path):
-    pytest.importorskip("triton.backends.compiler")
-    try:
-        compiled = kernel_ir.compile_kernel("pairs", {}, warps=4, stages=3)
-    except Exception as e:  # a Triton without the NVIDIA backend or its ptxas
-        pytest.skip(f"cannot compile for sm_90 here: {e!r}"[:200])
+    compiled = _compile_pairs()
     text = kernel_ir.sass(compiled.asm["cubin"], tmp_path, "pairs").read_text()
     assert "HGMMA" in text and "0x" not in text.split("\n")[0]  # instructions, no addresses
