@@ -220,12 +220,12 @@ def test_autoawq_reads_our_awq_and_converts_it_to_our_gptq():
 
 @pytest.mark.parametrize("bits,gs", [(2, 64), (3, 32), (4, 32), (8, 32)])
 def test_autogptq_packs_the_same_words(bits, gs):
-    from kvant.formats.hf_export import _grid
+    from kvant.formats.hf_export import _codes, _zeros_scales
 
     ql = _reference("KVANT_REF_AUTOGPTQ")
     k, n = 128, 64
     m = _layer(k, n, bits, gs, seed=bits)
-    q, z, s = _grid(m)
+    q, (z, s) = _codes(m), _zeros_scales(m)
     gi = torch.arange(k) // gs
     lin = torch.nn.Linear(k, n, bias=False)
     lin.weight.data = (q - z[:, gi]).float() * s.float()[:, gi]

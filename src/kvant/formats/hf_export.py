@@ -53,14 +53,23 @@ class ExportError(ValueError):
     """The model cannot be written in the requested layout; the message says why."""
 
 
-def _grid(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(q (N, K), z (N, G), s (N, G) fp16) of a layer, per-tensor grids broadcast to rows."""
-    n, k = m.out_features, m.in_features
-    q = unpack(m.qweight.cpu(), m.bits, k)  # the export is built on the CPU
-    g = m.scales.shape[1]
+def _zeros_scales(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z (N, G) int32, s (N, G) fp16) of a layer on the CPU, per-tensor grids broadcast."""
+    n, g = m.out_features, m.scales.shape[1]
     z = unpack(m.qzeros.cpu(), m.bits, g).expand(n, g)
-    s = m.scales.cpu().to(torch.float16).expand(n, g)
-    return q, z, s
+    return z, m.scales.cpu().to(torch.float16).expand(n, g)
+
+
+def _codes(m: QuantLinear) -> torch.Tensor:
+    """q (N, K) int32 of a layer, on the CPU (where the export is built)."""
+    return unpack(m.qweight.cpu(), m.bits, m.in_features)
+
+
+def _with_bias(m: QuantLinear, tensors: dict) -> dict:
+    """``tensors`` plus the layer's bias in float16, when it has one."""
+    if m.bias is not None:
+        tensors["bias"] = m.bias.cpu().to(torch.float16)
+    return tensors
 
 
 def _check_layer(name: str, m: nn.Module, fmt: str) -> None:
@@ -93,7 +102,7 @@ def _check_layer(name: str, m: nn.Module, fmt: str) -> None:
 
 def gptq_tensors(m: QuantLinear) -> dict[str, torch.Tensor]:
     """The GPTQ (v1) tensors of one layer: qweight, qzeros, scales, g_idx (and bias)."""
-    q, z, s = _grid(m)
+    q, (z, s) = _codes(m), _zeros_scales(m)
     k, gs = m.in_features, m.group_size
     if m.g_idx is not None:
         g_idx = m.g_idx.cpu().to(torch.int32)
@@ -107,9 +116,7 @@ def gptq_tensors(m: QuantLinear) -> dict[str, torch.Tensor]:
            "qzeros": pack((z - 1).t().contiguous(), m.bits),   # (G, N·bits/32)
            "scales": s.t().contiguous(),                        # (G, N)
            "g_idx": g_idx}
-    if m.bias is not None:
-        out["bias"] = m.bias.cpu().to(torch.float16)
-    return out
+    return _with_bias(m, out)
 
 
 def _lift_zero_points(q: torch.Tensor, z: torch.Tensor, gi: torch.Tensor, bits: int):
@@ -127,37 +134,30 @@ def _lift_zero_points(q: torch.Tensor, z: torch.Tensor, gi: torch.Tensor, bits: 
 
 
 def _awq_pack(v: torch.Tensor) -> torch.Tensor:
-    """(R, N) values in [0, 16) -> (R, N/8) int32, nibble i of word j = column 8j+AWQ_ORDER[i]."""
+    """(R, N) values in [0, 16) -> (R, N/8) int32, nibble i of word j = column 8j+AWQ_ORDER[i]:
+    kvant's bit stream (formats.packing) of the columns reordered within each eight."""
     r, n = v.shape
-    cols = v.to(torch.int64).reshape(r, n // 8, 8)[:, :, list(AWQ_ORDER)]
-    shifts = torch.arange(0, 32, 4, dtype=torch.int64)
-    words = (cols << shifts).sum(-1)
-    return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
+    return pack(v.reshape(r, n // 8, 8)[:, :, list(AWQ_ORDER)].reshape(r, n), 4)
 
 
 def awq_tensors(m: QuantLinear) -> dict[str, torch.Tensor]:
     """The AWQ GEMM tensors of one layer: qweight, qzeros, scales (and bias)."""
-    q, z, s = _grid(m)
-    out = {"qweight": _awq_pack(q.t()),          # (K, N/8)
-           "qzeros": _awq_pack(z.t()),           # (G, N/8)
-           "scales": s.t().contiguous()}         # (G, N)
-    if m.bias is not None:
-        out["bias"] = m.bias.cpu().to(torch.float16)
-    return out
+    z, s = _zeros_scales(m)
+    return _with_bias(m, {"qweight": _awq_pack(_codes(m).t()),  # (K, N/8)
+                          "qzeros": _awq_pack(z.t()),            # (G, N/8)
+                          "scales": s.t().contiguous()})         # (G, N)
 
 
 def ct_tensors(m: QuantLinear, symmetric: bool) -> dict[str, torch.Tensor]:
     """The compressed-tensors pack-quantized tensors of one layer (``weight_zero_point`` only
     for an asymmetric scheme)."""
-    _q, z, s = _grid(m)
+    z, s = _zeros_scales(m)
     out = {"weight_packed": m.qweight.cpu().contiguous(),           # (N, ceil(K·b/32))
            "weight_scale": s.contiguous(),                          # (N, G)
            "weight_shape": torch.tensor([m.out_features, m.in_features])}
     if not symmetric:
         out["weight_zero_point"] = pack(z.t().contiguous(), m.bits).t().contiguous()
-    if m.bias is not None:
-        out["bias"] = m.bias.cpu().to(torch.float16)
-    return out
+    return _with_bias(m, out)
 
 
 def _ct_config(bits: int, group_size: int, symmetric: bool, ignore: list[str]) -> dict:
@@ -235,10 +235,10 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str, tokenizer=
 
     # tied embeddings are stored once (loaders re-tie them from the config): dedupe before
     # the float16 cast, which would make the two names separate tensors
-    kept, _aliases = _dedupe(model.state_dict())
     skip = {f"{name}.{b}" for name, m in layers.items() for b, _ in m.named_buffers()}
+    kept, _aliases = _dedupe({k: t for k, t in model.state_dict().items() if k not in skip})
     tensors = {key: t.to(torch.float16) if t.is_floating_point() else t
-               for key, t in kept.items() if key not in skip}
+               for key, t in kept.items()}
     for name, m in layers.items():
         for b, t in convert(m).items():
             tensors[f"{name}.{b}"] = t.contiguous()
@@ -283,4 +283,4 @@ def _quantization_config(fmt: str, model: nn.Module, layers: dict, bits: int,
 def _symmetric(layers, bits: int) -> bool:
     """Whether every zero point is the grid's midpoint 2**(bits-1) (a symmetric grid)."""
     mid = 1 << (bits - 1)
-    return all(bool((_grid(m)[1] == mid).all()) for m in layers)
+    return all(bool((_zeros_scales(m)[0] == mid).all()) for m in layers)
