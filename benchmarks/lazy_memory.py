@@ -108,8 +108,6 @@ def main(argv=None) -> int:
         md.append(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {r['checkpoint_gb']:.2f} | "
                   f"{r['loading']} | {r['peak_rss_quantize_gb']:.2f} | {r['peak_rss_gb']:.2f} | "
                   f"{r['seconds']:.1f} | {r['identical_checkpoints']} |")
-    md += ["", "The save serialises each shard (up to 2 GiB) in memory before writing it, so "
-           "its peak adds up to one shard of the quantized model."]
     (out / "lazy_memory.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0

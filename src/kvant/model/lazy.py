@@ -51,7 +51,6 @@ class LazyBlocks:
     def __init__(self, folder: str | os.PathLike, prefix: str, dtype: torch.dtype):
         self.folder, self.prefix, self.dtype = Path(folder), prefix, dtype
         self.weight_map = _weight_map(self.folder)
-        self.loaded: set[int] = set()
 
     def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
@@ -86,23 +85,19 @@ class LazyBlocks:
         module.load_state_dict(local, strict=False, assign=True)
 
     def load(self, i: int, block: nn.Module) -> None:
-        """Read block ``i``'s weights into ``block`` (on the CPU); a no-op once done."""
-        if i in self.loaded:
+        """Read block ``i``'s weights into ``block`` (on the CPU); a no-op once read. Every
+        tensor of the block's state_dict is read (a missing one raises), so none stays meta."""
+        if not any(p.is_meta for p in block.parameters()):
             return
         strip = f"{self.prefix}.{i}."
-        names = [strip + k for k in block.state_dict()]
-        self.fill(block, names, strip)
-        still_meta = [n for n, p in block.named_parameters() if p.is_meta]
-        if still_meta:
-            raise LazyLoadError(f"block {i}: {still_meta[0]!r} is not in the checkpoint")
-        self.loaded.add(i)
+        self.fill(block, [strip + k for k in block.state_dict()], strip)
 
 
 def _return_freed_memory() -> None:
     """Make glibc serve allocations above 128 KB with mmap, so each block's freed float
     weights and temporaries go back to the system instead of staying in the heap (with the
-    default dynamic threshold, freeing ~100 MB blocks raised it and RSS grew by about a
-    block's size per block: benchmarks/results/lazy_memory.md). No-op off glibc."""
+    default dynamic threshold, seen while writing this on cpu-2core, RSS grew by 50-120 MB
+    per block of a 2048-wide Llama). No-op off glibc."""
     import ctypes
     import ctypes.util
 
@@ -135,10 +130,9 @@ def load_lazy(folder: str | os.PathLike, dtype="auto"):
         model = transformers.AutoModelForCausalLM.from_config(config, **hf.dtype_kwargs(dtype))
     prefix, blocks = find_blocks(model)
     lazy = LazyBlocks(folder, prefix, dtype)
-    inside = {f"{prefix}."}
-    outside = [n for n in model.state_dict() if not any(n.startswith(p) for p in inside)]
-    present = [n for n in outside if n in lazy.weight_map]
-    lazy.fill(model, present)
+    # everything outside the blocks that the checkpoint holds (a tied head is not stored)
+    lazy.fill(model, [n for n in model.state_dict()
+                      if not n.startswith(f"{prefix}.") and n in lazy.weight_map])
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     left = [n for n, p in model.named_parameters()
