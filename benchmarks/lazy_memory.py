@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,17 +62,19 @@ def _measure(args, layers: int, tiny_tokenizer) -> list:
         del model
         ckpt_gb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 2**30
         outs = {}
-        for lazy in (False, True):
-            outs[lazy] = Path(tmp) / f"q{int(lazy)}"
-            res = subprocess.run([sys.executable, "-c", CHILD, str(src), str(outs[lazy]),
-                                  str(int(lazy))], capture_output=True, text=True, check=True)
-            r = json.loads(res.stdout.strip().splitlines()[-1])
-            rows.append(dict(model=f"llama-random-{layers}L-d{args.hidden}",
-                             params=n_params, checkpoint_gb=ckpt_gb, method="rtn", bits=4,
-                             group_size=128, loading="lazy" if lazy else "whole", **r,
-                             device=rep.device_name("cpu"), date=rep.today(),
-                             commit=rep.git_commit()))
-            print(json.dumps(rows[-1]), flush=True)
+        for run in range(args.repeats):  # the peak varies between runs: whole/lazy alternate
+            for lazy in (False, True):
+                outs[lazy] = Path(tmp) / f"q{int(lazy)}"
+                res = subprocess.run([sys.executable, "-c", CHILD, str(src), str(outs[lazy]),
+                                      str(int(lazy))], capture_output=True, text=True,
+                                     check=True)
+                r = json.loads(res.stdout.strip().splitlines()[-1])
+                rows.append(dict(model=f"llama-random-{layers}L-d{args.hidden}",
+                                 params=n_params, checkpoint_gb=ckpt_gb, method="rtn", bits=4,
+                                 group_size=128, loading="lazy" if lazy else "whole", run=run,
+                                 **r, device=rep.device_name("cpu"), date=rep.today(),
+                                 commit=rep.git_commit()))
+                print(json.dumps(rows[-1]), flush=True)
         a = {k: v for f in outs[False].glob("*.safetensors") for k, v in load_file(str(f)).items()}
         b = {k: v for f in outs[True].glob("*.safetensors") for k, v in load_file(str(f)).items()}
         same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -86,6 +89,7 @@ def main(argv=None) -> int:
     ap.add_argument("--intermediate", type=int, default=5504)
     ap.add_argument("--layers", default="8,16", help="block counts, comma separated")
     ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each (model, loading)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = ap.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
@@ -100,14 +104,22 @@ def main(argv=None) -> int:
     md = [f"# Peak host memory of quantization, whole vs lazy loading, {rows[0]['device']}", "",
           f"{rows[0]['date']}, commit {rows[0]['commit']}. Random Llama (d {args.hidden}, "
           f"intermediate {args.intermediate}), fp16 safetensors; RTN W4 g128; load + quantize "
-          "+ save in a fresh process each; peak resident set size.", "",
-          "| model | parameters | checkpoint GiB | loading | peak RSS GiB, load + quantize | "
-          "peak RSS GiB, with the save | seconds | same checkpoint |",
-          "|---|---|---|---|---|---|---|---|"]
+          "+ save in a fresh process each; peak resident set size over "
+          f"{args.repeats} runs.", "",
+          "| model | parameters | checkpoint GiB | loading | peak RSS GiB, load + quantize, "
+          "min / median / max | peak RSS GiB with the save, max | seconds, median | "
+          "same checkpoint |", "|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
     for r in rows:
-        md.append(f"| {r['model']} | {r['params'] / 1e6:.0f} M | {r['checkpoint_gb']:.2f} | "
-                  f"{r['loading']} | {r['peak_rss_quantize_gb']:.2f} | {r['peak_rss_gb']:.2f} | "
-                  f"{r['seconds']:.1f} | {r['identical_checkpoints']} |")
+        groups.setdefault((r["model"], r["loading"]), []).append(r)
+    for (_model, loading), rs in groups.items():
+        q = sorted(r["peak_rss_quantize_gb"] for r in rs)
+        r0 = rs[0]
+        md.append(f"| {r0['model']} | {r0['params'] / 1e6:.0f} M | {r0['checkpoint_gb']:.2f} | "
+                  f"{loading} | {q[0]:.2f} / {statistics.median(q):.2f} / {q[-1]:.2f} | "
+                  f"{max(r['peak_rss_gb'] for r in rs):.2f} | "
+                  f"{statistics.median(r['seconds'] for r in rs):.1f} | "
+                  f"{r0['identical_checkpoints']} |")
     (out / "lazy_memory.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return 0
