@@ -6,16 +6,7 @@
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 R=/tmp/res; rm -rf $R; mkdir -p $R
 nvidia-smi --query-gpu=name,memory.total --format=csv > $R/gpus.txt
-python3 -m pytest --collect-only -q -p no:cacheprovider tests/test_kernels_gpu.py \
-  | grep '::' > /tmp/ids
-PIDS=""
-for i in 0 1 2 3; do
-  awk "NR%4==$i" /tmp/ids > /tmp/ids$i
-  timeout 200 python3 -m pytest -q -p no:cacheprovider $(cat /tmp/ids$i) \
-    > $R/gpu_tests$i.log 2>&1 &
-  PIDS="$PIDS $!"
-done
-wait $PIDS
+bash benchmarks/device_runs/sharded_tests.sh $R 200 4 tests/test_kernels_gpu.py
 timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_lazy.py > $R/lazy_gpu.log 2>&1
 timeout 100 python3 benchmarks/kernel_layouts.py --one-dot-ab --shapes 8192x8192,28672x8192 \
   --batches 1,16 --out $R > $R/one_dot.log 2>&1
