@@ -33,13 +33,6 @@ import torch
 import torch.nn as nn
 
 
-def _commit() -> str:
-    """The commit recorded with results (KVANT_COMMIT on copies without .git)."""
-    from kvant.report import git_commit
-
-    return git_commit()
-
-
 # random-weight shapes (the time of a step does not depend on the values)
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -233,6 +226,8 @@ def write(rows: list, args, meta: dict, log) -> None:
 
 
 def main() -> None:
+    from kvant.report import git_commit  # KVANT_COMMIT on copies without .git
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="", help="HF dir or kvant checkpoint (default: random "
                                                 "Llama-2-7B shape)")
@@ -282,7 +277,7 @@ def main() -> None:
         name += "-compiled"
     rows = []
     meta = dict(model=name, device=device, date=datetime.date.today().isoformat(),
-                commit=_commit(), ctx=args.ctx, steps=args.steps, torch=torch.__version__,
+                commit=git_commit(), ctx=args.ctx, steps=args.steps, torch=torch.__version__,
                 fused=args.fuse, compiled=args.compile)
     fp16 = {}
     if not quantized_input:
