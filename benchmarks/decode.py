@@ -26,11 +26,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import _clone, _copies, capture_graph, tune_graph  # noqa: E402  (shared helpers)
 
 
 # random-weight shapes (the time of a step does not depend on the values)
@@ -130,15 +134,7 @@ class Decoder:
         # one eager step first: the StaticCache allocates its layers lazily, which would
         # otherwise break the compiled graph and recompile it once per layer
         self.step()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(warmup):
-                self._run()
-        torch.cuda.current_stream().wait_stream(s)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._run()
+        self.graph = capture_graph(self._run, warmup)
 
     def time(self, steps: int) -> float:
         """Seconds per step over ``steps`` replays (positions keep advancing; our position
@@ -157,13 +153,8 @@ class Decoder:
 def tune_for(model, batch: int) -> int:
     """Tune our kernels once for each distinct QuantLinear shape at this batch, timing graph
     replays over copies of the layer's weight (benchmarks/kernels.py:tune_graph)."""
-    import sys
-
     from kvant.kernels import packed
     from kvant.nn.qlinear import QuantLinear
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from kernels import _clone, _copies, tune_graph
 
     packed.prepare(model)
     seen = set()

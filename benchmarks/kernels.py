@@ -72,19 +72,28 @@ def _copies(nbytes: int) -> int:
     return max(2, min(64, math.ceil(3 * l2 / nbytes)))
 
 
-def graph_time_us(fns, reps=20, rounds=7) -> float:
-    """Median microseconds per call of ``fns`` (each once, in order) captured in a graph."""
+def capture_graph(fn, warmup: int = 1) -> "torch.cuda.CUDAGraph":
+    """``fn`` run ``warmup`` times on a side stream (compiles kernels, fills the repacked
+    caches: nothing may allocate or synchronise during capture), then captured as a graph."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for f in fns:
-            f()
+        for _ in range(warmup):
+            fn()
     torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def graph_time_us(fns, reps=20, rounds=7) -> float:
+    """Median microseconds per call of ``fns`` (each once, in order) captured in a graph."""
+    def all_fns():
         for f in fns:
             f()
+    g = capture_graph(all_fns)
     g.replay()
     torch.cuda.synchronize()
     times = []

@@ -20,14 +20,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from kvant import report as rep
-from kvant.nn.qlinear import QuantLinear
-from kvant.nn.quip_linear import QuipLinear
+sys.path.insert(0, str(Path(__file__).parent))
+from kernels import capture_graph  # noqa: E402  (the benchmarks' shared graph capture)
+from kvant import report as rep  # noqa: E402
+from kvant.nn.qlinear import QuantLinear  # noqa: E402
+from kvant.nn.quip_linear import QuipLinear  # noqa: E402
 
 # per block: groups (in_features, [out_features of the layers reading that input]); blocks
 MODELS = {
@@ -83,19 +86,10 @@ def time_pass(fn, reps: int, device) -> float:
 
 
 def graphed(fn):
-    """``fn`` captured once as a CUDA graph (after warm-up on a side stream, which also fills
-    the kernels' repacked caches); returns the replay. Times GPU work only: no Python or
-    launch overhead, as in a graph-captured decode step."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    """``fn`` captured once as a CUDA graph (kernels.capture_graph, three warm-ups); returns
+    the replay. Times GPU work only: no Python or launch overhead, as in a graph-captured
+    decode step."""
+    return capture_graph(fn, warmup=3).replay
 
 
 def measure(model: str, bits: int, group_size: int, reps: int, device,
