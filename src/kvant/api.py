@@ -81,8 +81,8 @@ def load_model(path_or_id: str | os.PathLike, dtype=None, device: str | torch.de
     """Load any model kvant knows -> (model, tokenizer).
 
     ``lazy=True`` (a local Hugging Face safetensors directory): the decoder blocks are not
-    read now but one at a time while :func:`quantize` works (kvant.model.lazy), so a model
-    larger than host memory can be quantized; it runs once every block is quantized.
+    read now but one at a time while :func:`quantize` works (kvant.model.lazy), which needs
+    less host memory than loading the whole model; it runs once every block is quantized.
 
     - ``"nanogpt"`` / ``"default"``: the embedded nanoGPT Shakespeare model;
     - a ``.gguf`` file: dequantized into a float Hugging Face model (float32 by default);

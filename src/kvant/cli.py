@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default=None, help="compute device (default cuda if present)")
     q.add_argument("--lazy", action="store_true",
                    help="read the decoder blocks from disk one at a time (HF safetensors "
-                        "directory): quantize a model larger than host memory")
+                        "directory): less host memory than loading it whole")
     q.add_argument("--out", required=True, help="output checkpoint directory")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_quantize)

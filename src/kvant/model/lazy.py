@@ -1,11 +1,13 @@
-"""Quantize models larger than host memory: decoder blocks read from disk one at a time.
+"""Quantize with less host memory: decoder blocks read from disk one at a time.
 
 ``load_lazy(dir)`` builds a Hugging Face model whose decoder blocks stay on the ``meta``
 device (no memory); everything outside them (embeddings, final norm, head) is read at once.
 The model carries a :class:`LazyBlocks` as ``model.kvant_lazy_blocks``; the calibration
 engine (``kvant.calib.engine.quantize_model``) calls :meth:`LazyBlocks.load` just before it
-quantizes block i, so the float weights of one block at a time are in memory (a 70B Llama:
-~1.7 GB in fp16 instead of 140 GB), next to the packed blocks already done.
+quantizes block i, so the float weights of one block are read at a time, next to the packed
+blocks already done. Measured (benchmarks/results/lazy_memory.md): the peak stays below
+loading the whole model, but the process still grows by more than the packed output per
+block (memory the allocator keeps), so the peak is not yet independent of the depth.
 
 Only safetensors checkpoints (one file, or shards with ``model.safetensors.index.json``)
 whose tensor names are the model's state_dict names, as ``save_pretrained`` writes them.
@@ -95,9 +97,10 @@ class LazyBlocks:
 
 def _return_freed_memory() -> None:
     """Make glibc serve allocations above 128 KB with mmap, so each block's freed float
-    weights and temporaries go back to the system instead of staying in the heap (with the
-    default dynamic threshold, seen while writing this on cpu-2core, RSS grew by 50-120 MB
-    per block of a 2048-wide Llama). No-op off glibc."""
+    weights and temporaries go back to the system instead of staying in the heap (seen
+    while writing this on cpu-2core, 2048-wide Llama: growth per block from 80-120 MB to
+    ~50 MB, of which ~28 MB is the packed block; the rest is not explained). No-op off
+    glibc."""
     import ctypes
     import ctypes.util
 
