@@ -1,11 +1,11 @@
 """How uneven the input channels of the Linear layers are: max / median of per-channel mean |x|.
 
 The reason AWQ's per-channel scales pay off on SmolLM2 and hardly on the embedded nanoGPT
-(benchmarks/results/awq_nanogpt.md, smollm2.md) is measured here: for each Linear, the mean
-absolute activation of every input channel over the calibration tokens, then the ratio of
-the largest to the median channel; reported per layer kind as the median over blocks and the
-maximum. SmolLM2: the C4 sample (--n-samples x --seq-len tokens); nanoGPT: training windows.
-Writes activation_outliers.{json,md} into --out.
+(benchmarks/results/archive/awq_nanogpt.md, results/smollm2.md) is measured here: for each
+Linear, the mean absolute activation of every input channel over the calibration tokens,
+then the ratio of the largest to the median channel; reported per layer kind as the median
+over blocks and the maximum. SmolLM2: the C4 sample (--n-samples x --seq-len tokens); nanoGPT: training windows.
+Writes activation_outliers.{json,md} into --out (default results/archive/).
 
     python benchmarks/activation_outliers.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf \\
         --calib-file ../shared/data/c4-sample/c4_en_train_00000_first1000.jsonl
@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 
 import kvant
-from kvant import report as rep
 from kvant.calib.data import calibration_data
+from kvant.calib.data_char import char_windows
+from kvant.eval.table import write_json
+from kvant.model.nanogpt import load_embedded, training_text
 
-import nanogpt_bench as nb  # benchmarks/: the protocol the nanoGPT tables share
+import record as rec  # benchmarks/: commit, dirty flag, device
 
 KINDS = {"smollm2-135m": ("q_proj", "o_proj", "gate_proj", "down_proj"),
          "nanogpt-shakespeare": ("query", "proj", "net.0", "net.2")}
@@ -60,26 +62,30 @@ def main() -> None:
     ap.add_argument("--calib-file", required=True)
     ap.add_argument("--n-samples", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--out", default=str(rec.ARCHIVE))
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="record from uncommitted code (rows are marked dirty)")
     args = ap.parse_args()
+    stamp = rec.provenance_or_exit(args.allow_dirty)
     smol, tok = kvant.load_model(args.gguf, dtype="float32", device="cpu")
     ids = calibration_data(tok, "c4", n_samples=args.n_samples, seq_len=args.seq_len, seed=0,
                            calib_file=args.calib_file)
-    gpt, ctok, _ = nb.setup("cpu")
+    gpt, ctok = load_embedded()
+    # the first 4 of the nanoGPT tables' calibration windows (128 x 256, seed 0)
+    gwin = char_windows(ctok, training_text(), 128, 256, 0)[:4]
     runs = {"smollm2-135m": (smol, ids, f"C4 sample, {args.n_samples} x {args.seq_len} tokens"),
-            "nanogpt-shakespeare": (gpt, nb.calibration(ctok)[:4], "training split, 4 x 256 chars")}
+            "nanogpt-shakespeare": (gpt, gwin, "training split, 4 x 256 chars")}
     rows = []
     for model_name, (model, x, data) in runs.items():
         for kind, v in channel_ratios(model, x, KINDS[model_name]).items():
             rows.append(dict(model=model_name, layer=kind, layers=len(v), data=data,
                              median_ratio=statistics.median(v), max_ratio=max(v),
-                             device=rep.device_name("cpu"), date=rep.today(),
-                             commit=rep.git_commit()))
+                             device=rec.device_name("cpu"), date=rec.today(), **stamp))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rep.write_json(rows, out / "activation_outliers.json")
+    write_json(rows, out / "activation_outliers.json")
     md = ["# Input-channel outliers: max / median of per-channel mean |x|", "",
-          f"Device {rows[0]['device']}, {rows[0]['date']}, commit {rows[0]['commit']}.", "",
+          f"{rec.provenance_note(rows)[0]} Date {rows[0]['date']}.", "",
           "| model | Linear | layers | data | median over layers | max |", "|---|---|---|---|---|---|"]
     md += [f"| {r['model']} | {r['layer']} | {r['layers']} | {r['data']} | "
            f"{r['median_ratio']:.1f} | {r['max_ratio']:.1f} |" for r in rows]

@@ -90,6 +90,7 @@ def rtn_quantize_(model: nn.Module, bits: int, group_size: int) -> int:
         ql.qzeros.copy_(pack(prm.zeros.round().to(torch.int32), bits))
         if mod.bias is not None:
             ql.bias.copy_(mod.bias)
+        ql.prepare()  # the kernel layout of the copied tensors (the .to() built the zeros')
         set_submodule(model, name, ql)
         n += 1
     torch.cuda.empty_cache()
@@ -153,17 +154,21 @@ class Decoder:
 def tune_for(model, batch: int) -> int:
     """Tune our kernels once for each distinct QuantLinear shape at this batch, timing graph
     replays over copies of the layer's weight (benchmarks/kernels.py:tune_graph)."""
-    from kvant.kernels import packed
+    from kvant import prepare_for_inference
+    from kvant.kernels.triton.repack import PackedWeight
     from kvant.nn.qlinear import QuantLinear
 
-    packed.prepare(model)
+    prepare_for_inference(model)
     seen = set()
     for m in model.modules():
-        if isinstance(m, QuantLinear) and not isinstance(m._kvant_gpu, str):
+        lay = m.kernel_layout if isinstance(m, QuantLinear) else None
+        if lay is not None:
             key = (m.out_features, m.in_features)
             if key not in seen:
                 seen.add(key)
-                p = m._kvant_gpu
+                p = PackedWeight(m.kernel_qweight, m.kernel_scales, m.kernel_zeros,
+                                 m.kernel_perm, lay.bits, lay.group_size, lay.in_features,
+                                 m.out_features, lay.pairs, lay.tile)
                 ps = [p] + [_clone(p) for _ in range(_copies(p.nbytes()) - 1)]
                 x = torch.randn(batch, m.in_features, device="cuda", dtype=torch.float16)
                 tune_graph(x, ps)
@@ -217,7 +222,7 @@ def write(rows: list, args, meta: dict, log) -> None:
 
 
 def main() -> None:
-    from kvant.report import git_commit  # KVANT_COMMIT on copies without .git
+    from record import git_commit, tree_dirty  # KVANT_COMMIT on copies without .git
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="", help="HF dir or kvant checkpoint (default: random "
@@ -268,7 +273,7 @@ def main() -> None:
         name += "-compiled"
     rows = []
     meta = dict(model=name, device=device, date=datetime.date.today().isoformat(),
-                commit=git_commit(), ctx=args.ctx, steps=args.steps, torch=torch.__version__,
+                commit=git_commit(), dirty=tree_dirty(), ctx=args.ctx, steps=args.steps, torch=torch.__version__,
                 fused=args.fuse, compiled=args.compile)
     fp16 = {}
     if not quantized_input:

@@ -27,8 +27,10 @@ import torch
 from safetensors.torch import load_file
 
 import kvant
-from kvant import report as rep
+from kvant.eval.table import write_json
 from kvant.nn.qlinear import QuantLinear
+
+import record as rec  # benchmarks/: commit, dirty flag, device
 
 
 def _score(model, tok, args) -> dict:
@@ -76,7 +78,10 @@ def main(argv=None) -> int:
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="record from uncommitted code (rows are marked dirty)")
     args = ap.parse_args(argv)
+    stamp = rec.provenance_or_exit(args.allow_dirty)
     import transformers
 
     torch.manual_seed(0)
@@ -96,8 +101,8 @@ def main(argv=None) -> int:
         theirs = _score(loaded, tok, args)
         cross = _autoawq_check(model, folder)
     base = dict(model="smollm2-135m", method="rtn", bits=4, group_size=64, sym=True,
-                quant_seconds=quant_s, device=rep.device_name("cpu"), date=rep.today(),
-                commit=rep.git_commit(),
+                quant_seconds=quant_s, device=rec.device_name("cpu"), date=rec.today(),
+                **stamp,
                 eval={"dataset": "wikitext2", "seq_len": args.seq_len,
                       "windows": ours["windows"], "tokens": ours["tokens"]})
     rows.append(dict(base, reader="kvant", ppl=ours["ppl"], nll=ours["nll"]))
@@ -108,9 +113,9 @@ def main(argv=None) -> int:
         rows.append(dict(base, reader="autoawq packing utils (AWQ and GPTQ exports)", **cross))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rep.write_json(rows, out / "export_fidelity.json")
+    write_json(rows, out / "export_fidelity.json")
     md = [f"# Export fidelity, SmolLM2-135M RTN W4 g64 symmetric, {rows[0]['device']}", "",
-          f"{rows[0]['date']}, commit {rows[0]['commit']}. WikiText-2 test, {ours['windows']} "
+          f"{rows[0]['date']}, {rec.provenance_note(rows)[0]} WikiText-2 test, {ours['windows']} "
           f"windows of {args.seq_len} tokens ({ours['tokens']} scored).", "",
           "| reader | ppl | nll |", "|---|---|---|"]
     for r in rows[:2]:

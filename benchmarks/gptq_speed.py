@@ -30,15 +30,10 @@ from kvant.algorithms.gptq import gptq_quantize
 from kvant.config import EngineOptions, GPTQConfig
 from kvant.core.hessian import HessianAccumulator
 
+import record as rec  # benchmarks/: commit, dirty flag
+
 PEER = "llm-compressor 0.14 GPTQ W4A16 g128 on H100 (quoted in issue 3, not run here): " \
        "7.1 s/block, 3.8 min projected for 32 blocks, 4.3 GB peak for 4 blocks"
-
-
-def _commit() -> str:
-    """The commit recorded with results (KVANT_COMMIT on copies without .git)."""
-    from kvant.report import git_commit
-
-    return git_commit()
 
 
 def _sync(dev):
@@ -135,7 +130,7 @@ def project(rec: dict) -> dict:
 
 
 def _markdown(layers, llama, meta) -> str:
-    out = [f"# GPTQ speed ({meta['device']}, {meta['date']}, commit {meta['commit']})", "",
+    out = [f"# GPTQ speed ({meta['device']}, {meta['date']}, commit {meta['commit']}{'+dirty' if meta.get('dirty') else ''})", "",
            "Single Linears, W4 g128 (asym), calibration " + meta["tokens_desc"] + ". Seconds "
            "(median of reps); loop = CUDA-graphed column walk, eager = the same walk unrolled "
            "op by op (identical integers: column 'same').", "",
@@ -173,7 +168,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script")
     ap.add_argument("--blocks", type=int, default=4)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="record from uncommitted code (rows are marked dirty)")
+    ap.add_argument("--out", default=str(rec.ARCHIVE))
     ap.add_argument("--render", metavar="JSON",
                     help="recompute derived fields of a results JSON and rewrite its .md")
     a = ap.parse_args()
@@ -193,7 +190,7 @@ def main() -> None:
         llama_args = dict(n_blocks=a.blocks, hidden=4096, inter=11008, heads=32,
                           n_samples=128, seq_len=2048)
     meta = {"device": _device_name(dev), "date": datetime.date.today().isoformat(),
-            "commit": _commit(), "tokens_desc": f"{nb}×{bt} random bf16 rows",
+            **rec.provenance_or_exit(a.allow_dirty), "tokens_desc": f"{nb}×{bt} random bf16 rows",
             "torch": torch.__version__}
     if dev.type == "cuda":  # warm up CUDA, cuBLAS, cuSOLVER and the graph machinery
         bench_layer(256, 512, 2, 256, dev, reps=1)

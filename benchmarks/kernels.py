@@ -36,10 +36,11 @@ GS = 128
 
 
 def _commit() -> str:
-    """The commit recorded with results (KVANT_COMMIT on copies without .git)."""
-    from kvant.report import git_commit
+    """The commit recorded with results, '+dirty' when the tree differs from it
+    (benchmarks/record.py; KVANT_COMMIT / KVANT_DIRTY on copies without .git)."""
+    from record import git_commit, tree_dirty
 
-    return git_commit()
+    return git_commit() + ("+dirty" if tree_dirty() is not False else "")
 
 
 def format_bits(bits: int, gs: int) -> float:
@@ -73,8 +74,8 @@ def _copies(nbytes: int) -> int:
 
 
 def capture_graph(fn, warmup: int = 1) -> "torch.cuda.CUDAGraph":
-    """``fn`` run ``warmup`` times on a side stream (compiles kernels, fills the repacked
-    caches: nothing may allocate or synchronise during capture), then captured as a graph."""
+    """``fn`` run ``warmup`` times on a side stream (compiles kernels, allocates the split-K
+    counters: nothing may allocate or synchronise during capture), then captured as a graph."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -124,7 +125,7 @@ def tune_graph(x, ps, m=None, log=None):
             if log:
                 log(f"  skip {cfg}: {e!r}"[:200])
     best = min(times, key=times.get)
-    d._TUNED[d._tune_key(x.shape[0], ps[0], x.dtype)] = best
+    d.remember(x.shape[0], ps[0], x.dtype, best)
     return best, times
 
 

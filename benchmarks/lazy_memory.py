@@ -21,7 +21,9 @@ from pathlib import Path
 
 import torch
 
-from kvant import report as rep
+from kvant.eval.table import write_json
+
+import record as rec  # benchmarks/: commit, dirty flag, device
 
 # The child resets its peak-RSS mark first (Linux keeps ru_maxrss across fork + exec, so it
 # would start at the parent's size) and reports VmHWM at the end.
@@ -35,7 +37,7 @@ hwm = lambda: int([l for l in open("/proc/self/status") if l.startswith("VmHWM")
 kvant.quantize(model, kvant.RTNConfig(bits=4, group_size=128),
                options=kvant.EngineOptions(device="cpu", show_progress=False))
 quant_peak = hwm() / 2**20
-kvant.save_quantized(model, out, tok)
+kvant.save_quantized(model, out, tok, overwrite=True)  # repeats reuse the output
 print(json.dumps({"seconds": time.time() - t0, "peak_rss_quantize_gb": quant_peak,
                   "peak_rss_gb": hwm() / 2**20}))
 """
@@ -72,8 +74,8 @@ def _measure(args, layers: int, tiny_tokenizer) -> list:
                 rows.append(dict(model=f"llama-random-{layers}L-d{args.hidden}",
                                  params=n_params, checkpoint_gb=ckpt_gb, method="rtn", bits=4,
                                  group_size=128, loading="lazy" if lazy else "whole", run=run,
-                                 **r, device=rep.device_name("cpu"), date=rep.today(),
-                                 commit=rep.git_commit()))
+                                 **r, device=rec.device_name("cpu"), date=rec.today(),
+                                 **args.stamp))
                 print(json.dumps(rows[-1]), flush=True)
         a = {k: v for f in outs[False].glob("*.safetensors") for k, v in load_file(str(f)).items()}
         b = {k: v for f in outs[True].glob("*.safetensors") for k, v in load_file(str(f)).items()}
@@ -91,7 +93,10 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--repeats", type=int, default=3, help="runs of each (model, loading)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    ap.add_argument("--allow-dirty", action="store_true",
+                    help="record from uncommitted code (rows are marked dirty)")
     args = ap.parse_args(argv)
+    args.stamp = rec.provenance_or_exit(args.allow_dirty)
     sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
     from hf_tiny import tiny_tokenizer
 
@@ -100,9 +105,9 @@ def main(argv=None) -> int:
         rows += _measure(args, layers, tiny_tokenizer)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rep.write_json(rows, out / "lazy_memory.json")
+    write_json(rows, out / "lazy_memory.json")
     md = [f"# Peak host memory of quantization, whole vs lazy loading, {rows[0]['device']}", "",
-          f"{rows[0]['date']}, commit {rows[0]['commit']}. Random Llama (d {args.hidden}, "
+          f"{rows[0]['date']}, {rec.provenance_note(rows)[0]} Random Llama (d {args.hidden}, "
           f"intermediate {args.intermediate}), fp16 safetensors; RTN W4 g128; load + quantize "
           "+ save in a fresh process each; peak resident set size over "
           f"{args.repeats} runs.", "",

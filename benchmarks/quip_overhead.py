@@ -28,7 +28,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import capture_graph  # noqa: E402  (the benchmarks' shared graph capture)
-from kvant import report as rep  # noqa: E402
+import record as rep  # noqa: E402  (benchmarks/record.py: device, date, commit)
+from kvant.eval.table import group_label, write_json  # noqa: E402
 from kvant.nn.qlinear import QuantLinear  # noqa: E402
 from kvant.nn.quip_linear import QuipLinear  # noqa: E402
 
@@ -148,12 +149,12 @@ def main(argv=None) -> int:
     for graph in ((False, True) if device.type == "cuda" else (False,)):
         for model in args.models:
             r = measure(model, args.bits, args.group_size, args.reps, device, graph)
-            r.update(device=rep.device_name(device), date=rep.today(), commit=rep.git_commit())
+            r.update(device=rep.device_name(device), date=rep.today(), commit=rep.git_commit(), dirty=rep.tree_dirty())
             records.append(r)
             print(json.dumps(r), flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rep.write_json(records, out / "quip_overhead.json")
+    write_json(records, out / "quip_overhead.json")
     lines = [f"## QuIP transform overhead, decode (batch 1, fp16), {records[0]['device']}", "",
              "Eager: one Python call per layer, as timed by CUDA events (launch and dispatch "
              "overhead included). CUDA graph: the same pass captured and replayed, GPU time "
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
              "transforms alone ms | overhead % |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
         lines.append(f"| {r['mode']} | {r['model']} | {r['layers']} | {r['bits']}-bit "
-                     f"{rep.group_label(r['group_size'])} | {r['ms_per_token_quant']:.3f} | "
+                     f"{group_label(r['group_size'])} | {r['ms_per_token_quant']:.3f} | "
                      f"{r['ms_per_token_quip']:.3f} | {r['ms_per_token_transforms']:.3f} | "
                      f"{r['overhead_pct']:+.1f} |")
     (out / "quip_overhead.md").write_text("\n".join(lines) + "\n")

@@ -35,12 +35,15 @@ from pathlib import Path
 import torch
 
 import kvant
-from kvant import report as rep
 from kvant.algorithms.registry import available, config_from_spec
 from kvant.calib.data import calibration_data, check_seq_len
 from kvant.config import EngineOptions
 from kvant.eval.kl import FloatReference
 from kvant.eval.perplexity import eval_windows
+from kvant.eval.plot import can_plot, plot_ppl_vs_bits
+from kvant.eval.table import group_label, model_bytes, quantized_bits_per_weight, write_json
+
+import record as rec  # benchmarks/: commit, dirty flag, device
 
 MODEL = "smollm2-135m"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -92,20 +95,24 @@ def label(cfg) -> str:
 
 
 def md_table(records: list[dict], title: str) -> str:
-    """Markdown table with perplexity change and KL against the float record."""
+    """Markdown table with perplexity change and KL against the float record; a last column
+    names each row's code and device when the rows do not share them."""
     base = next(r["ppl"] for r in records if r["method"] == "float")
+    per_row = rec.provenance_note(records)[1]
     lines = [f"## {title}", "",
              "| method | bits | group | bits/weight | size MB | ppl | Δ ppl % | KL | quant s | "
-             "peak GPU GB |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "peak GPU GB |" + (" code, device |" if per_row else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if per_row else "")]
     for r in records:
         delta = "" if r["method"] == "float" else f"{100 * (r['ppl'] / base - 1):+.1f}"
         bpw = f"{r['bits_per_weight']:.3f}" if r.get("bits_per_weight") else "16 (fp16)"
         peak = f"{r['peak_gpu_gb']:.2f}" if r.get("peak_gpu_gb") is not None else "-"
         shared = "*" if r.get("gpu_jobs", 1) > 1 and r["method"] != "float" else ""
         lines.append(f"| {r['method']} | {r.get('bits') or 16} | "
-                     f"{rep.group_label(r.get('group_size'))} | {bpw} | {r['size_mb']:.1f} | "
+                     f"{group_label(r.get('group_size'))} | {bpw} | {r['size_mb']:.1f} | "
                      f"{r['ppl']:.2f} | {delta} | {r['kl']:.4f} | "
-                     f"{r['quant_seconds']:.1f}{shared} | {peak} |")
+                     f"{r['quant_seconds']:.1f}{shared} | {peak} |"
+                     + (f" {rec.stamp(r)} |" if per_row else ""))
     if any(r.get("gpu_jobs", 1) > 1 for r in records):
         lines += ["", "\\* quantized while other benchmark jobs shared the same GPU "
                   "(`gpu_jobs` in the JSON): its seconds are an upper bound."]
@@ -141,19 +148,28 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--name", default="smollm2", help="output file stem")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
-                   help="run nothing: merge result files of earlier runs (first float row kept)")
+                   help="run nothing: merge result files of earlier runs (their float rows "
+                        "must agree; one is kept), or rewrite the tables of one")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="record from uncommitted code (rows are marked dirty)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        merged = []
-        for f in args.merge:
-            merged += [r for r in json.loads(Path(f).read_text())
-                       if r["method"] != "float" or not any(m["method"] == "float" for m in merged)]
+        try:
+            merged = merge_runs([json.loads(Path(f).read_text()) for f in args.merge])
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         write_outputs(merged, out, args.name)
         return 0
     if not (args.calib_file and args.eval_file):
         p.error("--calib-file and --eval-file are required")
+    try:
+        stamp = rec.provenance(args.allow_dirty)
+    except rec.DirtyTree as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     methods = args.methods
@@ -180,11 +196,11 @@ def main(argv=None) -> int:
                  "kl_store": ref.store}
     calib_desc = {"source": "c4-sample (first 1000 docs of c4 en train 00000)",
                   "n_samples": args.n_calib, "seq_len": args.seq_len, "seed": args.seed}
-    common = {"model": MODEL, "device": rep.device_name(device), "date": rep.today(),
-              "commit": rep.git_commit(), "eval": eval_desc, "gpu_jobs": args.gpu_jobs}
+    common = {"model": MODEL, "device": rec.device_name(device), "date": rec.today(),
+              **stamp, "eval": eval_desc, "gpu_jobs": args.gpu_jobs}
     records = [{**common, "method": "float", "spec": None, "bits": None, "group_size": None,
                 "sym": None, "bits_per_weight": None, "ppl": ref.ppl, "nll": ref.nll, "kl": 0.0,
-                "size_mb": rep.model_bytes(base) / 1e6, "quant_seconds": 0.0,
+                "size_mb": model_bytes(base) / 1e6, "quant_seconds": 0.0,
                 "eval_seconds": float_eval_s, "peak_gpu_gb": None, "calib": None}]
     print(f"float: ppl {ref.ppl:.3f} ({len(windows)} windows, KL store {ref.store}, "
           f"{float_eval_s:.1f}s)", flush=True)
@@ -207,31 +223,49 @@ def main(argv=None) -> int:
         peak = _sync_peak(device)
         t0 = time.perf_counter()
         ev = ref.compare(model.to(device), show_progress=False)
-        rec = {**common, "method": label(cfg), "spec": spec, "bits": cfg.bits,
+        row = {**common, "method": label(cfg), "spec": spec, "bits": cfg.bits,
                "group_size": cfg.group_size, "sym": cfg.sym,
-               "bits_per_weight": rep.quantized_bits_per_weight(model), "ppl": ev["ppl"],
-               "nll": ev["nll"], "kl": ev["kl"], "size_mb": rep.model_bytes(model) / 1e6,
+               "bits_per_weight": quantized_bits_per_weight(model), "ppl": ev["ppl"],
+               "nll": ev["nll"], "kl": ev["kl"], "size_mb": model_bytes(model) / 1e6,
                "quant_seconds": secs, "eval_seconds": time.perf_counter() - t0,
                # quantization's own peak, above what was held before (the reference outputs)
                "peak_gpu_gb": None if peak is None else peak - held,
                "peak_cpu_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
                "calib": calib_desc if report.n_calib else None}
-        records.append(rec)
-        print(f"{spec}: ppl {ev['ppl']:.3f} KL {ev['kl']:.4f} bpw {rec['bits_per_weight']:.3f} "
+        records.append(row)
+        print(f"{spec}: ppl {ev['ppl']:.3f} KL {ev['kl']:.4f} bpw {row['bits_per_weight']:.3f} "
               f"quant {secs:.1f}s", flush=True)
         del model
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        rep.write_json(records, out / f"{args.name}.json")  # keep partial results
+        write_json(records, out / f"{args.name}.json")  # keep partial results
 
     write_outputs(records, out, args.name)
     return 0
 
 
+def merge_runs(runs: list[list[dict]]) -> list[dict]:
+    """The records of several runs, one float row kept: raises ValueError when the runs'
+    float rows do not agree (other eval, or perplexity apart by more than 1e-4 relative)."""
+    floats = [r for run in runs for r in run if r["method"] == "float"]
+    for f in floats[1:]:
+        if f["eval"] != floats[0]["eval"] or abs(f["ppl"] / floats[0]["ppl"] - 1) > 1e-4:
+            raise ValueError(f"float rows disagree: ppl {floats[0]['ppl']:.4f} "
+                             f"({rec.stamp(floats[0])}) vs {f['ppl']:.4f} ({rec.stamp(f)}); "
+                             "runs against different baselines cannot share one table")
+    rows = []
+    for run in runs:  # each row keeps the float score of its own run (same code and device)
+        own = next((r for r in run if r["method"] == "float"), None)
+        rows += [{**r, "run_float_ppl": r.get("run_float_ppl", own["ppl"] if own and
+                                              rec.stamp(own) == rec.stamp(r) else None)}
+                 for r in run if r["method"] != "float"]
+    return floats[:1] + rows
+
+
 def write_outputs(records: list[dict], out: Path, name: str) -> None:
     """Write ``name``.json (all records), .md (table + protocol) and .png."""
-    rep.write_json(records, out / f"{name}.json")
+    write_json(records, out / f"{name}.json")
     ok = [r for r in records if "error" not in r]
     base = next(r for r in ok if r["method"] == "float")
     ev = base["eval"]
@@ -239,15 +273,26 @@ def write_outputs(records: list[dict], out: Path, name: str) -> None:
     title = (f"SmolLM2-135M-Instruct (GGUF Q4_1, dequantized fp32), WikiText-2 test, "
              f"seq_len {ev['seq_len']}, {ev['windows']} windows — {base['device']}")
     devices = sorted({r["device"] for r in ok})
-    note = (f"\nCalibration: {json.dumps(calib)}. Eval: {json.dumps(ev)}. "
-            f"Devices: {', '.join(devices)}. Commits: "
-            f"{', '.join(sorted({r.get('commit', 'unknown') for r in ok}))}; {base['date']}. "
-            "The spec of every row is in the JSON.\n")
+    note = (f"\nThe float row is the GGUF's Q4_1 weights dequantized to fp32 (not the original "
+            f"bf16 checkpoint): every Δ is against that model. Calibration: {json.dumps(calib)}."
+            f" Eval: {json.dumps(ev)}. Devices: {', '.join(devices)}. "
+            f"{rec.provenance_note(ok)[0]} Dates: "
+            f"{', '.join(sorted({r['date'] for r in ok}))}. The spec of every row is in the "
+            "JSON.\n")
+    unchecked = [r for r in ok if r["method"] != "float" and r.get("run_float_ppl") is None
+                 and rec.stamp(r) != rec.stamp(base)]
+    if unchecked:
+        note += (f"\n{len(unchecked)} rows come from other runs than the float row and their "
+                 "own run's float score was not kept (an earlier merge kept the first float row "
+                 "without comparing the others): their Δ assumes those runs scored the same "
+                 "float model equally (same GGUF file, same eval windows), which no record "
+                 "shows.\n")
     failed = [r for r in records if "error" in r]
     if failed:
         note += "\nFailed: " + "; ".join(f"{r['spec']}: {r['error']}" for r in failed) + "\n"
     (out / f"{name}.md").write_text(md_table(ok, title) + note)
-    rep.plot_ppl_vs_bits(ok, out / f"{name}.png",
+    if can_plot():
+        plot_ppl_vs_bits(ok, out / f"{name}.png",
                          "SmolLM2-135M WikiText-2: perplexity vs bits/weight")
     print(md_table(ok, title))
 

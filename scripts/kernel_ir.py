@@ -56,7 +56,7 @@ def compile_kernel(name: str, const: dict, warps: int, stages: int, arch: int = 
     module, fn_name, args, unspecialised, defaults = KERNELS[name]
     fn = getattr(importlib.import_module(module), fn_name)
     consts = {**defaults, **const}
-    for k in ("HAS_PERM", "SPLIT", "PREFETCH", "ONE_DOT"):
+    for k in ("HAS_PERM", "SPLIT", "PREFETCH"):
         if k in consts:
             consts[k] = bool(consts[k])
     signature = {a: t for a, t in args}
@@ -72,7 +72,10 @@ def ptxas_report(ptx: Path, arch: int = 90) -> str:
     """``ptxas -v`` summary (registers, spills, shared memory) of a PTX file."""
     import triton
 
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    # Triton >= 3.9 assembles with "ptxas-blackwell" (the older ptxas rejects its PTX version)
+    ptxas = next((bin_dir / n for n in ("ptxas-blackwell", "ptxas")
+                  if (bin_dir / n).exists()), bin_dir / "ptxas")
     res = subprocess.run([str(ptxas), f"-arch=sm_{arch}a", "-v", str(ptx), "-o", "/dev/null"],
                          capture_output=True, text=True)
     lines = [ln.strip() for ln in (res.stdout + res.stderr).splitlines()

@@ -71,3 +71,52 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Logits (B, T, V) without KV cache."""
     with torch.no_grad():
         return model(input_ids=ids, use_cache=False).logits
+
+
+def more_configs(vocab: int = VOCAB, layers: int = 2, ctx: int = 128) -> dict:
+    """model_type -> config (hidden 64, 2 blocks) of ten more causal architectures: parallel
+    attention (Phi-2, GPT-J, Falcon, Cohere), ALiBi (Bloom), partial rotary (StableLM),
+    q/k norms (Qwen3, OLMo-2), offset RMSNorm with post-norms (Gemma2), multi-query with a
+    fused qkv (GPTBigCode)."""
+    T = transformers
+    ids = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                  num_hidden_layers=layers, num_attention_heads=4,
+                  max_position_embeddings=ctx, **ids)
+    return {
+        "phi": T.PhiConfig(**common),
+        "gptj": T.GPTJConfig(vocab_size=vocab, n_embd=64, n_layer=layers, n_head=4,
+                             rotary_dim=8, n_inner=128, n_positions=ctx, **ids),
+        "falcon": T.FalconConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=layers,
+                                 num_attention_heads=4, max_position_embeddings=ctx, **ids),
+        "bloom": T.BloomConfig(vocab_size=vocab, hidden_size=64, n_layer=layers, n_head=4,
+                               **ids),
+        "stablelm": T.StableLmConfig(num_key_value_heads=2, **common),
+        "qwen3": T.Qwen3Config(num_key_value_heads=2, head_dim=16, **common),
+        "gemma2": T.Gemma2Config(num_key_value_heads=2, head_dim=16, **common),
+        "olmo2": T.Olmo2Config(num_key_value_heads=2, **common),
+        "cohere": T.CohereConfig(num_key_value_heads=2, **common),
+        "gpt_bigcode": T.GPTBigCodeConfig(vocab_size=vocab, n_embd=64, n_layer=layers,
+                                          n_head=4, n_inner=128, n_positions=ctx, **ids),
+    }
+
+
+MORE_ARCHS = list(more_configs())
+
+
+def tiny_causal(arch: str, seed: int = 0, **kw):
+    """A random-weight causal LM of any architecture in :func:`configs` or
+    :func:`more_configs`, in eval mode."""
+    torch.manual_seed(seed)
+    cfg = {**configs(**kw), **more_configs(**kw)}[arch]
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def tiny_bert(seed: int = 0, hidden: int = 128, intermediate: int = 512, layers: int = 2,
+              vocab: int = 300):
+    """A random-weight post-norm encoder (``transformers.BertModel``) in eval mode."""
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=vocab, hidden_size=hidden,
+                                  intermediate_size=intermediate, num_hidden_layers=layers,
+                                  num_attention_heads=4, max_position_embeddings=128)
+    return transformers.BertModel(cfg).eval()

@@ -1,4 +1,7 @@
-"""kvant's checkpoint: identical outputs after save -> load, clear errors, atomic writes."""
+"""kvant's checkpoint: identical outputs after save -> load, clear errors, atomic writes.
+
+Refused outputs, locks and crash recovery: tests/test_outdir.py; corrupted and edited
+checkpoints: tests/test_integrity.py."""
 
 import json
 
@@ -72,8 +75,34 @@ def test_failed_save_leaves_nothing(tiny_gpt, tmp_path, monkeypatch):
 def test_overwrite_replaces_atomically(saved, tiny_gpt):
     model, out = saved
     _, tok = tiny_gpt
-    kvant.save_quantized(model, out, tok)
+    kvant.save_quantized(model, out, tok, overwrite=True)
+    # no lock file, no hidden temporary or old directory is left beside the output
     assert sorted(p.name for p in out.parent.iterdir()) == ["q"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".kvant", "config.json", "model-00001-of-00001.safetensors"]
+
+
+def test_checksums_recorded(saved):
+    _, out = saved
+    meta = json.loads((out / "config.json").read_text())
+    stored = {t for info in meta["files"].values() for t in info["tensors"]}
+    integ = meta["integrity"]
+    assert integ["hash"] == "sha256" and set(integ["tensors"]) == stored
+    assert all(len(h) == 64 for h in integ["tensors"].values())
+    from kvant.formats.integrity import config_digest
+    assert integ["config"] == config_digest(meta)
+
+
+def test_checkpoint_without_checksums_still_loads(saved):
+    """Checkpoints written before checksums existed load, with the value checks only."""
+    model, out = saved
+    cfg = out / "config.json"
+    meta = json.loads(cfg.read_text())
+    del meta["integrity"]
+    cfg.write_text(json.dumps(meta))
+    loaded, _ = kvant.load_quantized(out)
+    x = torch.randint(0, 65, (1, 16))
+    assert torch.equal(loaded(x), model(x))
 
 
 def test_unquantized_model_cannot_be_saved(tiny_gpt, tmp_path):

@@ -111,3 +111,25 @@ def test_fused_model_compiles_in_one_graph():
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
     group = model.model.layers[0].self_attn.q_proj._group
     assert group._y is None  # the last sibling dropped the shared product
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_fused_model_on_cuda_runs_the_kernels():
+    """On the GPU the fused layers are prepared like any QuantLinear (kernel layout built at
+    fuse time from the concatenated tensors) and give the unfused model's logits."""
+    from kvant.nn.qlinear import prepare_for_inference
+
+    model = tiny_llama()
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(4))
+    quantize_model(model, RTNConfig(bits=4, group_size=32), None, CPU)
+    model = model.half()
+    assert prepare_for_inference(model, "cuda") == 2 * 7
+    ids = ids.cuda()
+    ref = model(ids, use_cache=False).logits.float()
+    fuse_siblings(model, find_siblings(model, ids, use_cache=False))
+    fused = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(fused) == 2 * 4 and all(m.kernel_layout is not None for m in fused)
+    out = model(ids, use_cache=False).logits.float()
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-3

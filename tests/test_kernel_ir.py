@@ -53,12 +53,32 @@ def test_pairs_kernel_pipelines_words_and_x_but_not_scales():
                                                           "full_waits": 4}
 
 
-def test_one_dot_variant_issues_one_dot_per_chunk():
-    compiled = _compile_pairs(ONE_DOT=1)
+def test_default_pairs_config_prefetches_without_spilling(tmp_path):
+    # the configuration the heuristic launches at batch <= 16 (g128, BN 128, BM 16, row tile
+    # 16, prefetch on): the same pipelined loads, the group parameters still plain loads (for
+    # the next chunk now), four dots a chunk, and ptxas keeps it in registers
+    compiled = _compile_pairs(GS=128, BN=128, BM=16, TH=16, PREFETCH=1)
     ttgir = compiled.asm["ttgir"]
-    assert kernel_ir.loop_mma(ttgir) == {"dots": 1, "waits": 1, "full_waits": 1}
     kinds = [ln.split()[0] for ln in kernel_ir.loop_loads(ttgir)]
-    assert kinds.count("cp.async") == 2  # the words and one (128, BM) x tile
+    assert kinds.count("cp.async") == 5 and kinds.count("plain") == 2
+    assert kernel_ir.loop_mma(ttgir)["dots"] == 4
+    ptx = tmp_path / "pairs.ptx"
+    ptx.write_text(compiled.asm["ptx"])
+    report = kernel_ir.ptxas_report(ptx)
+    assert "0 bytes spill stores" in report, report
+
+
+def test_pairs_kernel_has_no_experiment_switch():
+    # ONE_DOT (never run on a GPU) was removed; PREFETCH is a per-launch option of the
+    # dispatcher (dispatch.Config.prefetch), not a process-wide switch
+    import inspect
+
+    pytest.importorskip("triton")
+    from kvant.kernels.triton import dispatch, pairs
+
+    params = inspect.signature(pairs.wq_dot_pairs_kernel.fn).parameters
+    assert "ONE_DOT" not in params and "PREFETCH" in params
+    assert not hasattr(dispatch, "ONE_DOT") and not hasattr(dispatch, "PREFETCH")
 
 
 def test_sass_is_written_and_holds_the_wgmma(tmp_path):

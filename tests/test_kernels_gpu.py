@@ -11,8 +11,9 @@ with NaN first and must come back fully written.
 import pytest
 import torch
 
+import kvant
 from kvant.formats.packing import pack
-from kvant.kernels import ops
+from kvant.kernels import KernelOptions, ops
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -44,12 +45,14 @@ def _rel_err(y, ref):
     return ((y.double() - ref).norm() / ref.norm()).item()
 
 
-def _check(n, k, bits, gs, batches, configs, dtype=torch.float16, act_order=False, seed=0):
+def _check(n, k, bits, gs, batches, configs, dtype=torch.float16, act_order=False, seed=0,
+           tile=None):
     from kvant.kernels.triton import repack as rp
 
     d = _dispatch()
     qw, s, qz, g_idx = _problem(n, k, bits, gs, act_order, seed)
-    p = rp.repack(qw, s, qz, g_idx, bits, gs, k)
+    p = rp.repack(qw, s, qz, g_idx, bits, gs, k, tile=tile or rp.PAIRS_TILE)
+    assert tile is None or not p.pairs or p.tile == tile
     w = ops.dequantize_weight(qw, s, qz, g_idx, bits, gs, k).double()
     for m in batches:
         x = torch.randn(m, k, device="cuda").to(dtype)
@@ -83,38 +86,27 @@ def test_4bit_g128_every_batch_and_kernel(dtype):
     _check(200, 1152, 4, 128, BATCHES, _all_kernels, dtype)
 
 
-def _pairs_variants(m):
-    d = _dispatch()
-    bm = d.block_m("dot", m)
-    return [d.Config("dot", bn=bn, bm=bm, split=sp, warps=d.dot_warps(bn, bm), stages=st)
-            for bn, sp, st in [(64, 1, 3), (32, 3, 4), (128, 16, 5), (64, 4, 3)]]
+def _pairs_variants(prefetch):
+    def configs(m):
+        d = _dispatch()
+        bm = d.block_m("dot", m)
+        return [d.Config("dot", bn=bn, bm=bm, split=sp, warps=d.dot_warps(bn, bm), stages=st,
+                         prefetch=prefetch)
+                for bn, sp, st in [(64, 1, 3), (32, 3, 4), (128, 16, 5), (64, 4, 3)]]
+    return configs
 
 
 @pytest.mark.parametrize("prefetch", [True, False])
 @pytest.mark.parametrize("tile", [1, 16, 64])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_4bit_pairs_tiles_and_prefetch(tile, dtype, prefetch, monkeypatch):
-    _pairs_cases(tile, dtype, prefetch, False, monkeypatch)
-
-
-@pytest.mark.parametrize("tile", [1, 16])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_4bit_pairs_one_dot_per_chunk(tile, dtype, monkeypatch):
-    # the experimental ONE_DOT variant (g128 and per channel; other groups ignore it)
-    _pairs_cases(tile, dtype, True, True, monkeypatch)
-    _check(96, 1024, 4, -1, [1, 16], _pairs_variants, dtype)
-    _check(128, 1152, 4, 128, [1, 16], _pairs_variants, dtype, act_order=True)
-
-
-def _pairs_cases(tile, dtype, prefetch, one_dot, monkeypatch):
+def test_4bit_pairs_tiles_and_prefetch(tile, dtype, prefetch):
     # 200 rows: the last row tile is partial; 9 chunks split 3 ways or 16 (one chunk each,
     # so the prefetch of the next chunk's groups reaches past the split's end)
-    monkeypatch.setenv("KVANT_W4_TILE", str(tile))
-    monkeypatch.setattr(_dispatch(), "PREFETCH", prefetch)
-    monkeypatch.setattr(_dispatch(), "ONE_DOT", one_dot)
-    _check(200, 1152, 4, 128, [1, 5, 16, 64], _pairs_variants, dtype)
-    _check(72, 1024, 4, 32, [1, 16], _pairs_variants, dtype, act_order=True)
-    _check(96, 1024, 4, 64, [2], _pairs_variants, dtype)
+    configs = _pairs_variants(prefetch)
+    _check(200, 1152, 4, 128, [1, 5, 16, 64], configs, dtype, tile=tile)
+    _check(72, 1024, 4, 32, [1, 16], configs, dtype, act_order=True, tile=tile)
+    _check(96, 1024, 4, 64, [2], configs, dtype, tile=tile)
+    _check(96, 1024, 4, -1, [1, 16], configs, dtype, tile=tile)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -124,10 +116,9 @@ def test_bit_widths_and_group_sizes(bits, gs):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_4bit_planes_layout(dtype, monkeypatch):
-    # the layout 4-bit weights get with KVANT_W4_LAYOUT=planes (and the gemv kernel)
-    monkeypatch.setenv("KVANT_W4_LAYOUT", "planes")
-    _check(136, 1280, 4, 64, [1, 3, 16, 40], _all_kernels, dtype)
+def test_4bit_planes_layout(dtype):
+    # 4-bit group 256 keeps the planes layout (and the gemv kernel at batch <= 4)
+    _check(136, 1280, 4, 256, [1, 3, 16, 40], _all_kernels, dtype)
 
 
 @pytest.mark.parametrize("bits,gs,dtype", [(4, 128, torch.float16), (3, 64, torch.float16),
@@ -164,24 +155,81 @@ def _module(bits=4, gs=128, n=256, k=512, act_order=False):
     return m
 
 
-def test_quantlinear_cuda_forward_and_cache():
+def test_quantlinear_is_prepared_once_and_rebuilt_on_change():
     torch.manual_seed(0)
     m = _module(act_order=True)
+    keys = list(m.state_dict())
+    assert m.prepare() is True and m.kernel_layout.device.type == "cuda"
     x = torch.randn(3, 7, 512, device="cuda").half()
     y = m(x)
     ref = ops.wq_linear(x.cpu().float(), m.qweight.cpu(), m.scales.cpu(), m.qzeros.cpu(),
                         m.g_idx.cpu(), 4, 128, 512) + m.bias.cpu().float()
     assert _rel_err(y.cpu(), ref.double()) < 2e-3
-    cached = m._kvant_gpu
+    layout, words = m.kernel_layout, m.kernel_qweight
     m(x)
-    assert m._kvant_gpu is cached  # built once
+    assert m.kernel_layout is layout and m.kernel_qweight is words  # built once
+    assert m.prepare() is True and m.kernel_layout is layout  # idempotent
     m.scales.mul_(2)  # a stored tensor changes: rebuilt on the next call
     y2 = m(x)
-    assert m._kvant_gpu is not cached
+    assert m.kernel_layout is not layout
     assert _rel_err(y2 - m.bias, 2 * (y - m.bias).double()) < 2e-3
+    assert list(m.state_dict()) == keys  # the layout is never saved
 
 
-def test_stored_layout_op_on_cuda():
+def test_to_cpu_drops_and_to_cuda_rebuilds():
+    m = _module()
+    m.prepare()
+    x = torch.randn(2, 512, device="cuda").half()
+    y = m(x)
+    m.to("cpu")
+    assert m.kernel_layout is None and m.kernel_qweight is None
+    m.cuda()  # .to(cuda) prepares
+    assert m.kernel_layout is not None and m.kernel_qweight.is_cuda
+    torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+
+
+def test_gpu_kernels_off_keeps_the_reference():
+    m = _module()
+    assert m.prepare(options=KernelOptions(gpu_kernels=False)) is False
+    assert m.kernel_layout is None
+    x = torch.randn(2, 512, device="cuda").half()
+    ref = x.double() @ m.dequantized_weight().double().t() + m.bias.double()
+    assert _rel_err(m(x), ref) < 2e-3
+    m.cpu().cuda()  # the options stay with the layer across moves
+    assert m.kernel_layout is None
+
+
+def test_autotune_option_tunes_each_new_shape():
+    d = _dispatch()
+    m = _module(n=384, k=1024)
+    m.prepare(options=KernelOptions(autotune=True))
+    x = torch.randn(5, 1024, device="cuda").half()
+    before = dict(d._TUNED)
+    y = m(x)
+    assert len(d._TUNED) == len(before) + 1
+    ref = x.double() @ m.dequantized_weight().double().t() + m.bias.double()
+    assert _rel_err(y, ref) < 2e-3
+
+
+def test_quip_layer_uses_the_kernels():
+    from kvant.nn.quip_linear import QuipLinear
+
+    m = QuipLinear(512, 256, 4, 128)
+    qw, s, qz, _ = _problem(256, 512, 4, 128)
+    m.sign_in.random_(0, 256)
+    m.sign_out.random_(0, 256)
+    m = m.cuda()
+    m.qweight.copy_(qw)
+    m.scales.copy_(s)
+    m.qzeros.copy_(qz)
+    x = torch.randn(3, 512, device="cuda").half()
+    ref = m.cpu()(x.cpu().float()).double()
+    m.cuda()
+    assert m.kernel_layout is not None
+    assert _rel_err(m(x).cpu(), ref) < 5e-3
+
+
+def test_stored_layout_op_runs_the_reference_on_cuda():
     qw, s, qz, g_idx = _problem(128, 768, 3, 64, act_order=True)
     x = torch.randn(5, 768, device="cuda").half()
     y = ops.wq_linear(x, qw, s, qz, g_idx, 3, 64, 768)
@@ -191,16 +239,15 @@ def test_stored_layout_op_on_cuda():
 
 def test_unsupported_group_size_falls_back():
     m = _module(gs=16, k=256)
+    assert m.prepare() is False and m.kernel_layout is None
     x = torch.randn(2, 256, device="cuda").half()
     ref = x.double() @ m.dequantized_weight().double().t() + m.bias.double()
     assert _rel_err(m(x), ref) < 2e-3
 
 
 def test_cuda_graph_capture_and_replay():
-    from kvant.kernels import packed
-
     m = _module(n=1024, k=2048)
-    packed.prepare(m)
+    assert kvant.prepare_for_inference(m) == 1
     x = torch.randn(1, 2048, device="cuda").half()
     eager = m(x).clone()
     s = torch.cuda.Stream()
@@ -219,10 +266,8 @@ def test_cuda_graph_capture_and_replay():
 
 
 def test_torch_compile():
-    from kvant.kernels import packed
-
     m = _module(n=512, k=1024)
-    packed.prepare(m)
+    kvant.prepare_for_inference(m, "cuda")
     x = torch.randn(4, 1024, device="cuda").half()
     f = torch.compile(m, fullgraph=True)
     torch.testing.assert_close(f(x), m(x), rtol=0, atol=0)

@@ -66,7 +66,7 @@ def test_demo_writes_report(tmp_path, capsys):
     assert [r["method"] for r in records] == ["float", "rtn-naive", "rtn"]
     assert records[2]["bits_per_weight"] == pytest.approx(4 + 20 / 128, abs=0.1)
     assert records[1]["ppl"] > records[0]["ppl"]
-    for key in ("model", "device", "date", "commit", "eval", "size_mb", "quant_seconds"):
+    for key in ("model", "device", "date", "kvant_version", "eval", "size_mb", "quant_seconds"):
         assert key in records[1]
     assert (out / "report.md").read_text().count("|") > 20
     assert (out / "report.png").stat().st_size > 1000

@@ -3,24 +3,33 @@
 Public names::
 
     kvant.quantize(model, config, calib)        # in place, block by block
+    kvant.quantize_streaming(model, config, calib, "out/")  # lazy model -> disk, resumable
+    kvant.init_distributed()                    # under torchrun: ranks share the work
     kvant.save_quantized(model, "out/")         # packed safetensors + quantization_config
     kvant.load_quantized("out/")                # no calibration, identical outputs
+    kvant.prepare_for_inference(model, "cuda")  # GPU kernel layout, once (load does it)
     kvant.export_quantized(model, "out/", "gptq")  # the GPTQ / AWQ layout vLLM reads
+    kvant.generate(model, ids, 32)              # greedy, static cache, CUDA graphs on GPU
     kvant.RTNConfig / GPTQConfig / QuantArgs    # frozen, versioned configs
 """
 
 from kvant.config import (AWQConfig, ConfigError, EngineOptions, GPTQConfig, MethodConfig,
                           QuantArgs, RTNConfig, SpQRConfig)
 from kvant.api import (calibration_for, evaluate, export_quantized, load_model,
-                       load_quantized, quantize, save_quantized)
+                       load_quantized, prepare_for_inference, quantize, save_quantized)
 from kvant.calib.data import calibration_data
+from kvant.calib.dist import init_distributed
+from kvant.calib.streaming import quantize_streaming
+from kvant.kernels.options import KernelOptions
 from kvant.eval.perplexity import perplexity
+from kvant.serve import generate
 
 __all__ = [
     "AWQConfig", "ConfigError", "EngineOptions", "GPTQConfig", "MethodConfig", "QuantArgs",
     "RTNConfig", "SpQRConfig",
     "quantize", "save_quantized", "load_quantized", "export_quantized", "calibration_for",
-    "evaluate",
-    "load_model", "calibration_data", "perplexity",
+    "evaluate", "prepare_for_inference", "KernelOptions",
+    "load_model", "calibration_data", "perplexity", "init_distributed",
+    "quantize_streaming", "generate",
 ]
 __version__ = "0.1.0"

@@ -11,6 +11,7 @@ import torch.nn as nn
 from kvant.calib.engine import QuantReport, quantize_model
 from kvant.config import EngineOptions, MethodConfig
 from kvant.formats import checkpoint as ckpt
+from kvant.kernels.options import KernelOptions
 from kvant.model import nanogpt
 
 
@@ -33,51 +34,106 @@ def _spec(model: nn.Module, tokenizer):
                      "Hugging Face PreTrainedModels")
 
 
-def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None) -> Path:
-    """Write a quantized model in kvant's format (docs/FORMAT.md), atomically."""
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, *,
+                   overwrite: bool = False, source: str | os.PathLike | None = None) -> Path:
+    """Write a quantized model in kvant's format (docs/FORMAT.md), atomically and safely:
+    an existing kvant output is replaced only with ``overwrite=True``; a non-empty directory
+    kvant did not write, an existing file, the current directory and ``source`` (the model's
+    own directory; a Hugging Face model's ``name_or_path`` is refused too) raise
+    :class:`kvant.errors.OutputError`. A second run on the same output fails at once.
+    Across several processes (torchrun) every rank calls it: rank 0 writes once all ranks
+    have arrived, and every rank returns its path or raises its error."""
+    from kvant.calib import dist as kdist
+
     config = getattr(model, "kvant_quantization_config", None)
     if config is None:
         raise ValueError("model has not been quantized by kvant.quantize")
     model_type, spec, files = _spec(model, tokenizer)
     qc = config.to_dict()
     qc["ignored_modules"] = list(config.ignore)
-    return ckpt.save_checkpoint(model, out_dir, model_type, spec, qc, files)
+    sources = [source, getattr(model, "name_or_path", None)]
+    return kdist.on_rank0(lambda: ckpt.save_checkpoint(model, out_dir, model_type, spec, qc,
+                                                       files, overwrite=overwrite,
+                                                       sources=sources), "saving the checkpoint")
 
 
 def export_quantized(model: nn.Module, out_dir: str | os.PathLike, fmt: str,
-                     tokenizer=None) -> Path:
+                     tokenizer=None, *, overwrite: bool = False,
+                     source: str | os.PathLike | None = None) -> Path:
     """Write a kvant-quantized Hugging Face model in the GPTQ, AWQ or compressed-tensors
     checkpoint layout that vLLM and transformers load (``fmt`` "gptq", "awq" or
-    "compressed-tensors"; kvant.formats.hf_export)."""
+    "compressed-tensors"; kvant.formats.hf_export). ``overwrite`` and ``source`` (the kvant
+    checkpoint the model came from, never replaced) as for :func:`save_quantized`."""
     from kvant.formats.hf_export import export_hf
 
-    return export_hf(model, out_dir, fmt, tokenizer)
+    return export_hf(model, out_dir, fmt, tokenizer, overwrite=overwrite, source=source)
 
 
-def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """Load a kvant checkpoint -> (model, tokenizer). Needs no calibration."""
+def prepare_for_inference(model: nn.Module, device: str | torch.device | None = None,
+                          options: KernelOptions | None = None) -> int:
+    """Move ``model`` to ``device`` (if given) and get its packed layers ready to compute there,
+    once (the GPU kernels' layout, as non-persistent buffers: checkpoints are unchanged).
+    ``options``: :class:`kvant.kernels.KernelOptions`. Returns the number of layers the GPU
+    kernels compute (0 on the CPU). ``load_quantized`` and ``.to(device)`` call it; call it
+    yourself after editing packed tensors in place, and before ``torch.compile`` or CUDA-graph
+    capture."""
+    from kvant.nn.qlinear import prepare_for_inference as prepare
+
+    return prepare(model, device, options)
+
+
+def _model_from_meta(meta: dict, path):
+    """(empty model, tokenizer) that a checkpoint's ``model_config`` describes."""
+    from kvant.errors import KvantError
+
+    try:
+        if meta["model_type"] == "nanogpt":
+            return nanogpt.from_spec(meta["model_config"])
+        if meta["model_type"] == "hf":
+            from kvant.model import hf
+            return hf.from_spec(meta["model_config"], path)
+    except KvantError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError,
+            RuntimeError) as e:
+        raise ckpt.CheckpointError(f"{path}: its model_config does not build a model "
+                                   f"({type(e).__name__}: {e})") from None
+    raise ckpt.CheckpointError(f"unknown model_type {meta['model_type']!r} in {path}")
+
+
+def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu",
+                   kernel_options: KernelOptions | None = None, verify: bool = True):
+    """Load a kvant checkpoint -> (model, tokenizer), on ``device`` and prepared for it
+    (:func:`prepare_for_inference`, with ``kernel_options``). Needs no calibration.
+
+    Every tensor and config.json are compared with the checksums recorded at save, and the
+    quantized tensors' values are checked (kvant.formats.integrity); ``verify=False`` skips
+    the checksums (not the value checks) for files you trust. Problems raise
+    :class:`kvant.errors.CheckpointError`. Leftovers of a save killed mid-way next to
+    ``path`` are finished first (kvant.formats.outdir.recover)."""
     from kvant.algorithms.registry import config_from_dict
 
-    meta = ckpt.read_config(path)
-    if meta["model_type"] == "nanogpt":
-        model, tok = nanogpt.from_spec(meta["model_config"])
-    elif meta["model_type"] == "hf":
-        from kvant.model import hf
-        model, tok = hf.from_spec(meta["model_config"], path)
-    else:
-        raise ckpt.CheckpointError(f"unknown model_type {meta['model_type']!r} in {path}")
+    meta = ckpt.read_config(path, verify=verify)
     qc = dict(meta["quantization_config"])
     modules = qc.pop("modules")
     for key in ("format", "format_version", "ignored_modules"):
         qc.pop(key, None)
+    try:
+        config = config_from_dict(qc)
+    except ValueError as e:
+        raise ckpt.CheckpointError(f"{path}: quantization_config is invalid: {e}") from None
+    model, tok = _model_from_meta(meta, path)
     ckpt.install_quant_shells(model, modules)
-    ckpt.load_state(model, ckpt.read_tensors(path, meta))
-    model.kvant_quantization_config = config_from_dict(qc)
-    return model.to(device).eval(), tok
+    state = ckpt.read_tensors(path, meta, verify=verify)
+    ckpt.check_quant_tensors(modules, state)
+    ckpt.load_state(model, state, check_finite=verify and "integrity" not in meta)
+    model.kvant_quantization_config = config
+    prepare_for_inference(model, device, kernel_options)
+    return model.eval(), tok
 
 
 def load_model(path_or_id: str | os.PathLike, dtype=None, device: str | torch.device = "cpu",
-               lazy: bool = False):
+               lazy: bool = False, verify: bool = True):
     """Load any model kvant knows -> (model, tokenizer).
 
     ``lazy=True`` (a local Hugging Face safetensors directory): the decoder blocks are not
@@ -87,12 +143,17 @@ def load_model(path_or_id: str | os.PathLike, dtype=None, device: str | torch.de
     - ``"nanogpt"`` / ``"default"``: the embedded nanoGPT Shakespeare model;
     - a ``.gguf`` file: dequantized into a float Hugging Face model (float32 by default);
     - a directory whose config.json says ``quantization_config.format == "kvant"``: a kvant
-      checkpoint (:func:`load_quantized`);
+      checkpoint (:func:`load_quantized`, ``verify`` passed on);
     - a directory whose config.json says ``model_type == "nanogpt"``: nanoGPT weights;
     - any other directory or a hub id: a Hugging Face causal LM (``dtype`` None = as stored).
     """
     import json
 
+    from kvant.model import hf
+
+    if str(path_or_id) not in ("nanogpt", "default"):
+        ckpt.recover_leftovers(path_or_id)  # a kvant save killed mid-way: finish it first
+        path_or_id = hf.local_or_hub(path_or_id)  # a missing local path: no hub lookup
     if lazy:
         from kvant.model.lazy import load_lazy
 
@@ -116,11 +177,11 @@ def load_model(path_or_id: str | os.PathLike, dtype=None, device: str | torch.de
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
         if (meta.get("quantization_config") or {}).get("format") == ckpt.FORMAT:
-            return load_quantized(path, device)
+            return load_quantized(path, device, verify=verify)
         if meta.get("model_type") == "nanogpt":
             model, tok = nanogpt.load_nanogpt_dir(path, dtype or torch.float32)
             return model.to(device), tok
-    from kvant.model import hf
+        hf.check_not_foreign_quantized(meta, path)  # e.g. kvant's own GPTQ export
     return hf.load_hf(path_or_id, dtype or "auto", device)
 
 
@@ -135,8 +196,10 @@ def calibration_for(model: nn.Module, tokenizer, source=None, n_samples: int = 1
     nanoGPT: random windows of the embedded training text (or of ``source``, a text file).
     Other models: :func:`kvant.calib.data.calibration_data` (c4, wikitext2, files, lists).
     """
+    from kvant.calib.data import check_counts
     from kvant.calib.data_char import char_windows
 
+    check_counts(n_samples, 1 if seq_len is None else seq_len)  # 0 is not "the default"
     if _is_char_model(model):
         seq_len = seq_len or model.config.block_size
         if seq_len > model.config.block_size:
@@ -156,9 +219,22 @@ def evaluate(model: nn.Module, tokenizer, dataset=None, seq_len: int | None = No
              max_windows: int | None = None, eval_file=None) -> dict:
     """Perplexity of ``model``: nanoGPT on the embedded validation text (or a text file),
     other models on WikiText-2 test with the papers' protocol (or ``dataset``)."""
+    from kvant.errors import InputError
     from kvant.eval.perplexity import char_perplexity
 
+    if tokenizer is None:
+        raise InputError("evaluating needs the model's tokenizer, and none was given (a kvant "
+                         "checkpoint saved without one has no tokenizer files): save the "
+                         "checkpoint with its tokenizer")
+    for name, v in (("seq_len", seq_len), ("max_windows", max_windows)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v <= 0):
+            raise InputError(f"{name} must be a positive int, got {v!r}")
     if _is_char_model(model):
+        from kvant.calib.data import check_seq_len
+
+        check_seq_len(model, seq_len or model.config.block_size)
+        if dataset and not Path(dataset).is_file():
+            raise FileNotFoundError(f"no such file or directory: eval text {str(dataset)!r}")
         text = Path(dataset).read_text() if dataset else nanogpt.validation_text()
         return char_perplexity(model, tokenizer, text, seq_len=seq_len or model.config.block_size,
                                max_windows=max_windows)

@@ -1,15 +1,18 @@
-"""The ``kvant`` command line: demo, quantize, eval, inspect. It only calls the public API."""
+"""The ``kvant`` command line: demo, quantize, eval, inspect, export, generate. It only
+calls the public API."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 
-from kvant.report import group_label
+from kvant.eval.table import group_label
 
 
 def _fmt_row(r: dict, base: float | None) -> str:
@@ -36,65 +39,135 @@ def cmd_demo(args) -> int:
         if not args.json:
             print(_fmt_row(r, state["base"]), flush=True)
 
+    _check_positive(args, "windows")
     specs = args.spec or None
     records = run_demo(args.out, specs, args.windows, progress)
     if args.json:
         print(json.dumps(records, indent=1))
     else:
         print(f"\n{records[0]['eval']}")
-        print(f"wrote {Path(args.out) / 'report.md'}, report.json, report.png")
+        from kvant.demo import plot_written
+
+        print(f"wrote {Path(args.out) / 'report.md'}, report.json; {plot_written(args.out)}")
     return 0
 
 
 def _config_from_args(args):
-    from kvant.algorithms.registry import config_class
+    """The method config from the flags the user gave; a flag left unset keeps the method's
+    own default (SpQR's bits=3, group_size=16, not the flags' usual 4 and 128)."""
+    from kvant.algorithms.registry import parse_value, add_field, config_class
+    from kvant.config import ConfigError
 
     cls = config_class(args.method)
-    fields = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym,
-              "clip": args.clip}
+    fields: dict = {}
     known = cls.__dataclass_fields__
-    for name in ("act_order", "static_groups", "damp_percent", "true_sequential"):
+    for name in ("bits", "group_size", "sym", "clip", "act_order", "static_groups",
+                 "damp_percent", "true_sequential"):
         val = getattr(args, name)
         if val is not None:
             if name not in known:
-                raise SystemExit(f"kvant: --{name.replace('_', '-')} does not apply to "
-                                 f"method {args.method!r}")
+                raise ConfigError(f"--{name.replace('_', '-')} does not apply to "
+                                  f"method {args.method!r}")
             fields[name] = val
     for item in args.option or []:
-        key, _, value = item.partition("=")
-        from kvant.algorithms.registry import _parse_value
-        fields[key] = _parse_value(value)
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"--option {item!r}: expected key=value")
+        key = key.strip()
+        if key in fields and key != "ignore":
+            raise ConfigError(f"{key!r} is set twice (by its flag or an earlier --option, "
+                              f"{fields[key]!r}, and by --option {item!r})")
+        add_field(fields, key, parse_value(value.strip()), "the --option flags")
     return cls.from_dict(fields)
+
+
+def _check_positive(args, *names: str) -> None:
+    from kvant.errors import InputError
+
+    for name in names:
+        v = getattr(args, name, None)
+        if v is not None and v <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
 
 
 def cmd_quantize(args) -> int:
     import kvant
-    from kvant.config import EngineOptions
-
-    config = _config_from_args(args)
-    model, tok = kvant.load_model(args.model, device="cpu", lazy=args.lazy)
-    calib = None
     from kvant.algorithms.registry import build
-    if build(config).needs_calibration:
-        calib = kvant.calibration_for(model, tok, args.calib, n_samples=args.n_samples,
-                                      seq_len=args.seq_len, seed=args.seed,
-                                      calib_file=args.calib_file)
-    t0 = time.perf_counter()
-    report = kvant.quantize(model, config, calib,
-                            EngineOptions(device=args.device, show_progress=not args.json))
-    out = kvant.save_quantized(model, args.out, tok)
+    from kvant.config import EngineOptions
+    from kvant.formats.stream import finished_blocks
+    from kvant.model.lazy import streamable
+
+    # everything that can be checked without the model, before loading it
+    config = _config_from_args(args)
+    options = EngineOptions(device=args.device, show_progress=not args.json)  # checks device
+    _check_positive(args, "n_samples", "seq_len")
+    # under torchrun (WORLD_SIZE > 1) every rank runs this; rank 0 owns the output
+    from kvant.calib import dist as kdist
+
+    rank = kdist.rank() if kvant.init_distributed(args.device) else 0
+    if rank:
+        options = EngineOptions(device=args.device, show_progress=False)
+    # a local safetensors directory streams: block by block to disk, resumable (one process)
+    stream = args.stream and not kdist.active() and streamable(args.model)
+    with _output_guard(args, args.model) if not rank else contextlib.nullcontext():
+        model, tok = kvant.load_model(args.model, device="cpu", lazy=stream)
+        calib = None
+        if build(config).needs_calibration:
+            _check_calibration_memory(model, args, options)
+            calib = kvant.calibration_for(model, tok, args.calib, n_samples=args.n_samples,
+                                          seq_len=args.seq_len, seed=args.seed,
+                                          calib_file=args.calib_file)
+        t0 = time.perf_counter()
+        if stream:
+            done = finished_blocks(args.out)
+            if done and not args.json:
+                print(f"kvant: resuming {args.out} after {done} finished blocks",
+                      file=sys.stderr)
+            report, out = kvant.quantize_streaming(model, config, calib, args.out, tok,
+                                                   options, overwrite=args.overwrite,
+                                                   sources=[args.model])
+        else:
+            report = kvant.quantize(model, config, calib, options)
+            out = kvant.save_quantized(model, args.out, tok, overwrite=args.overwrite,
+                                       source=args.model)
     result = {"out": str(out), "config": config.to_dict(), "seconds": time.perf_counter() - t0,
               "layers": len(report.layers), "n_calib": report.n_calib}
+    if rank:
+        return 0
     print(json.dumps(result, indent=1) if args.json else
           f"quantized {len(report.layers)} layers with {config.method} in "
           f"{result['seconds']:.1f}s -> {out}")
     return 0
 
 
+def _output_guard(args, source):
+    """Refuse a bad ``--out`` before any work (kvant.formats.outdir.check_output) and hold
+    its lock for the whole run, so a second run on the same output fails at once."""
+    from kvant.formats.outdir import reserve
+
+    return reserve(args.out, overwrite=args.overwrite, sources=[source])
+
+
+def _check_calibration_memory(model, args, options) -> None:
+    """Refuse (kvant.calib.budget) before the calibration windows are even drawn."""
+    from kvant.calib.budget import check_memory
+    from kvant.calib.data import check_seq_len, context_length
+    from kvant.model.discovery import find_blocks
+
+    seq_len = args.seq_len or min(2048, context_length(model) or 2048)
+    check_seq_len(model, seq_len)  # a too long window is a clearer error than its memory
+    check_memory(model, find_blocks(model)[1], args.n_samples, seq_len, options.device,
+                 options.batch_size)
+
+
 def cmd_eval(args) -> int:
     import kvant
+    from kvant.config import check_device
 
-    model, tok = kvant.load_model(args.model, device=args.device or "cpu")
+    check_device(args.device)
+    _check_positive(args, "seq_len", "max_windows")
+    model, tok = kvant.load_model(args.model, device=args.device or "cpu",
+                                  verify=not args.no_verify)
     res = kvant.evaluate(model, tok, args.ppl, seq_len=args.seq_len,
                          max_windows=args.max_windows, eval_file=args.eval_file)
     print(json.dumps(res, indent=1) if args.json else
@@ -104,9 +177,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from kvant.formats.checkpoint import read_config
+    from kvant.formats.checkpoint import read_config, recover_leftovers, verify_checkpoint
 
-    meta = read_config(args.path)
+    for done in recover_leftovers(args.path):  # a save killed mid-way
+        print(f"kvant: recovered {args.path}: {done}", file=sys.stderr)
+    checked = verify_checkpoint(args.path, verify=not args.no_verify)
+    meta = read_config(args.path, verify=False)  # verified just above
     qc = meta["quantization_config"]
     if args.json:
         print(json.dumps(meta, indent=1))
@@ -116,14 +192,21 @@ def cmd_inspect(args) -> int:
     for name, m in qc["modules"].items():
         print(f"  {name}: {m['kind']} {m['out_features']}x{m['in_features']} "
               f"bits={m['bits']} group={group_label(m['group_size'])}")
+    how = ("match their sha256 checksums" if checked["checksums"] else
+           "were not compared with checksums (" + ("--no-verify" if args.no_verify else
+                                                   "written before kvant stored them") + ")")
+    print(f"integrity: {checked['tensors']} tensors {how}; the values of "
+          f"{checked['layers']} quantized layers are in range")
     return 0
 
 
 def cmd_export(args) -> int:
     from kvant.api import export_quantized, load_quantized
 
-    model, tok = load_quantized(args.checkpoint)
-    out = export_quantized(model, args.out, args.format, tok)
+    with _output_guard(args, args.checkpoint):
+        model, tok = load_quantized(args.checkpoint)
+        out = export_quantized(model, args.out, args.format, tok, overwrite=args.overwrite,
+                               source=args.checkpoint)
     print(f"wrote {args.format.upper()} checkpoint {out}")
     return 0
 
@@ -131,7 +214,8 @@ def cmd_export(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``kvant``."""
     p = argparse.ArgumentParser(prog="kvant", description="weight-only quantization of LMs")
-    p.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="log INFO messages and print the traceback of an error")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     d = sub.add_parser("demo", help="the embedded nanoGPT model: float vs RTN/GPTQ table")
@@ -146,29 +230,43 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model and save a kvant checkpoint")
     q.add_argument("model", help="'nanogpt' (embedded), a nanoGPT/HF dir, a .gguf file or hub id")
     q.add_argument("--method", default="rtn")
-    q.add_argument("--bits", type=int, default=4)
-    q.add_argument("--group-size", type=int, default=128)
-    q.add_argument("--sym", action="store_true", help="symmetric grid")
-    q.add_argument("--clip", action="store_true", help="search the clipping range (mse)")
+    q.add_argument("--bits", type=int, default=None,
+                   help="2, 3, 4 or 8 (default: the method's own, 4 for most, 3 for spqr)")
+    q.add_argument("--group-size", type=int, default=None,
+                   help="-1 per channel, 0 per tensor, or a group of input columns "
+                        "(default: the method's own, 128 for most, 16 for spqr)")
+    q.add_argument("--sym", action="store_const", const=True, default=None,
+                   help="symmetric grid")
+    q.add_argument("--clip", action="store_const", const=True, default=None,
+                   help="search the clipping range (mse)")
     q.add_argument("--act-order", action="store_const", const=True, default=None)
     q.add_argument("--static-groups", action="store_const", const=True, default=None)
     q.add_argument("--no-true-sequential", dest="true_sequential", action="store_const",
                    const=False, default=None)
     q.add_argument("--damp-percent", type=float, default=None)
-    q.add_argument("--option", action="append", help="other method field, key=value")
+    q.add_argument("--option", action="append",
+                   help="other method field, key=value (repeat --option ignore=NAME to keep "
+                        "several layers in float)")
     q.add_argument("--calib", default=None,
                    help="calibration: 'c4', 'wikitext2', a .txt/.jsonl file (default: the "
                         "embedded text for nanoGPT, c4 for others)")
     q.add_argument("--calib-file", default=None, help="local copy for --calib c4/wikitext2")
-    q.add_argument("--n-samples", type=int, default=128)
+    q.add_argument("--n-samples", type=int, default=128, help="calibration windows "
+                   "(default 128)")
     q.add_argument("--seq-len", type=int, default=None, help="default: 2048, or the "
                    "model's context if shorter")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default=None, help="compute device (default cuda if present)")
+    q.add_argument("--no-stream", dest="stream", action="store_false",
+                   help="load a Hugging Face safetensors directory whole instead of streaming "
+                        "it (by default its blocks are read, quantized and written one at a "
+                        "time, and an interrupted run resumes when rerun)")
     q.add_argument("--lazy", action="store_true",
-                   help="read the decoder blocks from disk one at a time (HF safetensors "
-                        "directory): less host memory than loading it whole")
+                   help="kept for old scripts: streaming is now the default")
     q.add_argument("--out", required=True, help="output checkpoint directory")
+    q.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it already holds a kvant output (never a directory "
+                        "kvant did not write, nor the input model)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_quantize)
 
@@ -181,11 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-windows", type=int, default=None)
     e.add_argument("--device", default=None)
     e.add_argument("--json", action="store_true")
+    e.add_argument("--no-verify", action="store_true",
+                   help="skip comparing the checkpoint with its checksums (trusted files; "
+                        "value checks still run)")
     e.set_defaults(fn=cmd_eval)
 
     i = sub.add_parser("inspect", help="describe a kvant checkpoint")
     i.add_argument("path")
     i.add_argument("--json", action="store_true")
+    i.add_argument("--no-verify", action="store_true",
+                   help="skip comparing the checkpoint with its checksums (trusted files; "
+                        "value checks still run)")
     i.set_defaults(fn=cmd_inspect)
 
     x = sub.add_parser("export", help="write a kvant checkpoint of a Hugging Face model in "
@@ -194,20 +298,56 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint", help="a kvant checkpoint directory")
     x.add_argument("--format", required=True, choices=["gptq", "awq", "compressed-tensors"])
     x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace --out when it already holds a kvant output (never a directory "
+                        "kvant did not write, nor the input model)")
     x.set_defaults(fn=cmd_export)
+
+    from kvant.serve.cli import add_parser as add_generate
+
+    add_generate(sub)
+    for sp in sub.choices.values():  # -v also after the command; SUPPRESS keeps `kvant -v x`
+        sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log INFO messages and print the traceback of an error")
     return p
 
 
+# errors that describe the user's input or environment: one line, exit 2. KvantError is a
+# ValueError; plain ValueErrors are kvant's older way of saying the same thing.
+_CLEAR_ERRORS = (ValueError, OSError, NotImplementedError)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 1000 else text[:1000] + " ..."
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``kvant`` console script."""
+    """Entry point of the ``kvant`` console script.
+
+    Exit codes: 0 done; 2 bad input (one line ``kvant: error: ...``; argparse's usage errors
+    too); 1 an unexpected error inside kvant (one line; ``-v`` prints the traceback);
+    130 interrupted.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        print(f"kvant: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("kvant: interrupted", file=sys.stderr)
+        return 130
+    except _CLEAR_ERRORS as e:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"kvant: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug: say so in one line, the traceback on request
+        if args.verbose:
+            traceback.print_exc()
+        print(f"kvant: internal error: {type(e).__name__}: {_one_line(e)} (run with -v for "
+              "the traceback)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,14 +9,39 @@ name the field and the bad value.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from kvant.errors import InputError
 
 VALID_BITS = (2, 3, 4, 8)
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration field holds an invalid value, or a dict holds an unknown key."""
+
+
+def _check_floats(cfg: Any, inf_ok: tuple[str, ...] = ()) -> None:
+    # a NaN compares False with every bound, so range checks written as `not lo < x < hi`
+    # catch it but `x <= 0` does not: refuse non-finite numbers once, for every field
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, float) and not math.isfinite(v):
+            if math.isinf(v) and v > 0 and f.name in inf_ok:
+                continue
+            raise ConfigError(f"{f.name} must be a finite number, got {v!r}")
+
+
+def _as_patterns(ignore: Any) -> tuple[str, ...]:
+    """``ignore`` as a tuple of patterns: a string is one pattern (never its characters)."""
+    if isinstance(ignore, str):
+        ignore = (ignore,)
+    if not isinstance(ignore, (list, tuple)) or not all(isinstance(s, str) and s
+                                                        for s in ignore):
+        raise ConfigError(f"ignore must be a module name or a list of module names, "
+                          f"got {ignore!r}")
+    return tuple(ignore)
 
 
 @dataclass(frozen=True)
@@ -57,7 +82,8 @@ def _validate_grid(cfg: Any) -> None:
 class MethodConfig:
     """Base of every method config: the grid fields plus modules to leave in float.
 
-    ignore: module names (exact, or ending in ``.name``) that stay unquantized.
+    ignore: module names (exact, or ending in ``.name``) that stay unquantized; one string
+        is one name. Quantizing fails when a name matches no layer of the model.
     """
 
     method: ClassVar[str] = ""
@@ -69,12 +95,13 @@ class MethodConfig:
     clip: bool = False
     ignore: tuple[str, ...] = ()
 
+    # float fields for which +inf is a documented value (e.g. "inf disables it")
+    inf_fields: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
         _validate_grid(self)
-        if isinstance(self.ignore, list):
-            object.__setattr__(self, "ignore", tuple(self.ignore))
-        if not all(isinstance(s, str) for s in self.ignore):
-            raise ConfigError(f"ignore must be a list of module names, got {self.ignore!r}")
+        object.__setattr__(self, "ignore", _as_patterns(self.ignore))
+        _check_floats(self, self.inf_fields)
         self.validate()
 
     def validate(self) -> None:
@@ -106,8 +133,6 @@ class MethodConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ConfigError(f"unknown {cls.__name__} keys: {unknown}; known: {sorted(names)}")
-        if "ignore" in d:
-            d["ignore"] = tuple(d["ignore"])
         return cls(**d)
 
 
@@ -178,6 +203,7 @@ class SpQRConfig(MethodConfig):
     """
 
     method: ClassVar[str] = "spqr"
+    inf_fields: ClassVar[tuple[str, ...]] = ("outlier_threshold",)
 
     bits: int = 3
     group_size: int = 16
@@ -281,7 +307,7 @@ class AWQConfig(MethodConfig):
         CSR outliers, chosen by SpQR's sensitivity rule and left out of the grids (the
         separable outlier path of :mod:`kvant.algorithms.spqr`; layers become SpQRLinear with
         fp16 statistics). Outliers keep their values from before the clip search
-        (benchmarks/results/spqr_nanogpt.md compares clip_search on and off).
+        (benchmarks/results/archive/spqr_nanogpt.md compares clip_search on and off).
     """
 
     method: ClassVar[str] = "awq"
@@ -346,7 +372,34 @@ class EngineOptions:
     show_progress: bool = True
 
     def __post_init__(self) -> None:
+        check_device(self.device)
         if self.propagate not in ("quantized", "float"):
             raise ConfigError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
-        if self.batch_size <= 0:
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size!r}")
+
+
+def check_device(device) -> None:
+    """Raise :class:`ConfigError` unless ``device`` (None = cuda if present, "cpu", "cuda",
+    "cuda:1", a ``torch.device``) names a device this machine has. Called before any model
+    is loaded, so a typo costs nothing."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {str(device)!r}: expected 'cpu', 'cuda' or "
+                          "'cuda:N'") from None
+    if dev.type == "cpu":
+        return
+    if dev.type != "cuda":
+        raise ConfigError(f"device {str(device)!r} is not supported: kvant computes on 'cpu' "
+                          "or 'cuda'")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {str(device)!r} was asked for but CUDA is not available "
+                          "on this machine (torch.cuda.is_available() is False); use --device cpu")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {str(device)!r} does not exist: this machine has "
+                          f"{torch.cuda.device_count()} CUDA device(s)")

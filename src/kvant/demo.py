@@ -3,25 +3,31 @@
 Evaluates a fixed slice of the held-out validation text (the first ``windows`` windows of
 256 characters) so that the whole table finishes in about a minute on a 2-core CPU.
 Calibration (for methods that need it) draws seeded random windows from the training text.
+Records name the kvant version and the device; the plot is written when matplotlib (the
+``plot`` extra) is installed.
 """
 
 from __future__ import annotations
 
 import copy
+import datetime as _dt
 import logging
+import os
 import resource
 import time
 from pathlib import Path
 
 import torch
 
+import kvant
 from kvant.algorithms.registry import available, config_from_spec
 from kvant.calib.data_char import char_windows
 from kvant.config import EngineOptions
 from kvant.calib.engine import quantize_model
 from kvant.eval.perplexity import char_perplexity
 from kvant.model import nanogpt
-from kvant import report as rep
+from kvant.eval.plot import PLOT_HINT, can_plot, plot_ppl_vs_bits
+from kvant.eval.table import markdown_table, model_bytes, quantized_bits_per_weight, write_json
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +60,8 @@ def _label(cfg) -> str:
 
 def run_demo(out_dir: str | Path = "kvant-demo", specs: list[str] | None = None,
              windows: int = DEFAULT_WINDOWS, progress=None) -> list[dict]:
-    """Run the table; write report.md, report.json and report.png into ``out_dir``.
+    """Run the table; write report.md and report.json into ``out_dir``, and report.png when
+    matplotlib is installed (:func:`plot_written` says whether it was).
 
     ``progress(record)`` is called after each row (the CLI prints it). Returns the records.
     """
@@ -65,8 +72,9 @@ def run_demo(out_dir: str | Path = "kvant-demo", specs: list[str] | None = None,
     text = nanogpt.validation_text()
     calib = char_windows(tok, nanogpt.training_text(), CALIB_SAMPLES,
                          base.config.block_size, CALIB_SEED)
-    common = {"model": "nanogpt-shakespeare", "device": rep.device_name("cpu"),
-              "date": rep.today(), "commit": rep.git_commit()}
+    common = {"model": "nanogpt-shakespeare", "device": f"cpu-{os.cpu_count()}core",
+              "date": _dt.datetime.now(_dt.timezone.utc).date().isoformat(),
+              "kvant_version": kvant.__version__}
     records = []
 
     def evaluate(model):
@@ -79,7 +87,7 @@ def run_demo(out_dir: str | Path = "kvant-demo", specs: list[str] | None = None,
                  f"{ev['seq_len']} chars, {ev['tokens']} scored chars")
     rec = {**common, "method": "float", "bits": None, "group_size": None, "sym": None,
            "bits_per_weight": None, "ppl": ev["ppl"], "bpc": ev["bpc"],
-           "size_mb": rep.model_bytes(base) / 1e6, "quant_seconds": 0.0,
+           "size_mb": model_bytes(base) / 1e6, "quant_seconds": 0.0,
            "eval": eval_desc, "calib": None, "eval_seconds": time.perf_counter() - t0}
     records.append(rec)
     if progress:
@@ -94,8 +102,8 @@ def run_demo(out_dir: str | Path = "kvant-demo", specs: list[str] | None = None,
         ev = evaluate(model)
         rec = {**common, "method": _label(cfg), "spec": spec, "bits": cfg.bits,
                "group_size": cfg.group_size, "sym": cfg.sym,
-               "bits_per_weight": rep.quantized_bits_per_weight(model), "ppl": ev["ppl"],
-               "bpc": ev["bpc"], "size_mb": rep.model_bytes(model) / 1e6,
+               "bits_per_weight": quantized_bits_per_weight(model), "ppl": ev["ppl"],
+               "bpc": ev["bpc"], "size_mb": model_bytes(model) / 1e6,
                "quant_seconds": secs, "eval": eval_desc,
                "calib": (f"tiny-shakespeare train, {CALIB_SAMPLES} x {base.config.block_size}"
                          f" chars, seed {CALIB_SEED}") if report.n_calib else None,
@@ -103,10 +111,20 @@ def run_demo(out_dir: str | Path = "kvant-demo", specs: list[str] | None = None,
         records.append(rec)
         if progress:
             progress(rec)
-    rep.write_json(records, out / "report.json")
-    md = rep.markdown_table(records, "kvant demo: nanoGPT (tiny Shakespeare), validation "
-                                     "perplexity per character")
-    (out / "report.md").write_text(md + f"\nEval: {eval_desc}. Device: {common['device']}.\n")
-    rep.plot_ppl_vs_bits(records, out / "report.png",
-                         "nanoGPT Shakespeare: perplexity vs bits/weight")
+    write_json(records, out / "report.json")
+    md = markdown_table(records, "kvant demo: nanoGPT (tiny Shakespeare), validation "
+                                 "perplexity per character")
+    plot = out / "report.png"
+    if can_plot():
+        plot_ppl_vs_bits(records, plot, "nanoGPT Shakespeare: perplexity vs bits/weight")
+    (out / "report.md").write_text(md + f"\nEval: {eval_desc}. Device: {common['device']}, "
+                                        f"kvant {common['kvant_version']}."
+                                        + ("" if can_plot() else f" No plot: {PLOT_HINT}.")
+                                        + "\n")
     return records
+
+
+def plot_written(out_dir: str | Path = "kvant-demo") -> str:
+    """What the CLI prints about report.png: its path, or how to get the plot."""
+    plot = Path(out_dir) / "report.png"
+    return str(plot) if can_plot() and plot.is_file() else f"no report.png ({PLOT_HINT})"

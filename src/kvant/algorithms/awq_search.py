@@ -13,6 +13,9 @@ Clip search: for each Linear, shrink the range of each (row, group) of the scale
 ``p`` in ``1, 1 - 1/n, ...`` and keep the ``p`` that minimises the group's contribution to the
 layer output on a sample of its inputs; the weight is clamped to the chosen range, so plain
 min-max rounding afterwards reproduces the clipped grid exactly.
+
+Blocks and their modules are run, hooked and probed only through a
+:class:`kvant.calib.runner.BlockRunner`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from kvant.calib.capture import BlockInput, block_output
+from kvant.calib.runner import BlockRunner
 from kvant.config import QuantArgs
 from kvant.core.grid import fake_quantize, find_params, weight_params
 from kvant.model.discovery import is_conv1d, linear_weight
@@ -48,7 +52,7 @@ class GroupCapture:
         return self.abs_sum / max(self.tokens, 1)
 
 
-def inspected_module(block: nn.Module, names: list[str], probe) -> str:
+def inspected_module(runner: BlockRunner, names: list[str], probe) -> str:
     """Name of the smallest module containing all ``names`` that the forward calls ("" =
     the block itself): the lowest common ancestor, or its nearest ancestor that runs (a
     ModuleList of heads has no forward of its own)."""
@@ -61,14 +65,7 @@ def inspected_module(block: nn.Module, names: list[str], probe) -> str:
     if len(names) == 1:
         common = parts[0]
     chain = [".".join(common[:i]) for i in range(len(common), 0, -1)]
-    fired: set[str] = set()
-    handles = [block.get_submodule(n).register_forward_pre_hook(
-        lambda m, a, n=n: fired.add(n)) for n in chain]
-    try:
-        block(*probe.args, **probe.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    fired = runner.ran(chain, probe)
     return next((n for n in chain if n in fired), "")
 
 
@@ -90,7 +87,7 @@ def _tensors(obj) -> list:
 
 
 @torch.no_grad()
-def small_probe(block: nn.Module, probe: BlockInput, tol: float, n: int = 1) -> BlockInput:
+def small_probe(runner: BlockRunner, probe: BlockInput, tol: float, n: int = 1) -> BlockInput:
     """The first ``n`` samples of a captured block input, when cutting every batch-sized
     tensor (hidden states, masks, rotary tables) gives the same outputs; else ``probe``."""
     b = probe.hidden.shape[0]
@@ -99,10 +96,10 @@ def small_probe(block: nn.Module, probe: BlockInput, tol: float, n: int = 1) -> 
     cut = lambda t: t[:n] if t.dim() >= 1 and t.shape[0] == b else t  # noqa: E731
     small = BlockInput(_map_tensors(probe.args, cut), _map_tensors(probe.kwargs, cut))
     try:
-        y_small = block_output(block(*small.args, **small.kwargs)).float()
+        y_small = runner.output(small).float()
     except (RuntimeError, ValueError, IndexError, TypeError):
         return probe  # some argument was not batch-major after all
-    y_full = block_output(block(*probe.args, **probe.kwargs))[:n].float()
+    y_full = runner.output(probe)[:n].float()
     if y_small.shape == y_full.shape and float(
             (y_small - y_full).abs().max()) <= tol * float(y_full.abs().max()):
         return small
@@ -110,34 +107,29 @@ def small_probe(block: nn.Module, probe: BlockInput, tol: float, n: int = 1) -> 
 
 
 @torch.no_grad()
-def probe_signature(block: nn.Module, probe: BlockInput, specs: list[tuple[str, str]]) -> dict:
+def probe_signature(runner: BlockRunner, probe: BlockInput,
+                    specs: list[tuple[str, str]]) -> dict:
     """One block forward on ``probe``; for each (first Linear, inspected module) of ``specs``:
     the Linear's input as (M, K) float32 ("x") and the tensors entering the module ("m");
     and the block output ("y", float32)."""
     sig = {"x": [None] * len(specs), "m": [None] * len(specs)}
-    handles = []
 
-    def on_x(_m, a, j):
+    def on_x(a, _kw, j):
         if sig["x"][j] is None:
             x = a[0].detach()
             sig["x"][j] = x.reshape(-1, x.shape[-1]).float().clone()
 
-    def on_m(_m, a, kw, j):
+    def on_m(a, kw, j):
         if sig["m"][j] is None:
             sig["m"][j] = [t.detach().float().clone() for t in _tensors((a, kw))
                            if t.is_floating_point()]
 
-    try:
-        for j, (first, module) in enumerate(specs):
-            handles.append(block.get_submodule(first).register_forward_pre_hook(
-                lambda m, a, j=j: on_x(m, a, j)))
-            if module and module != first:
-                handles.append(block.get_submodule(module).register_forward_pre_hook(
-                    lambda m, a, kw, j=j: on_m(m, a, kw, j), with_kwargs=True))
-        sig["y"] = block_output(block(*probe.args, **probe.kwargs)).float()
-    finally:
-        for h in handles:
-            h.remove()
+    before = []
+    for j, (first, module) in enumerate(specs):
+        before.append((first, lambda a, kw, j=j: on_x(a, kw, j)))
+        if module and module != first:
+            before.append((module, lambda a, kw, j=j: on_m(a, kw, j)))
+    sig["y"] = runner.run([probe], before=before)[0].float()
     return sig
 
 
@@ -165,9 +157,9 @@ def capture_groups(block: nn.Module, specs: list[tuple[str, str]], inputs) -> li
     Gram matrix ``G = Σ xᵀx`` is kept, and each grid point costs N·K² instead of T·N·K.
     """
     caps = [GroupCapture() for _ in specs]
-    handles = []
+    runner = BlockRunner(block, inputs)
 
-    def stats(_m, a, cap, single):
+    def stats(a, cap, single):
         x = a[0].detach()
         rows = x.reshape(-1, x.shape[-1])
         s = rows.abs().float().sum(0)
@@ -177,28 +169,20 @@ def capture_groups(block: nn.Module, specs: list[tuple[str, str]], inputs) -> li
             g = rows.float().t() @ rows.float()
             cap.gram = g if cap.gram is None else cap.gram + g
 
-    def watch(mod, cap):
-        pending: list = []
-        handles.append(mod.register_forward_pre_hook(
-            lambda m, a, kw: pending.append((a, kw)), with_kwargs=True))
-        handles.append(mod.register_forward_hook(
-            lambda m, a, out: cap.calls.append((*pending.pop(), block_output(out).detach()))))
-
-    try:
-        for (first, module), cap in zip(specs, caps):
-            single = module == first
-            handles.append(block.get_submodule(first).register_forward_pre_hook(
-                lambda m, a, cap=cap, single=single: stats(m, a, cap, single)))
-            if module and not single:
-                watch(block.get_submodule(module), cap)
-        for inp in inputs:
-            out = block_output(block(*inp.args, **inp.kwargs)).detach()
+    before, after = [], []
+    for (first, module), cap in zip(specs, caps):
+        single = module == first
+        before.append((first, lambda a, kw, cap=cap, single=single: stats(a, cap, single)))
+        if module and not single:  # the module's calls: (args, kwargs, float output)
+            after.append((module, lambda a, kw, out, cap=cap: cap.calls.append(
+                (a, kw, block_output(out).detach()))))
+    whole = any(not module for _, module in specs)  # the block itself is inspected
+    outs = runner.run(before=before, after=after, keep_outputs=whole)
+    if whole:
+        for inp, out in zip(inputs, outs):
             for (_, module), cap in zip(specs, caps):
                 if not module:
                     cap.calls.append((inp.args, inp.kwargs, out))
-    finally:
-        for h in handles:
-            h.remove()
     return caps
 
 
@@ -232,20 +216,6 @@ def scale_candidates(act_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha:
     return s.half().float()  # stored exactly when it ends up as a QuantLinear input_scale
 
 
-def _module_error(module: nn.Module, calls) -> float:
-    """Mean squared difference between the module's output and the recorded float outputs.
-
-    Each call's float32 sum is accumulated in float64 on the device and read once at the end:
-    one host synchronisation per grid point instead of one per calibration batch."""
-    total, count = None, 0
-    for args, kwargs, ref in calls:
-        out = block_output(module(*args, **kwargs))
-        part = (out.float() - ref.float()).pow(2).sum().double()
-        total = part if total is None else total + part
-        count += ref.numel()
-    return float(total) / max(count, 1) if total is not None else 0.0
-
-
 @torch.no_grad()
 def search_scale(module: nn.Module, lins: list[nn.Module], cap: GroupCapture,
                  qargs: QuantArgs, n_grid: int, duo: bool, keep: torch.Tensor):
@@ -254,7 +224,8 @@ def search_scale(module: nn.Module, lins: list[nn.Module], cap: GroupCapture,
     Returns (s (K,) float32 on the weights' device, info dict with alpha, loss, loss_rtn).
     """
     weights = [linear_weight(l).detach().float().clone() for l in lins]
-    saved = [l.weight.data.clone() for l in lins]
+    runner = BlockRunner(module, [BlockInput(a, kw) for a, kw, _ in cap.calls])
+    refs = [ref for _, _, ref in cap.calls]
     dev = weights[0].device
     act = cap.act_mean.to(dev)
     keep = keep.to(dev)
@@ -262,26 +233,23 @@ def search_scale(module: nn.Module, lins: list[nn.Module], cap: GroupCapture,
     grid_args = QuantArgs(qargs.bits, qargs.group_size, qargs.sym, False)
     best = (float("inf"), 0.0, torch.ones_like(act))
     losses = []
-    try:
-        for i in range(n_grid):
-            alpha = i / n_grid
-            s = scale_candidates(act, w_mean, alpha, keep)
-            for lin, w in zip(lins, weights):
-                ws = w * s
-                p = weight_params(ws, grid_args)
-                sc, z = p.expand(ws.shape[1])
-                set_weight(lin, fake_quantize(ws, sc, z, qargs.bits) / s)
-            if cap.gram is not None:  # one Linear: tr(ΔW G ΔWᵀ) / (T N)
-                dw = linear_weight(lins[0]).float() - weights[0]
-                loss = float(((dw @ cap.gram) * dw).sum()) / (cap.tokens * dw.shape[0])
-            else:
-                loss = _module_error(module, cap.calls)
-            losses.append(loss)
-            if loss < best[0]:
-                best = (loss, alpha, s)
-    finally:
-        for lin, data in zip(lins, saved):
-            lin.weight.data.copy_(data)
+    for i in range(n_grid):
+        alpha = i / n_grid
+        s = scale_candidates(act, w_mean, alpha, keep)
+        cand = {}  # Linear -> Q(W s) / s (N, K), what the model computes after the scaling
+        for lin, w in zip(lins, weights):
+            ws = w * s
+            p = weight_params(ws, grid_args)
+            sc, z = p.expand(ws.shape[1])
+            cand[lin] = fake_quantize(ws, sc, z, qargs.bits) / s
+        if cap.gram is not None:  # one Linear: tr(ΔW G ΔWᵀ) / (T N), in the layer's dtype
+            dw = cand[lins[0]].to(lins[0].weight.dtype).float() - weights[0]
+            loss = float(((dw @ cap.gram) * dw).sum()) / (cap.tokens * dw.shape[0])
+        else:  # the module's output error with the candidate weights, restored after
+            loss = runner.probe(weights=cand, reference=refs)
+        losses.append(loss)
+        if loss < best[0]:
+            best = (loss, alpha, s)
     return best[2], {"alpha": best[1], "loss": best[0], "loss_rtn": losses[0]}
 
 

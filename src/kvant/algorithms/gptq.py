@@ -141,11 +141,17 @@ class _GPTQLayer(LayerQuantizer):
 
     def observe(self, x: torch.Tensor) -> None:
         t = time.perf_counter()
-        rows = self.acc._rows(x)
+        rows = self.acc.rows(x)
         if rows.shape[0]:
             self.acc.add_gram(self.method.shared_gram(x, rows, self.acc.dtype), rows.shape[0])
         _sync(self.acc.device)
         self.seconds_hessian += time.perf_counter() - t
+
+    def state_for_reduce(self):
+        return self.acc.state_for_reduce()
+
+    def load_reduced(self, state, count) -> None:
+        self.acc.load_reduced(state, count)
 
     def quantize(self) -> LayerResult:
         cfg = self.method.config
@@ -164,6 +170,7 @@ class GPTQ(QuantMethod):
     """GPTQ; Linears that read the same input tensor share each batch's ``xᵀx`` matmul."""
 
     needs_calibration = True
+    supports_distributed = True  # QuIP and SpQR inherit it: their layers reduce one Hessian
 
     def __init__(self, config: GPTQConfig):
         super().__init__(config)

@@ -97,10 +97,16 @@ class _QuIPLayer(LayerQuantizer):
 
     def observe(self, x: torch.Tensor) -> None:
         if self.acc is not None:  # layers reading the same x share one xᵀx (GPTQ's memo)
-            rows = self.acc._rows(x)
+            rows = self.acc.rows(x)
             if rows.shape[0]:
                 self.acc.add_gram(self.method.shared_gram(x, rows, self.acc.dtype),
                                   rows.shape[0])
+
+    def state_for_reduce(self):
+        return self.acc.state_for_reduce() if self.acc is not None else None
+
+    def load_reduced(self, state, count) -> None:
+        self.acc.load_reduced(state, count)
 
     def quantize(self) -> LayerResult:
         cfg = self.config

@@ -57,7 +57,7 @@ def config_from_dict(d: dict) -> MethodConfig:
     return config_class(d["method"]).from_dict(d)
 
 
-def _parse_value(text: str):
+def parse_value(text: str):
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -72,13 +72,26 @@ def _parse_value(text: str):
 def config_from_spec(spec: str) -> MethodConfig:
     """A config from a compact spec, e.g. ``"gptq:bits=3,group_size=128,act_order=true"``.
 
-    Used by benchmark scripts and the CLI to name a configuration in one string.
+    Used by benchmark scripts and the CLI to name a configuration in one string. A key
+    given twice is an error, except ``ignore`` (``ignore=lm_head,ignore=mlp.c_proj``: each
+    value is one module name).
     """
     method, _, rest = spec.partition(":")
-    fields = {}
+    fields: dict = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         if not eq:
             raise ConfigError(f"bad item {item!r} in spec {spec!r}: expected key=value")
-        fields[key.strip()] = _parse_value(value.strip())
+        add_field(fields, key.strip(), parse_value(value.strip()), f"spec {spec!r}")
     return config_class(method.strip()).from_dict(fields)
+
+
+def add_field(fields: dict, key: str, value, where: str) -> None:
+    """Put ``key=value`` into ``fields``; a key given twice is an error (which one was
+    meant?), except ``ignore``, whose values collect into a list of module names."""
+    if key == "ignore":
+        fields.setdefault("ignore", []).append(str(value))
+        return
+    if key in fields:
+        raise ConfigError(f"{key!r} is given twice in {where} ({fields[key]!r} and {value!r})")
+    fields[key] = value

@@ -27,6 +27,7 @@ class RTN(QuantMethod):
     """Round-to-nearest; the baseline every table starts from."""
 
     needs_calibration = False
+    supports_distributed = True  # no statistics; layers are rounded in parallel
 
     def layer_quantizer(self, name: str, weight: torch.Tensor) -> LayerQuantizer:
         return _RTNLayer(name, weight, self.config)

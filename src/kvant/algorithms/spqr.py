@@ -1,7 +1,8 @@
 """SpQR (Dettmers et al., 2024, "SpQR: A Sparse-Quantized Representation for Near-Lossless
 LLM Weight Compression"), on the GPTQ column walk of :func:`kvant.algorithms.gptq.gptq_quantize`.
 
-Three ideas on top of GPTQ, all in this file:
+Three ideas on top of GPTQ, all in this file but the outlier selection itself
+(:mod:`kvant.core.outliers`, shared with AWQ's outlier budget):
 
 1. Small groups (16 input columns) with an asymmetric min-max grid whose zero point is a real
    number; each group's scale and zero (N,) are themselves quantized to ``stat_bits`` in
@@ -37,139 +38,22 @@ from kvant.algorithms.base import LayerQuantizer, LayerResult
 from kvant.algorithms.gptq import GPTQ, gptq_quantize
 from kvant.algorithms.registry import register
 from kvant.config import SpQRConfig
-from kvant.core.grid import check_group_size, find_params
+from kvant.core.grid import check_group_size
 from kvant.core.hessian import HessianAccumulator
-from kvant.nn.spqr_linear import MIN_SCALE, SpQRLinear, quantize_stats
+from kvant.core.outliers import (OutlierRounding, drop_gain, fill_excluded, grid_outliers,
+                                 real_zero_grid, round_on_grid, select_outliers,
+                                 sensitive_weights)
+from kvant.nn.spqr_linear import SpQRLinear, quantize_stats
+
+# the names tests and callers used when these lived here
+_first_level, fake_quantize = real_zero_grid, round_on_grid
+# what the rounding functions below read: SpQR's config, or AWQ's outlier-budget settings
+Settings = SpQRConfig | OutlierRounding
 
 log = logging.getLogger(__name__)
 __all__ = ["SpQR", "SpQRLinear", "drop_gain", "grid_outliers", "sensitive_weights",
            "select_outliers", "fit_groups", "OutlierWalk",
            "spqr_gptq", "spqr_rtn"]
-
-
-def _first_level(x: torch.Tensor, bits: int, plain: bool):
-    """Scale and zero (R,) of rows x (R, C): SpQR's real-zero min-max grid, or with
-    ``plain`` the integer-zero grid of :func:`kvant.core.grid.find_params`."""
-    if plain:
-        s, z = find_params(x, bits, sym=False)
-        return s[:, 0], z[:, 0]
-    lo, hi = x.amin(1), x.amax(1)
-    rng = hi - lo
-    rng = torch.where(rng > 0, rng, lo.abs().clamp_min(MIN_SCALE))  # constant rows stay exact
-    s = rng / (2 ** bits - 1)
-    return s, -lo / s
-
-
-def fake_quantize(x: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int):
-    """(integers, dequantized) of x on the grid ``q = clamp(round(x/s + z))``, ``(q - z) s``
-    (broadcasting; z may be fractional, as in SpQR)."""
-    q = torch.clamp(torch.round(x / s + z), 0, 2 ** bits - 1)
-    return q, (q - z) * s
-
-
-def _fill(x: torch.Tensor, excl: torch.Tensor | None) -> torch.Tensor:
-    """x (..., C) with excluded weights replaced by their row's smallest kept weight, a value
-    that leaves the min-max range of the kept weights unchanged (0 for a fully excluded row)."""
-    if excl is None or not bool(excl.any()):
-        return x
-    kept_min = torch.where(excl, torch.full_like(x, math.inf), x).amin(-1, keepdim=True)
-    kept_min = torch.where(torch.isfinite(kept_min), kept_min, torch.zeros_like(kept_min))
-    return torch.where(excl, kept_min, x)
-
-
-def _weighted_err(x, y, wt, bits: int, plain: bool) -> torch.Tensor:
-    """(R, C) ``wt * (x - deq(x))²`` on the grid fit to the rows of y (R, C)."""
-    s, z = _first_level(y, bits, plain)
-    return (fake_quantize(x, s[:, None], z[:, None], bits)[1] - x).square() * wt
-
-
-def drop_gain(x: torch.Tensor, wt: torch.Tensor, excl: torch.Tensor, bits: int,
-              plain: bool = False):
-    """The best weight of each row of x (R, C) to leave out of the grid, among the kept ones.
-
-    ``E_r = Σ_kept wt (x - deq)²`` on the min-max grid of the kept weights; leaving weight i
-    out (keeping it in float) gives ``E_r - E_r^{-i}`` with the grid refit on the rest. Only
-    the extremes can change a min-max grid, so the candidates are the kept argmin and argmax.
-    Returns (gain (R,), column (R,)).
-    """
-    rows = torch.arange(x.shape[0], device=x.device)
-    wt = wt * (~excl)
-    y = _fill(x, excl)
-    base = _weighted_err(x, y, wt, bits, plain).sum(1)
-    lo, hi = y.argmin(1), y.argmax(1)
-    best_gain, best_idx = None, None
-    for idx, other in ((lo, hi), (hi, lo)):
-        y2 = y.clone()
-        y2[rows, idx] = y[rows, other]  # a duplicate of a kept weight: the rest's range
-        e2 = _weighted_err(x, y2, wt, bits, plain)
-        gain = base - (e2.sum(1) - e2[rows, idx])
-        if best_gain is None:
-            best_gain, best_idx = gain, idx
-        else:
-            better = gain > best_gain
-            best_gain, best_idx = torch.where(better, gain, best_gain), torch.where(better, idx, best_idx)
-    return best_gain, best_idx
-
-
-def grid_outliers(x: torch.Tensor, wt: torch.Tensor, tau: float, bits: int,
-                  plain: bool = False, max_rounds: int | None = None) -> torch.Tensor:
-    """Weights of the groups x (R, C) to leave out of their grid: repeatedly drop the extreme
-    whose leave-one-out gain (:func:`drop_gain`) exceeds ``tau``, refitting after each (at
-    most ``max_rounds``, default C // 4, per row). Returns a bool mask (R, C).
-
-    The reference implementation flags at once every weight whose leave-one-out gain exceeds
-    tau; next to a true outlier that flags most of the group (each weight's own error under
-    the stretched grid is its gain) and fits the grid to a random remainder. Dropping one
-    extreme at a time keeps the grid of the rest.
-    """
-    r, c = x.shape
-    excl = torch.zeros(r, c, dtype=torch.bool, device=x.device)
-    rows = torch.arange(r, device=x.device)
-    wt = wt.expand(r, c)
-    for _ in range(max_rounds if max_rounds is not None else max(1, c // 4)):
-        gain, idx = drop_gain(x, wt, excl, bits, plain)
-        hit = gain > tau
-        if not bool(hit.any()):
-            break
-        excl[rows[hit], idx[hit]] = True
-    return excl
-
-
-def sensitive_weights(x: torch.Tensor, wt: torch.Tensor, tau: float, bits: int,
-                      plain: bool = False) -> torch.Tensor:
-    """SpQR's outliers of the groups x (R, C) without error feedback: the grid outliers plus
-    every weight whose own error ``wt (x - deq)²`` on the refit grid exceeds ``tau``."""
-    excl = grid_outliers(x, wt, tau, bits, plain)
-    return excl | (_weighted_err(x, _fill(x, excl), wt, bits, plain) > tau)
-
-
-def select_outliers(W: torch.Tensor, col_weight: torch.Tensor, budget: float, group_size: int,
-                    bits: int, plain: bool = False, steps: int = 16) -> torch.Tensor:
-    """At most ``round(budget * W.numel())`` outliers of W (N, K) (groups of ``group_size``
-    columns): :func:`sensitive_weights` at the smallest threshold that stays within the
-    budget (bisection on log tau). col_weight (K,): the importance of each column's error
-    (1/d² in GPTQ walk order, diag(H) for RTN). Returns a bool mask (N, K).
-    """
-    n, k = W.shape
-    n_out = round(budget * n * k)
-    mask = torch.zeros(n, k, dtype=torch.bool, device=W.device)
-    if n_out == 0:
-        return mask
-    g = k // group_size
-    x = W.float().reshape(n * g, group_size)
-    wt = col_weight.float().reshape(1, g, group_size).expand(n, g, group_size)
-    wt = wt.reshape(n * g, group_size)
-    top = float((_weighted_err(x, x, wt, bits, plain)).max()) + 1e-30
-    lo, hi = math.log(top) - 24.0, math.log(top) + 1.0  # count(hi) = 0
-    best = mask.view(-1, group_size)
-    for _ in range(steps):
-        mid = (lo + hi) / 2
-        cand = sensitive_weights(x, wt, math.exp(mid), bits, plain)
-        if int(cand.sum()) <= n_out:
-            hi, best = mid, cand
-        else:
-            lo = mid
-    return best.reshape(n, k)
 
 
 @dataclass
@@ -185,13 +69,13 @@ class GroupFit:
     zero_stats: torch.Tensor | None = None
 
 
-def fit_groups(x: torch.Tensor, exclude: torch.Tensor | None, cfg: SpQRConfig,
+def fit_groups(x: torch.Tensor, exclude: torch.Tensor | None, cfg: Settings,
                layer: str = "") -> GroupFit:
     """Grids of groups x (N, G, C), fit without the ``exclude`` (N, G, C) weights."""
     n, g, c = x.shape
-    x = _fill(x, exclude)
+    x = fill_excluded(x, exclude)
     plain = cfg.stat_bits >= 16
-    s, z = _first_level(x.reshape(n * g, c), cfg.bits, plain)
+    s, z = real_zero_grid(x.reshape(n * g, c), cfg.bits, plain)
     s, z = s.reshape(n, g), z.reshape(n, g)
     if plain:
         return GroupFit(s, z)
@@ -212,7 +96,7 @@ class OutlierWalk:
     outliers exact (fp16 residual). The records (walk order) build the LayerResult.
     """
 
-    def __init__(self, W: torch.Tensor, cfg: SpQRConfig, layer: str = ""):
+    def __init__(self, W: torch.Tensor, cfg: Settings, layer: str = ""):
         self.W, self.cfg, self.layer = W, cfg, layer
         n, k = W.shape
         self.d = self.perm = self.tau = self.fixed = None
@@ -258,7 +142,7 @@ class OutlierWalk:
         if self.d_host[i] != d:
             raise RuntimeError(f"layer {self.layer!r}: the GPTQ walk visited columns in an "
                                f"unexpected order (column {i}: d={d}, expected {self.d_host[i]})")
-        q, deq = fake_quantize(w, s[:, 0], z[:, 0], self.cfg.bits)
+        q, deq = round_on_grid(w, s[:, 0], z[:, 0], self.cfg.bits)
         self.Q[:, i] = q
         if self.fixed is not None:
             out = self.fixed[:, i]
@@ -271,7 +155,7 @@ class OutlierWalk:
         return deq + resid
 
 
-def _result(cfg: SpQRConfig, Q, fits: list[GroupFit], mask, R, perm, g_idx, loss, info):
+def _result(cfg: Settings, Q, fits: list[GroupFit], mask, R, perm, g_idx, loss, info):
     """The LayerResult (layer_kind "spqr"); Q, mask, R (N, K) in original column order."""
     cat = lambda name, dim: None if getattr(fits[0], name) is None else torch.cat(  # noqa: E731
         [getattr(f, name) for f in fits], dim)
@@ -289,7 +173,7 @@ def _result(cfg: SpQRConfig, Q, fits: list[GroupFit], mask, R, perm, g_idx, loss
                        info=info, layer_kind="spqr")
 
 
-def spqr_gptq(W: torch.Tensor, H: torch.Tensor, cfg: SpQRConfig, layer: str = "") -> LayerResult:
+def spqr_gptq(W: torch.Tensor, H: torch.Tensor, cfg: Settings, layer: str = "") -> LayerResult:
     """SpQR of W (N, K) with the Hessian H (K, K) on the GPTQ walk (``cfg.base == "gptq"``)."""
     W = W.to(device=H.device, dtype=torch.float32, copy=True)
     W[:, H.diagonal() == 0] = 0  # dead inputs, as gptq_quantize zeroes them
@@ -307,7 +191,7 @@ def spqr_gptq(W: torch.Tensor, H: torch.Tensor, cfg: SpQRConfig, layer: str = ""
     return _result(cfg, Q, hooks.fits, mask, R, perm, res.g_idx, res.loss, res.info)
 
 
-def spqr_rtn(W: torch.Tensor, H: torch.Tensor | None, cfg: SpQRConfig,
+def spqr_rtn(W: torch.Tensor, H: torch.Tensor | None, cfg: Settings,
              layer: str = "") -> LayerResult:
     """Round-to-nearest with SpQR's grids and, with ``outlier_budget``, fp16 outliers chosen
     by the diag(H)-weighted leave-one-out gain (``cfg.base == "rtn"``)."""
@@ -323,7 +207,7 @@ def spqr_rtn(W: torch.Tensor, H: torch.Tensor | None, cfg: SpQRConfig,
                                cfg.stat_bits >= 16)
     x = W.reshape(n, k // gs, gs)
     fit = fit_groups(x, mask.reshape(x.shape), cfg, layer)
-    q, deq = fake_quantize(x, fit.scale[..., None], fit.zero[..., None], cfg.bits)
+    q, deq = round_on_grid(x, fit.scale[..., None], fit.zero[..., None], cfg.bits)
     R = torch.where(mask, W - deq.reshape(n, k), torch.zeros_like(W)).half().float()
     loss = float((W - deq.reshape(n, k) - R).square().sum())
     return _result(cfg, q.reshape(n, k), [fit], mask, R, None, None, loss, {})
@@ -340,9 +224,15 @@ class _SpQRLayer(LayerQuantizer):
     def observe(self, x: torch.Tensor) -> None:
         if self.acc is None:
             return
-        rows = self.acc._rows(x)
+        rows = self.acc.rows(x)
         if rows.shape[0]:
             self.acc.add_gram(self.method.shared_gram(x, rows, self.acc.dtype), rows.shape[0])
+
+    def state_for_reduce(self):
+        return self.acc.state_for_reduce() if self.acc is not None else None
+
+    def load_reduced(self, state, count) -> None:
+        self.acc.load_reduced(state, count)
 
     def quantize(self) -> LayerResult:
         cfg = self.method.config

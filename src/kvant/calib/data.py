@@ -22,6 +22,8 @@ from typing import Iterable
 
 import torch
 
+from kvant.errors import InputError
+
 NAMED_SOURCES = ("c4", "wikitext2")
 # where the named sets live on the hub (used only when no local file is given)
 _HUB = {
@@ -31,7 +33,7 @@ _HUB = {
 }
 
 
-class CalibrationDataError(ValueError):
+class CalibrationDataError(InputError):
     """Calibration or evaluation text is missing, unreadable or too short."""
 
 
@@ -163,9 +165,11 @@ def token_stream(tokenizer, docs: Iterable[str]) -> torch.Tensor:
 def sample_windows(stream: torch.Tensor, n_samples: int, seq_len: int, seed: int = 0,
                    what: str = "calibration text") -> torch.Tensor:
     """``n_samples`` seeded windows (n_samples, seq_len) of a 1-D token ``stream``."""
-    if n_samples <= 0 or seq_len <= 0:
-        raise CalibrationDataError(f"n_samples and seq_len must be positive, "
-                                   f"got {n_samples}, {seq_len}")
+    check_counts(n_samples, seq_len)
+    from kvant.calib.budget import check_host_bytes
+
+    check_host_bytes(n_samples * seq_len * 8, f"{n_samples} calibration windows of "
+                     f"{seq_len} token ids")
     n_tok = stream.numel()
     if n_tok < seq_len:
         raise CalibrationDataError(f"{what} has {n_tok} tokens, fewer than one window of "
@@ -218,3 +222,48 @@ def check_seq_len(model, seq_len: int, what: str = "seq_len") -> None:
     if ctx is not None and seq_len > ctx:
         raise CalibrationDataError(f"{what} {seq_len} exceeds the model's context length {ctx} "
                                    f"({type(model).__name__}); use --seq-len {ctx} or less")
+
+
+def _positive_int(value, what: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise CalibrationDataError(f"{what} must be a positive int, got {value!r}")
+
+
+def check_counts(n_samples, seq_len) -> None:
+    """Raise unless ``n_samples`` and ``seq_len`` are positive ints (a zero or negative one
+    would give no windows, or windows that silently degrade a method to plain rounding)."""
+    _positive_int(n_samples, "n_samples")
+    _positive_int(seq_len, "seq_len")
+
+
+def vocab_size(model) -> int | None:
+    """Rows of the model's input embedding (the ids it accepts), where it can be found."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if emb is None:
+        emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    n = getattr(emb, "num_embeddings", None)
+    return n if isinstance(n, int) else getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def check_token_ids(model, ids, what: str = "calibration data") -> None:
+    """Raise :class:`CalibrationDataError` unless ``ids`` is an integer tensor
+    (n_samples, seq_len) of token ids the model accepts: inside its vocabulary and no longer
+    than its context. Catches what would otherwise fail deep inside the embedding."""
+    if not torch.is_tensor(ids):
+        raise CalibrationDataError(f"{what} must be a tensor of token ids (n_samples, seq_len), "
+                                   f"got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise CalibrationDataError(f"{what} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.dim() != 2:
+        raise CalibrationDataError(f"{what} must be 2-D (n_samples, seq_len), got shape "
+                                   f"{tuple(ids.shape)}")
+    if ids.numel() == 0:
+        raise CalibrationDataError(f"{what} is empty (shape {tuple(ids.shape)})")
+    n = vocab_size(model)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (n is not None and hi >= n):
+        bad = lo if lo < 0 else hi
+        raise CalibrationDataError(f"{what} holds token id {bad}, outside the model's "
+                                   f"vocabulary [0, {n}): wrong tokenizer for this model?")
+    check_seq_len(model, ids.shape[1], f"{what} seq_len")

@@ -24,11 +24,15 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from kvant.algorithms.registry import build
+from kvant.calib.budget import check_calibration
+from kvant.calib import dist as kdist
 from kvant.calib.capture import BlockInput, capture_block_inputs, run_block
+from kvant.calib.runner import BlockRunner
 from kvant.config import EngineOptions, MethodConfig
 from kvant.core.grid import check_group_size
-from kvant.model.discovery import find_blocks, find_linears, linear_weight, set_submodule
-from kvant.nn.qlinear import quant_linear_class
+from kvant.model.discovery import (check_model, find_blocks, find_linears, linear_weight,
+                                   set_submodule)
+from kvant.nn.qlinear import QuantLinear, quant_linear_class
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ def validate_model(model: nn.Module, config: MethodConfig) -> tuple[str, nn.Modu
             if not w.is_meta and not torch.isfinite(w).all():
                 raise ValueError(f"layer {full!r} has NaN or Inf weights")
             check_group_size(w.shape[1], config.group_size, full)
+    check_model(model, config.ignore)  # ignore patterns name layers; all tensors finite
     return prefix, blocks
 
 
@@ -130,12 +135,20 @@ def _observe_group(block, group: dict, quantizers: dict, inputs: list) -> None:
 def _calibrate_group(block, names, linears, method, inputs, prefix) -> dict:
     quantizers = {n: method.layer_quantizer(f"{prefix}{n}", linear_weight(linears[n]).detach()
                                             .float()) for n in names}
+    observe = None
     if method.needs_calibration:
-        _observe_group(block, {n: linears[n] for n in names}, quantizers, inputs)
+        observe = lambda: _observe_group(block, {n: linears[n] for n in names},  # noqa: E731
+                                         quantizers, inputs)
+    solved = None
+    if kdist.active():  # several processes: statistics reduced, layers solved across ranks
+        shapes = {n: tuple(linear_weight(linears[n]).shape) for n in names}
+        solved = kdist.solve_group(quantizers, shapes, observe, prefix)
+    elif observe is not None:
+        observe()
     results = {}
     for n in names:
         lin = linears[n]
-        res = quantizers[n].quantize()
+        res = solved[n] if solved is not None else quantizers[n].quantize()
         dtype = lin.weight.dtype if lin.weight.dtype != torch.float32 else torch.float32
         ql = quant_linear_class(res.layer_kind).from_result(res, lin.bias, dtype=dtype).to(lin.weight.device)
         set_submodule(block, n, ql)
@@ -144,34 +157,56 @@ def _calibrate_group(block, names, linears, method, inputs, prefix) -> dict:
 
 
 def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor | None = None,
-                   options: EngineOptions | None = None) -> QuantReport:
+                   options: EngineOptions | None = None, sink=None) -> QuantReport:
     """Quantize ``model`` in place with ``config``; ``calib`` is token ids (n, seq_len).
 
+    ``sink`` (a :class:`kvant.formats.stream.StreamWriter`, already started): every finished
+    block is handed to it and freed (streaming; the model's blocks must be lazily read), and
+    blocks it reports as finished by an earlier run are skipped (resume).
     Returns a :class:`QuantReport`. Raises before any work on bad input.
     """
     options = options or EngineOptions()
     t0 = time.perf_counter()
     prefix, blocks = validate_model(model, config)
     method = build(config)
+    method.check_model(model, blocks, config.ignore)  # refuse what it cannot do, up front
+    check_calibration(model, blocks, method, calib, options)  # token ids valid, memory fits
     if method.needs_calibration and (calib is None or len(calib) == 0):
         raise ValueError(f"method {config.method!r} needs calibration data; none was given")
     device = resolve_device(options.device)
     report = QuantReport(config=config.to_dict())
-    true_seq = getattr(config, "true_sequential", True)
-
     lazy = getattr(model, "kvant_lazy_blocks", None)  # blocks read from disk one at a time
+    if sink is not None and lazy is None:
+        raise ValueError("streaming to disk needs a model whose blocks are read lazily "
+                         "(kvant.load_model(dir, lazy=True))")
+    kdist.check_supported(method, sink is not None, device)  # several processes: refuse early
+    start = 0
+    if sink is not None:
+        start = sink.record["done"] + 1
+        report.layers.update(sink.report()["layers"])
+        report.blocks.extend(sink.report()["blocks"])
+
     inputs: list[BlockInput] = []
     if method.needs_calibration:
         report.n_calib = len(calib)
-        batches = torch.split(calib, options.batch_size)
+        batches = torch.split(kdist.shard_calibration(calib), options.batch_size)  # this rank's
         if lazy is not None:
             lazy.load(0, blocks[0])
         with _on_device_except_blocks(model, blocks, device):
             blocks[0].to(device)
             inputs = capture_block_inputs(model, blocks[0], batches, device)
+        if start > 0:  # resume: the last finished block's outputs were saved with it
+            saved = sink.saved_inputs()
+            if saved is None or len(saved) != len(inputs):
+                raise ValueError("the progress record has no saved block outputs to resume "
+                                 f"from; remove {sink.work} to start over")
+            inputs = [inp.with_hidden(h.to(device)) for inp, h in zip(inputs, saved)]
+            del saved  # the host copy (GBs at 70B scale) is not needed once on the device
+            lazy.release(blocks[0])
 
-    bar = tqdm(list(enumerate(blocks)), desc=f"{config.method} blocks",
-               disable=not options.show_progress)
+    todo = list(enumerate(blocks))[start:]
+    bar = tqdm(todo, desc=f"{config.method} blocks", disable=not options.show_progress,
+               initial=start, total=len(blocks))
     for i, block in bar:
         tb = time.perf_counter()
         if lazy is not None:
@@ -179,31 +214,63 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
         home = next(block.parameters()).device
         block.to(device)
         bprefix = f"{prefix}.{i}."
-        linears = find_linears(block, config.ignore, bprefix)
-        if not linears:
-            continue
-        if method.needs_calibration:
-            groups = sequential_groups(block, linears, inputs[0])
-            float_out = run_block(block, inputs) if options.propagate == "float" else None
-            extra = method.prepare_block(block, linears, groups, inputs, run_block)
-            linears = find_linears(block, config.ignore, bprefix)  # prepare may swap modules
-        else:
-            groups, extra = [list(linears)], {}
-        if not true_seq:
-            groups = [[n for g in groups for n in g]]
-        for names in groups:
-            res = _calibrate_group(block, names, linears, method, inputs, bprefix)
-            for n, r in res.items():
-                report.layers[bprefix + n] = r
-        if method.needs_calibration:
-            outs = float_out if float_out is not None else run_block(block, inputs)
+        layers, extra, outs = _quantize_block(block, bprefix, config, method, inputs, options)
+        if outs is not None:
             inputs = [inp.with_hidden(o) for inp, o in zip(inputs, outs)]
-        block.to(home)
-        report.blocks.append({"block": i, "seconds": time.perf_counter() - tb, **extra})
+        entry = {"block": i, "seconds": time.perf_counter() - tb, **extra}
+        report.layers.update(layers)
+        report.blocks.append(entry)
+        if sink is not None:
+            state = {bprefix + k: v.to("cpu") for k, v in block.state_dict().items()}
+            modules = {bprefix + n: {"kind": m.kind, **m.init_kwargs()}
+                       for n, m in block.named_modules() if isinstance(m, QuantLinear)}
+            sink.block_done(i, state, modules, {"layers": layers, "blocks": [entry]},
+                            [o.hidden for o in inputs] if outs is not None else None)
+            del state
+            lazy.release(block)
+            _trim_heap()
+        else:
+            block.to(home)
         log.info("block %d quantized in %.2fs", i, time.perf_counter() - tb)
     report.seconds = time.perf_counter() - t0
     model.kvant_quantization_config = config  # read by save_quantized
     return report
+
+
+def _quantize_block(block, bprefix, config, method, inputs, options):
+    """Quantize one block in place -> (per-layer report, block extras, next inputs or None).
+
+    A block with nothing to quantize (every Linear ignored) still runs, so the next block is
+    calibrated on this block's real outputs."""
+    linears = find_linears(block, config.ignore, bprefix)
+    layers, extra = {}, {}
+    if linears and method.needs_calibration:
+        groups = sequential_groups(block, linears, inputs[0])
+        float_out = run_block(block, inputs) if options.propagate == "float" else None
+        extra = method.prepare_block(block, linears, groups, inputs,
+                                     BlockRunner(block, inputs, bprefix))
+        linears = find_linears(block, config.ignore, bprefix)  # prepare may swap modules
+    else:
+        groups, float_out = [list(linears)], None
+    if not getattr(config, "true_sequential", True):
+        groups = [[n for g in groups for n in g]]
+    for names in groups if linears else []:
+        res = _calibrate_group(block, names, linears, method, inputs, bprefix)
+        layers.update({bprefix + n: r for n, r in res.items()})
+    if not method.needs_calibration:
+        return layers, extra, None
+    return layers, extra, float_out if float_out is not None else run_block(block, inputs)
+
+
+def _trim_heap() -> None:
+    """Give the heap's free pages back to the system after a streamed block (glibc keeps
+    freed arenas otherwise, and the process would grow with depth); no-op elsewhere."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class _on_device_except_blocks:

@@ -82,7 +82,9 @@ class HessianAccumulator:
         """The device H lives on."""
         return self.H.device
 
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (..., k) as a (tokens, k) matrix on the accumulator's device; a clear error
+        when its last dimension is not the layer's input width."""
         if x.shape[-1] != self.k:
             raise ValueError(f"input of shape {tuple(x.shape)} does not end in the layer's "
                              f"input width {self.k}")
@@ -90,7 +92,7 @@ class HessianAccumulator:
 
     def add(self, x: torch.Tensor) -> None:
         """Accumulate inputs ``x`` (..., k)."""
-        rows = self._rows(x)
+        rows = self.rows(x)
         if rows.shape[0]:
             self.add_gram(gram(rows, self.dtype), rows.shape[0])
 
@@ -104,6 +106,17 @@ class HessianAccumulator:
         # running mean: H_new = n/(n+m) H + 2/(n+m) xᵀx
         self.H.mul_(self.n / total).add_(g.to(self.device, self.dtype), alpha=2.0 / total)
         self.n = total
+
+    def state_for_reduce(self) -> tuple[dict[str, torch.Tensor], int]:
+        """``({"H": H}, n)``: the running mean and its row count (kvant.calib.dist)."""
+        return {"H": self.H}, self.n
+
+    def load_reduced(self, state: dict[str, torch.Tensor], count: int) -> None:
+        """Take the mean H over ``count`` rows of every process."""
+        H = state["H"]
+        if H.shape != (self.k, self.k):
+            raise ValueError(f"reduced Hessian of shape {tuple(H.shape)} for width {self.k}")
+        self.H, self.n = H.to(self.device, self.dtype), count
 
     def result(self, layer: str = "") -> torch.Tensor:
         """H, or the identity (plain rounding, logged) when the layer saw no input: a Linear

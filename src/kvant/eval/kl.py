@@ -13,8 +13,9 @@ How the original's log-probabilities are kept (``store``):
   (float16 by default). KL is then exact up to float16 rounding of log P: the rounding
   error is at most 2**-11 relative, zero-mean, and largest for the rare tokens whose weight
   P(v) is tiny, so the mean KL moves by far less than 1e-3. SmolLM2-135M on the full
-  WikiText-2 test set needs 148 x 2047 x 49152 x 2 bytes = 30 GB: it is kept on the GPU when
-  half of the free GPU memory holds it, else in CPU memory (``max_cpu_bytes``).
+  WikiText-2 test set (149 windows of 2048 tokens) needs 149 x 2047 x 49152 x 2 bytes =
+  30 GB: it is kept on the GPU when half of the free GPU memory holds it, else in CPU memory
+  (``max_cpu_bytes``).
 - ``"topk"``: the ``topk`` largest log-probabilities per position and their token ids; KL
   is computed over the coarser partition {top-k tokens, all other tokens}. By the data
   processing inequality this is a lower bound of the exact KL; the gap is the tail's own
@@ -29,7 +30,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from kvant.eval.perplexity import _device_of, lm_logits
+from kvant.eval.perplexity import model_device, lm_logits
 
 DEFAULT_MAX_CPU_BYTES = 48 * 1024 ** 3
 TAIL_EPS = 1e-6
@@ -52,7 +53,7 @@ class FloatReference:
                              f"got {tuple(windows.shape)}")
         self.windows = windows
         self.batch_size = batch_size
-        self.device = torch.device(device) if device is not None else _device_of(model)
+        self.device = torch.device(device) if device is not None else model_device(model)
         self.store_dtype = store_dtype
         self.topk = topk
         n_w, t = windows.shape
@@ -131,7 +132,7 @@ class FloatReference:
         Returns ppl, nll, kl (mean over scored positions), kl_store ("full"/"topk"), tokens,
         windows.
         """
-        device = _device_of(model)
+        device = model_device(model)
         n_w = len(self.windows)
         nll_sum, kl_sum = 0.0, 0.0
         for start in tqdm(range(0, n_w, self.batch_size), desc="compare",

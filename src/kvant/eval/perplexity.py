@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
     for t in model.parameters():
         return t.device
     for t in model.buffers():
@@ -38,7 +38,7 @@ def window_nll(model, ids: torch.Tensor, seq_len: int, batch_size: int = 16,
     if n_windows == 0:
         raise ValueError(f"text of {ids.numel()} tokens is shorter than one window of {seq_len}")
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
-    device = _device_of(model)
+    device = model_device(model)
     total, count = 0.0, 0
     for start in tqdm(range(0, n_windows, batch_size), desc="perplexity",
                       disable=not show_progress):
@@ -145,7 +145,7 @@ def windows_nll(model, windows: torch.Tensor, batch_size: int = 1, device=None,
     from kvant.model.lazy import check_materialized
 
     check_materialized(model)  # a lazily loaded model before quantization: a clear error
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else model_device(model)
     out = torch.zeros(len(windows), dtype=torch.float64)
     for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not show_progress):
         batch = windows[start:start + batch_size].to(device)

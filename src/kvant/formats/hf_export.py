@@ -41,7 +41,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from kvant.formats.checkpoint import _dedupe, atomic_dir, write_shards
+from kvant.errors import KvantError
+from kvant.formats import outdir
+from kvant.formats.checkpoint import dedupe_tensors, write_shards
 from kvant.formats.packing import pack, unpack
 from kvant.nn.qlinear import QuantLinear
 
@@ -49,7 +51,7 @@ FORMATS = ("gptq", "awq", "compressed-tensors")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column (within 8) held by nibble 0, 1, ..., 7
 
 
-class ExportError(ValueError):
+class ExportError(KvantError):
     """The model cannot be written in the requested layout; the message says why."""
 
 
@@ -189,12 +191,17 @@ def _block_linears_left_float(model: nn.Module, quantized: dict) -> list[str]:
             and any(name.startswith(prefix) for prefix in lists)]
 
 
-def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str, tokenizer=None) -> Path:
+def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str, tokenizer=None, *,
+              overwrite: bool = False, source: str | os.PathLike | None = None) -> Path:
     """Write ``model`` (quantized by kvant, a transformers model) as a GPTQ, AWQ or
-    compressed-tensors checkpoint directory, atomically. Raises :class:`ExportError` naming
+    compressed-tensors checkpoint directory, safely (kvant.formats.outdir: an existing kvant
+    output is replaced only with ``overwrite``; ``source``, the checkpoint the model was
+    loaded from, and foreign directories are refused). Raises :class:`ExportError` naming
     the first layer or setting the layout cannot express."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; known: {FORMATS}")
+    sources = [source, getattr(model, "name_or_path", None)]
+    outdir.check_output(out_dir, overwrite=overwrite, sources=sources)  # before any work
     try:
         from transformers import PreTrainedModel
     except ImportError as e:
@@ -236,7 +243,7 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str, tokenizer=
     # tied embeddings are stored once (loaders re-tie them from the config): dedupe before
     # the float16 cast, which would make the two names separate tensors
     skip = {f"{name}.{b}" for name, m in layers.items() for b, _ in m.named_buffers()}
-    kept, _aliases = _dedupe({k: t for k, t in model.state_dict().items() if k not in skip})
+    kept, _aliases = dedupe_tensors({k: t for k, t in model.state_dict().items() if k not in skip})
     tensors = {key: t.to(torch.float16) if t.is_floating_point() else t
                for key, t in kept.items()}
     for name, m in layers.items():
@@ -250,7 +257,8 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str, tokenizer=
     # vLLM picks the model class from "architectures", which a GGUF-loaded config lacks
     if not config.get("architectures"):
         config["architectures"] = [type(model).__name__]
-    with atomic_dir(out_dir) as tmp:
+    with outdir.replace_dir(out_dir, overwrite=overwrite, sources=sources,
+                            kind=fmt) as tmp:
         files = write_shards(tensors, tmp)
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size()
                                                 for t in tensors.values())},

@@ -3,8 +3,9 @@
 ``kvant::wq_linear(x, qweight, scales, qzeros, g_idx, bits, group_size)`` computes
 ``x @ dequantize(W)ᵀ`` for a packed weight (layout in docs/FORMAT.md). The default
 implementation below is the pure-torch reference (dequantize, then matmul) that runs on every
-device; GPU kernels register themselves for CUDA through the same op (``kernels/triton``),
-so callers never choose a kernel. A fake (meta) implementation makes the op traceable by
+device, and the only one: the GPU kernels read the repacked layout, through
+``kvant::wq_linear_packed`` (kernels/packed.py), which a layer uses once it is prepared for its
+device (``QuantLinear.prepare``). A fake (meta) implementation makes the op traceable by
 ``torch.compile``.
 """
 
@@ -52,7 +53,3 @@ def wq_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 def _(x, qweight, scales, qzeros, g_idx, bits, group_size, in_features):
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
-
-# the repacked-layout op; where CUDA and Triton exist it also registers the GPU kernels for
-# both ops (kernels/triton/dispatch.py). A CPU-only install never imports Triton.
-from kvant.kernels import packed as _packed  # noqa: E402,F401

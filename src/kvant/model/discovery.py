@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from kvant.errors import InputError
 
-class DiscoveryError(ValueError):
+
+class DiscoveryError(InputError):
     """The model's structure could not be understood."""
 
 
@@ -64,7 +66,7 @@ def find_linears(block: nn.Module, ignore: tuple[str, ...] = (), prefix: str = "
         if not name or not is_linear(mod):
             continue
         full = f"{prefix}{name}"
-        if any(full == ig or full.endswith("." + ig) for ig in ignore):
+        if any(matches_ignore(full, ig) for ig in ignore):
             continue
         out[name] = mod
     return out
@@ -75,3 +77,52 @@ def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def matches_ignore(full_name: str, pattern: str) -> bool:
+    """Whether an ``ignore`` pattern names the module ``full_name`` (exactly or as its
+    dotted suffix: ``"c_proj"`` names ``blocks.0.attn.c_proj``)."""
+    return full_name == pattern or full_name.endswith("." + pattern)
+
+
+def check_ignore_patterns(model: nn.Module, patterns) -> None:
+    """Raise :class:`InputError` naming every ``ignore`` pattern that matches no linear layer
+    of ``model``: a typo there would silently quantize the layer the user meant to keep."""
+    if isinstance(patterns, str):  # one name, never its characters
+        patterns = (patterns,)
+    names = [n for n, m in model.named_modules() if n and is_linear(m)]
+    unmatched = [p for p in patterns if not any(matches_ignore(n, p) for n in names)]
+    if unmatched:
+        examples = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        raise InputError(f"ignore pattern(s) {unmatched} match no linear layer of "
+                         f"{type(model).__name__} (a pattern is a module name or its dotted "
+                         f"suffix, e.g. {examples})")
+
+
+def check_finite(model: nn.Module) -> None:
+    """Raise :class:`InputError` naming the first parameter or buffer of ``model`` that holds
+    NaN or Inf (embeddings, norms, biases and the output head included, not only the layers
+    that get quantized): the result would be NaN however well the weights are rounded.
+
+    Tensors still on the meta device (a lazily loaded block) are checked when they are read.
+    Integer and boolean buffers (masks, position ids) cannot hold NaN and are skipped; float
+    buffers are checked for NaN only, as an additive attention mask may hold -inf on purpose.
+    """
+    for kind, items in (("parameter", model.named_parameters()),
+                        ("buffer", model.named_buffers())):
+        for name, t in items:
+            if t.is_meta or not t.is_floating_point():
+                continue
+            bad_mask = ~torch.isfinite(t) if kind == "parameter" else torch.isnan(t)
+            if bad_mask.any():
+                what = "NaN/Inf" if kind == "parameter" else "NaN"
+                raise InputError(f"{kind} {name!r} {tuple(t.shape)} holds "
+                                 f"{int(bad_mask.sum())} {what} value(s): the model is broken "
+                                 "before quantization")
+
+
+def check_model(model: nn.Module, ignore=()) -> None:
+    """The model-wide checks before quantizing: every ``ignore`` pattern names a layer
+    (:func:`check_ignore_patterns`) and every parameter is finite (:func:`check_finite`)."""
+    check_ignore_patterns(model, ignore)
+    check_finite(model)

@@ -14,9 +14,14 @@ Which rows feed which channels is found by probing the block, not from names:
 2. for such candidates, ``ceil(log2(rows+1))`` more probes scale row ``r`` by 2 where bit j of
    ``r+1`` is set; the bits each channel doubles in spell the row that drives it;
 3. a row that drives several channels (grouped-query attention repeats each v head over
-   several o_proj input blocks) cannot carry one factor per channel: those channels, and
-   channels no candidate drives, are "free" and keep their scale as an explicit input
-   scaling of the Linear (``QuantLinear.input_scale``).
+   several o_proj input blocks) cannot carry one factor per channel;
+4. the fold must also be exact for every other reader of those rows: halving the found rows
+   and doubling the matching columns of the group's Linears (both exact in floating point)
+   must leave the block output unchanged. A post-norm block (BERT) fails here: the LayerNorm
+   before its FFN also feeds the residual add, so it cannot absorb a scale meant for the FFN
+   alone (such modules are listed in ``FoldPlan.shared``).
+Channels that fail any step, and channels no candidate drives, are "free" and keep their
+scale as an explicit input scaling of the Linear (``QuantLinear.input_scale``).
 Channels that are zero on the whole probe are "dead": nothing can be learned about them and
 AWQ leaves their scale at 1. Callers verify every fold numerically (:func:`fold_error`).
 """
@@ -28,7 +33,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from kvant.model.discovery import is_conv1d
+from kvant.calib.runner import BlockRunner
+from kvant.model.discovery import is_conv1d, is_linear
 from kvant.model.mappings import norm_weight_offset
 
 
@@ -50,21 +56,31 @@ class FoldPlan:
     """Where the inverse scale of each input channel of a group can go.
 
     sources: rows that absorb ``1/s``; dead: (K,) bool channels silent on the probe (keep
-    s = 1); free: (K,) bool channels no row drives one-to-one (need an input scaling).
+    s = 1); free: (K,) bool channels no row drives one-to-one (need an input scaling);
+    shared: modules whose rows drive channels of the group but also feed other operations
+    (so folding into them would not be exact).
     """
 
     sources: list[FoldSource] = field(default_factory=list)
     dead: torch.Tensor | None = None
     free: torch.Tensor | None = None
+    shared: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
         """Short human-readable summary, e.g. ``"fold->ln1 (384)"``."""
         parts = [f"{src.module}({len(src.rows)})" for src in self.sources]
         text = "fold->" + ",".join(parts) if parts else "no fold"
-        n_free = int(self.free.sum()) if self.free is not None else 0
+        n_free = self.n_free
         if n_free:
             text += f"; input_scale on {n_free} channels"
+            if self.shared:
+                text += f" ({', '.join(self.shared)} also feeds other operations)"
         return text
+
+    @property
+    def n_free(self) -> int:
+        """How many channels keep an explicit input scale."""
+        return int(self.free.sum()) if self.free is not None else 0
 
 
 def row_params(module: nn.Module) -> list[tuple[nn.Parameter, int, float]] | None:
@@ -110,28 +126,26 @@ def scale_rows(module: nn.Module, factor: torch.Tensor, rows: torch.Tensor | Non
         p.data.index_copy_(dim, idx, new.to(p.dtype))
 
 
-def probe_input(block, first: nn.Module, probe, order: dict | None = None):
-    """Run ``block`` on ``probe``; return the (M, K) float32 input of ``first`` (first call).
+def probe_input(runner: BlockRunner, first: nn.Module, probe, order: dict | None = None):
+    """Run the block on ``probe``; return the (M, K) float32 input of ``first`` (first call).
 
     With ``order`` (module -> name), also return the names of those modules that finished
     before ``first`` was called.
     """
     seen: dict = {}
     done: list[str] = []
-    def grab(_m, a):  # returns None: a pre-hook's return value would replace the input
+
+    def grab(a, _kw):
         if "x" not in seen:
             seen["x"] = a[0].detach().float().clone()
 
-    handles = [first.register_forward_pre_hook(grab)]
-    if order:
-        for mod, name in order.items():
-            handles.append(mod.register_forward_hook(
-                lambda m, a, o, name=name: None if "x" in seen else done.append(name)))
-    try:
-        block(*probe.args, **probe.kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    def finished(name):
+        if "x" not in seen:
+            done.append(name)
+
+    after = [(mod, lambda a, kw, o, name=name: finished(name))
+             for mod, name in (order or {}).items()]
+    runner.run([probe], before=[(first, grab)], after=after, keep_outputs=False)
     if "x" not in seen:
         raise RuntimeError("the group's first Linear did not run on the probe input")
     x = seen["x"]
@@ -165,13 +179,19 @@ def find_fold_plan(block: nn.Module, group_first: str, exclude: set[str], probe,
                    tol: float) -> FoldPlan:
     """Probe ``block`` for the rows that drive the input of the Linear ``group_first``.
 
-    exclude: module names that may not absorb scales (the group's own Linears).
+    exclude: the group's own Linears: they may not absorb scales, and they take the
+    compensating column scale in the exactness check (step 4 above).
     probe: a captured block input (calib.capture.BlockInput) with live data.
     """
+    runner = BlockRunner(block, [probe])
     first = block.get_submodule(group_first)
+    group = [block.get_submodule(n) for n in sorted(exclude)]
+    group = [m for m in group if is_linear(m)]
     cands = {m: n for n, m in block.named_modules()
              if n and n not in exclude and row_params(m) is not None}
-    x, before = probe_input(block, first, probe, cands)
+    x, before = probe_input(runner, first, probe, cands)
+    y_ref = runner.output(probe).detach().float()
+    shared: list[str] = []
     k = x.shape[1]
     amax = x.abs().amax(0)
     live = amax > 1e-6 * amax.max().clamp(min=1e-30)
@@ -190,7 +210,7 @@ def find_fold_plan(block: nn.Module, group_first: str, exclude: set[str], probe,
         rows = n_rows(mod)
         try:
             scale_rows(mod, torch.full((rows,), 2.0))
-            state = _classify(x, probe_input(block, first, probe)[0], live, tol)
+            state = _classify(x, probe_input(runner, first, probe)[0], live, tol)
             _restore(mod, saved)
             hit = (state == 1).cpu()
             if not hit.any():
@@ -200,7 +220,7 @@ def find_fold_plan(block: nn.Module, group_first: str, exclude: set[str], probe,
             for j in range((rows + 1).bit_length()):
                 bit = ((torch.arange(rows) + 1) >> j) & 1
                 scale_rows(mod, 1.0 + bit.float())
-                sj = _classify(x, probe_input(block, first, probe)[0], live, tol).cpu()
+                sj = _classify(x, probe_input(runner, first, probe)[0], live, tol).cpu()
                 _restore(mod, saved)
                 code |= (sj == 1).long() << j
                 bad |= sj == -1
@@ -209,16 +229,42 @@ def find_fold_plan(block: nn.Module, group_first: str, exclude: set[str], probe,
             # one-to-one: a row feeding several channels cannot carry one factor per channel
             counts = torch.bincount(row[ok], minlength=rows)
             ok &= (counts[row.clamp(0, rows - 1)] == 1) & (owner < 0)
+            if ok.any() and not _fold_is_exact(runner, mod, row[ok], ok, group, probe, y_ref,
+                                               tol):
+                shared.append(names[ci])
+                continue
             owner[ok] = ci
             owner_row[ok] = row[ok]
         finally:
             _restore(mod, saved)
-    plan = FoldPlan(dead=~live_cpu, free=(owner < 0) & live_cpu)
+    plan = FoldPlan(dead=~live_cpu, free=(owner < 0) & live_cpu, shared=shared)
     for ci, name in enumerate(names):  # execution order
         sel = (owner == ci).nonzero().flatten()
         if len(sel):
             plan.sources.append(FoldSource(name, owner_row[sel], sel))
     return plan
+
+
+@torch.no_grad()
+def _fold_is_exact(runner: BlockRunner, mod: nn.Module, rows: torch.Tensor,
+                   channels: torch.Tensor, group: list[nn.Module], probe, y_ref: torch.Tensor,
+                   tol: float) -> bool:
+    """Halve ``rows`` of ``mod`` and double the columns ``channels`` ((K,) bool) of every
+    Linear of ``group``: True when the block output on ``probe`` stays ``y_ref``, i.e. the
+    rows reach the rest of the block only through the group."""
+    saved = [p.data.clone() for p, _, _ in row_params(mod)]
+    saved_cols = [lin.weight.data.clone() for lin in group]
+    try:
+        scale_rows(mod, torch.full((len(rows),), 0.5), rows)
+        s = torch.where(channels, 2.0, 1.0)
+        for lin in group:
+            scale_columns(lin, s)
+        y = runner.output(probe).float()
+        return bool((y - y_ref).abs().max() <= tol * y_ref.abs().max().clamp(min=1e-30))
+    finally:
+        _restore(mod, saved)
+        for lin, data in zip(group, saved_cols):
+            lin.weight.data.copy_(data)
 
 
 def _restore(mod: nn.Module, saved: list[torch.Tensor]) -> None:
@@ -228,8 +274,16 @@ def _restore(mod: nn.Module, saved: list[torch.Tensor]) -> None:
 
 @torch.no_grad()
 def apply_fold(block: nn.Module, plan: FoldPlan, s: torch.Tensor) -> None:
-    """Divide every source row by the scale of the channel it drives; ``s`` (K,) > 0."""
+    """Divide every source row by the scale of the channel it drives; ``s`` (K,) > 0.
+
+    Raises ValueError when a source does not fit (a row or channel out of range): a scale is
+    never paired with an operation of another width."""
     for src in plan.sources:
+        mod = block.get_submodule(src.module)
+        if (len(src.rows) != len(src.channels) or int(src.rows.max()) >= n_rows(mod)
+                or int(src.channels.max()) >= s.numel()):
+            raise ValueError(f"fold plan does not fit: {len(src.rows)} rows of {src.module!r} "
+                             f"({n_rows(mod)} rows) for {s.numel()} input channels")
         scale_rows(block.get_submodule(src.module), 1.0 / s.cpu().float()[src.channels],
                    src.rows)
 
@@ -246,7 +300,8 @@ def scale_columns(lin: nn.Module, s: torch.Tensor) -> None:
 def apply_scales(block: nn.Module, names: list[str], plan: FoldPlan, s: torch.Tensor):
     """Scale the input columns of the Linears ``names`` by ``s`` (K,) and divide their input
     by ``s``: folded into the plan's sources, and through a forward pre-hook on each Linear
-    for the plan's free channels (the float stand-in of ``QuantLinear.input_scale``).
+    for the plan's free channels (the float stand-in of ``QuantLinear.input_scale``; it
+    stays until the engine replaces the Linear, or the caller removes it to undo).
 
     Returns (input_scale (K,) with 1 on folded channels, or None; the hook handles).
     """

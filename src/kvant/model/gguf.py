@@ -33,7 +33,12 @@ def gguf_architecture(path: str | os.PathLike) -> str:
     """``general.architecture`` of a GGUF file (e.g. ``"llama"``)."""
     from gguf import GGUFReader
 
-    field = GGUFReader(str(path)).fields.get("general.architecture")
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # a truncated or corrupted header fails in many ways inside gguf
+        raise ModelLoadError(f"GGUF file {str(path)!r} is truncated or corrupted: its header "
+                             f"cannot be read ({type(e).__name__}: {e})") from None
+    field = reader.fields.get("general.architecture")
     if field is None:
         raise ModelLoadError(f"GGUF file {str(path)!r} has no general.architecture field")
     return bytes(field.parts[field.data[0]]).decode("utf-8")
@@ -55,7 +60,8 @@ def load_gguf(path: str | os.PathLike, dtype="float32", device: str | torch.devi
     """
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"GGUF file {str(p)!r} does not exist")
+        raise FileNotFoundError(f"GGUF file {str(p)!r} does not exist (no such file or "
+                                "directory)")
     if not is_gguf_file(p):
         raise ModelLoadError(f"{str(p)!r} is not a GGUF file (no 'GGUF' magic bytes)")
     missing = [m for m in ("gguf", "accelerate", "transformers") if not _importable(m)]

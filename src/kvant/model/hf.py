@@ -8,11 +8,14 @@ files (:func:`tokenizer_files`); :func:`from_spec` builds the empty model again 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from kvant.errors import CheckpointError, InputError
 
 # files one of which a directory must hold to have weights (sharded variants via their index)
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -21,11 +24,55 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "spiece.model")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InputError):
     """A model directory, architecture or tokenizer cannot be loaded."""
 
 
-def _require_transformers():
+# "org/name" (one slash, no leading dot): what a hub id looks like
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def looks_local(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a hub id: it exists, starts with
+    ``/``, ``.`` or ``~``, ends in ``.gguf``, or holds a path separator without being of the
+    hub's ``org/name`` shape."""
+    if os.path.exists(os.path.expanduser(name)):
+        return True
+    if name.startswith(("/", ".", "~")) or name.lower().endswith(".gguf"):
+        return True
+    seps = (os.sep, os.altsep) if os.altsep else (os.sep,)
+    return any(sep in name for sep in seps) and not _HUB_ID.fullmatch(name)
+
+
+def local_or_hub(path_or_id: str | os.PathLike) -> str:
+    """``path_or_id`` with ``~`` expanded; raises FileNotFoundError ("no such file or
+    directory") at once for a local-looking path that does not exist, instead of asking the
+    hub for it (which takes tens of seconds offline and then reports something else)."""
+    name = os.fspath(path_or_id)
+    if looks_local(name):
+        full = os.path.expanduser(name)
+        if not os.path.exists(full):
+            raise FileNotFoundError(f"no such file or directory: {name!r}")
+        return full
+    return name
+
+
+def check_not_foreign_quantized(meta: dict, path: str | os.PathLike) -> None:
+    """Refuse a directory whose config.json holds another tool's ``quantization_config``
+    (e.g. kvant's own GPTQ/AWQ/compressed-tensors exports): kvant loads float models and its
+    own checkpoints, and would otherwise fail deep inside transformers or, worse, treat the
+    packed integers as float weights."""
+    qc = meta.get("quantization_config") or {}
+    qm = qc.get("quant_method") if isinstance(qc, dict) else None
+    if qm is None:
+        return
+    raise CheckpointError(
+        f"{str(path)!r} is a {qm} checkpoint (config.json quantization_config.quant_method="
+        f"{qm!r}), which kvant does not load: if it is a kvant export, evaluate the kvant "
+        "checkpoint it came from; otherwise load it with vLLM or transformers")
+
+
+def require_transformers():
     try:
         import transformers
     except ImportError:  # pragma: no cover - depends on the environment
@@ -112,7 +159,7 @@ def load_hf(path_or_id: str | os.PathLike, dtype="auto", device: str | torch.dev
     Errors before any weight is read: missing weights, an unsupported architecture, a
     tokenizer that cannot be found.
     """
-    transformers = _require_transformers()
+    transformers = require_transformers()
     dtype = resolve_dtype(dtype)
     path = Path(path_or_id)
     if path.exists():
@@ -123,8 +170,10 @@ def load_hf(path_or_id: str | os.PathLike, dtype="auto", device: str | torch.dev
     try:
         config = transformers.AutoConfig.from_pretrained(str(path_or_id))
     except (OSError, ValueError, KeyError) as e:
-        raise ModelLoadError(f"cannot read the model config of {str(path_or_id)!r}: "
+        where = "" if path.exists() else " (not a local path, so it was looked up as a hub id)"
+        raise ModelLoadError(f"cannot read the model config of {str(path_or_id)!r}{where}: "
                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    check_not_foreign_quantized(config.to_dict(), path_or_id)
     check_architecture(config)
     tokenizer = load_tokenizer(path_or_id)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path_or_id),
@@ -159,7 +208,7 @@ def from_spec(spec_: dict, ckpt_dir: str | os.PathLike | None = None):
     The weights are left uninitialised where ``accelerate`` is present (the checkpoint's
     tensors are assigned afterwards); buffers such as rotary frequencies are built normally.
     """
-    transformers = _require_transformers()
+    transformers = require_transformers()
     cfg = dict(spec_["config"])
     model_type = cfg.pop("model_type", spec_.get("model_type"))
     config = transformers.AutoConfig.for_model(model_type, **cfg)

@@ -1,85 +1,49 @@
-"""Quantize with less host memory: decoder blocks read from disk one at a time.
+"""Models whose decoder blocks are read one at a time: the skeleton of streaming quantization.
 
-``load_lazy(dir)`` builds a Hugging Face model whose decoder blocks stay on the ``meta``
+:func:`build_streamed` builds a Hugging Face model whose decoder blocks stay on the ``meta``
 device (no memory); everything outside them (embeddings, final norm, head) is read at once.
 The model carries a :class:`LazyBlocks` as ``model.kvant_lazy_blocks``; the calibration
 engine (``kvant.calib.engine.quantize_model``) calls :meth:`LazyBlocks.load` just before it
-quantizes block i, so the float weights of one block are read at a time, next to the packed
-blocks already done. Measured (benchmarks/results/lazy_memory.md): the peak stays below
-loading the whole model, but the process still grows by more than the packed output per
-block (memory the allocator keeps), so the peak is not yet independent of the depth.
+quantizes block i and, when it streams the result to disk, :meth:`LazyBlocks.release` after
+the block is written, so host memory holds one float block at a time and no packed blocks.
 
-Only safetensors checkpoints (one file, or shards with ``model.safetensors.index.json``)
-whose tensor names are the model's state_dict names, as ``save_pretrained`` writes them.
-Until every block is quantized the model cannot run: :func:`check_materialized` says so.
+The tensors come from a source (kvant.model.sources): a safetensors directory
+(:func:`load_lazy`) or seeded synthetic weights (kvant.model.synthetic). Until every block is
+quantized the model cannot run: :func:`check_materialized` says so.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from kvant.errors import InputError
 from kvant.model.discovery import find_blocks
+from kvant.model.sources import SafetensorsSource, SourceError, TensorSource
 
 
-class LazyLoadError(ValueError):
+class LazyLoadError(InputError):
     """A lazy load cannot go on: missing tensors, unsupported files, NaN weights."""
-
-
-def _weight_map(folder: Path) -> dict[str, Path]:
-    """tensor name -> safetensors file of a checkpoint directory."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        entries = json.loads(index.read_text())["weight_map"]
-        return {name: folder / f for name, f in entries.items()}
-    single = folder / "model.safetensors"
-    if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), "pt") as f:
-            return {name: single for name in f.keys()}
-    raise LazyLoadError(f"{folder} has no model.safetensors or model.safetensors.index.json: "
-                        "lazy loading reads safetensors checkpoints only")
 
 
 class LazyBlocks:
     """Reads the tensors of one decoder block (or of everything outside the blocks) from a
-    safetensors checkpoint, cast to ``dtype``, into a module built on the meta device."""
+    tensor source, cast to ``dtype``, into a module built on the meta device, and releases a
+    finished block back to the meta device."""
 
-    def __init__(self, folder: str | os.PathLike, prefix: str, dtype: torch.dtype):
-        self.folder, self.prefix, self.dtype = Path(folder), prefix, dtype
-        self.weight_map = _weight_map(self.folder)
-
-    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        from safetensors import safe_open
-
-        missing = [n for n in names if n not in self.weight_map]
-        if missing:
-            raise LazyLoadError(f"{len(missing)} tensors missing from {self.folder} "
-                                f"(first: {missing[0]!r})")
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.weight_map[n], []).append(n)
-        out = {}
-        for file, group in by_file.items():
-            with safe_open(str(file), "pt") as f:
-                for n in group:
-                    t = f.get_tensor(n)
-                    # a copy: get_tensor's tensors may share the file's memory map, which a
-                    # small tensor that stays (a norm) would keep resident with every page
-                    # of the shard the quantization touched
-                    out[n] = t.to(self.dtype if t.is_floating_point() else t.dtype,
-                                  copy=True)
-        return out
+    def __init__(self, source: TensorSource, prefix: str, dtype: torch.dtype):
+        self.source, self.prefix, self.dtype = source, prefix, dtype
 
     def fill(self, module: nn.Module, names: list[str], strip: str = "") -> None:
-        """Assign checkpoint tensors ``names`` (full names; ``strip`` removed to get the
+        """Assign source tensors ``names`` (full names; ``strip`` removed to get the
         module's own keys) to ``module``, replacing its meta tensors."""
-        state = self._read(names)
+        try:
+            state = self.source.read(names, self.dtype)
+        except SourceError as e:
+            raise LazyLoadError(str(e)) from None
         for n, t in state.items():
             if t.is_floating_point() and not torch.isfinite(t).all():
                 raise LazyLoadError(f"tensor {n!r} has NaN or Inf values")
@@ -89,63 +53,83 @@ class LazyBlocks:
     def load(self, i: int, block: nn.Module) -> None:
         """Read block ``i``'s weights into ``block`` (on the CPU); a no-op once read. Every
         tensor of the block's state_dict is read (a missing one raises), so none stays meta."""
-        if not any(p.is_meta for p in block.parameters()):
+        state = block.state_dict()
+        if not any(t.is_meta for t in state.values()):
             return
         strip = f"{self.prefix}.{i}."
-        self.fill(block, [strip + k for k in block.state_dict()], strip)
+        self.fill(block, [strip + k for k in state], strip)
+
+    @staticmethod
+    def release(block: nn.Module) -> None:
+        """Free a block whose quantized tensors are on disk: every parameter and persistent
+        buffer goes back to the meta device (non-persistent buffers such as rotary tables
+        are derived, not stored, and stay)."""
+        persistent = set(block.state_dict())
+        for name, mod in block.named_modules():
+            pre = f"{name}." if name else ""
+            for k, p in list(mod._parameters.items()):
+                if p is not None:
+                    mod._parameters[k] = nn.Parameter(p.to("meta"), p.requires_grad)
+            for k, b in list(mod._buffers.items()):
+                if b is not None and pre + k in persistent:
+                    mod._buffers[k] = b.to("meta")
 
 
-def _return_freed_memory() -> None:
-    """Make glibc serve allocations above 128 KB with mmap, so each block's freed float
-    weights and temporaries go back to the system instead of staying in the heap (seen
-    while writing this on cpu-2core, 2048-wide Llama: growth per block from 80-120 MB to
-    ~50 MB, of which ~28 MB is the packed block; the rest is not explained). No-op off
-    glibc."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD; also stops its dynamic growth
-    except (OSError, AttributeError):
-        pass
-
-
-def load_lazy(folder: str | os.PathLike, dtype="auto"):
-    """(model, tokenizer) of a local Hugging Face safetensors directory with the decoder
-    blocks left on the meta device, to be read one at a time while quantizing."""
+def build_streamed(config, source: TensorSource, dtype: torch.dtype) -> nn.Module:
+    """A causal LM of HF ``config`` with its decoder blocks on the meta device and every
+    other tensor read from ``source``; ``model.kvant_lazy_blocks`` reads the blocks."""
     from accelerate import init_empty_weights
 
     from kvant.model import hf
 
-    transformers = hf._require_transformers()
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise LazyLoadError(f"lazy loading needs a local model directory, got {str(folder)!r}")
-    config = transformers.AutoConfig.from_pretrained(str(folder))
+    transformers = hf.require_transformers()
     hf.check_architecture(config)
-    dtype = hf.resolve_dtype(dtype)
-    if dtype == "auto":
-        stored = getattr(config, "torch_dtype", None) or getattr(config, "dtype", None)
-        dtype = stored if isinstance(stored, torch.dtype) else getattr(
-            torch, str(stored or "float32").removeprefix("torch."), torch.float32)
     with init_empty_weights(include_buffers=False):
         model = transformers.AutoModelForCausalLM.from_config(config, **hf.dtype_kwargs(dtype))
-    prefix, blocks = find_blocks(model)
-    lazy = LazyBlocks(folder, prefix, dtype)
-    # everything outside the blocks that the checkpoint holds (a tied head is not stored)
+    prefix, _ = find_blocks(model)
+    lazy = LazyBlocks(source, prefix, dtype)
+    held = source.names()
+    # everything outside the blocks that the source holds (a tied head is not stored)
     lazy.fill(model, [n for n in model.state_dict()
-                      if not n.startswith(f"{prefix}.") and n in lazy.weight_map])
+                      if not n.startswith(f"{prefix}.") and n in held])
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     left = [n for n, p in model.named_parameters()
             if p.is_meta and not n.startswith(f"{prefix}.")]
     if left:
-        raise LazyLoadError(f"{left[0]!r} is not in the checkpoint {folder}")
+        raise LazyLoadError(f"{left[0]!r} is not in the source {source.identity()}")
     model.kvant_lazy_blocks = lazy
-    _return_freed_memory()
-    tokenizer = hf.load_tokenizer(folder)
-    return hf.prepare_for_calibration(model), tokenizer
+    return hf.prepare_for_calibration(model)
+
+
+def stored_dtype(config) -> torch.dtype:
+    """The dtype a HF config says its weights are stored in (float32 if it says nothing)."""
+    # "dtype" first: transformers 5 warns on every read of the deprecated "torch_dtype"
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, torch.dtype):
+        return stored
+    return getattr(torch, str(stored or "float32").removeprefix("torch."), torch.float32)
+
+
+def load_lazy(folder: str | os.PathLike, dtype="auto"):
+    """(model, tokenizer) of a local Hugging Face safetensors directory with the decoder
+    blocks left on the meta device, to be read one at a time while quantizing."""
+    from kvant.model import hf
+
+    transformers = hf.require_transformers()
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise LazyLoadError(f"lazy loading needs a local model directory, got {str(folder)!r}")
+    try:
+        source = SafetensorsSource(folder)
+    except SourceError as e:
+        raise LazyLoadError(str(e)) from None
+    config = transformers.AutoConfig.from_pretrained(str(folder))
+    dtype = hf.resolve_dtype(dtype)
+    if dtype == "auto":
+        dtype = stored_dtype(config)
+    model = build_streamed(config, source, dtype)
+    return model, hf.load_tokenizer(folder)
 
 
 def check_materialized(model: nn.Module) -> None:
@@ -155,3 +139,24 @@ def check_materialized(model: nn.Module) -> None:
         raise LazyLoadError(f"{len(meta)} weights are not loaded yet (first: {meta[0]!r}): a "
                             "lazily loaded model runs only after kvant.quantize has read and "
                             "quantized every block")
+
+
+def streamable(path) -> bool:
+    """Whether ``path`` is a local Hugging Face model directory of safetensors weights that
+    :func:`load_lazy` can read block by block (not a kvant checkpoint, a nanoGPT directory or
+    an already quantized export)."""
+    import json
+
+    folder = Path(str(path)).expanduser()
+    cfg = folder / "config.json"
+    if not folder.is_dir() or not cfg.is_file():
+        return False
+    if not ((folder / "model.safetensors").is_file()
+            or (folder / "model.safetensors.index.json").is_file()):
+        return False
+    try:
+        meta = json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return (isinstance(meta, dict) and meta.get("model_type") not in (None, "nanogpt")
+            and not meta.get("quantization_config"))

@@ -139,6 +139,7 @@ def _concat(layers: list) -> nn.Module:
             getattr(fused, name).copy_(torch.cat([getattr(m, name) for m in layers], 0))
     if first.input_scale is not None:
         fused.input_scale.copy_(first.input_scale)
+    fused.prepare(options=first.kernel_options)  # the kernel layout of the copied tensors
     return fused
 
 

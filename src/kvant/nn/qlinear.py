@@ -8,11 +8,22 @@ Buffers (all in the state_dict, names are the checkpoint contract, docs/FORMAT.m
 - ``bias`` (N,) in the model's dtype, when the original Linear had one;
 - ``input_scale`` float16 (K,), only where a method scaled input channels and no previous
   operation could absorb 1/s (AWQ): the forward computes ``(x / input_scale) @ Wᵀ``.
-The forward goes through ``kvant::wq_linear`` (kernels/ops.py), which picks the GPU kernel
-or the pure-torch reference by device.
+
+Getting ready for a device is one explicit step, owned by the layer: :meth:`QuantLinear.prepare`
+(or :func:`prepare_for_inference` for a whole model; ``kvant.load_quantized`` and every
+``.to()`` / ``.cuda()`` call it) repacks the stored tensors once into the GPU kernels'
+layout, kept as non-persistent buffers ``kernel_qweight``, ``kernel_scales``,
+``kernel_zeros``, ``kernel_perm`` (never in the state_dict or the checkpoint, not counted by
+:meth:`QuantLinear.storage_bytes`) and described by :class:`KernelLayout`. On the CPU, and for
+grids or layer kinds the kernels do not handle, there is no layout and the forward is the
+pure-torch reference ``kvant::wq_linear`` (kernels/ops.py). :meth:`QuantLinear._product` is
+the one place where any layer kind chooses between the two.
 """
 
 from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -20,6 +31,29 @@ import torch.nn as nn
 from kvant.algorithms.base import LayerResult
 from kvant.formats.packing import pack, packed_width
 from kvant.kernels import ops, packed
+from kvant.kernels.options import KernelOptions
+from kvant.kernels.triton import repack as rp
+
+log = logging.getLogger(__name__)
+
+# the non-persistent buffers of a prepared layer, in PackedWeight's order
+KERNEL_BUFFERS = ("kernel_qweight", "kernel_scales", "kernel_zeros", "kernel_perm")
+
+
+@dataclass(frozen=True)
+class KernelLayout:
+    """What a prepared layer's kernel buffers hold, beside the tensors: the shape of the
+    repacked weight (kernels/triton/repack.py), the device it lives on, and the identity of
+    the stored tensors it was built from (``repack.source_key``: an in-place edit, a
+    ``load_state_dict`` or a move makes it stale, and the layer rebuilds it)."""
+
+    bits: int
+    group_size: int  # the kernels' group size: 0 = one group a row
+    in_features: int
+    pairs: bool
+    tile: int
+    device: torch.device
+    source: tuple
 
 
 _KINDS: dict[str, type] = {}
@@ -75,6 +109,10 @@ class QuantLinear(nn.Module):
         self._init_kwargs = dict(in_features=in_features, out_features=out_features, bits=bits,
                                  group_size=group_size, bias=bias, act_order=act_order,
                                  input_scale=input_scale, dtype=str(dtype).removeprefix("torch."))
+        for name in KERNEL_BUFFERS:  # filled by prepare() on a CUDA device
+            self.register_buffer(name, None, persistent=False)
+        self.kernel_options = KernelOptions()
+        self.kernel_layout: KernelLayout | None = None
 
     def init_kwargs(self) -> dict:
         """JSON-ready constructor arguments (dtype as a string) to rebuild an empty shell."""
@@ -114,19 +152,123 @@ class QuantLinear(nn.Module):
         """x (..., K) -> (..., N) in x's dtype."""
         if self.input_scale is not None:
             x = x / self.input_scale.to(x.dtype)
-        if x.is_cuda:  # cached repacked layout + Triton kernels (kernels/packed.py)
-            y = packed.cuda_linear(self, x)
-        else:
-            y = ops.wq_linear(x, self.qweight, self.scales, self.qzeros, self.g_idx,
-                              self.bits, self.group_size, self.in_features)
+        y = self._product(x)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
 
+    def reference_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ Wᵀ`` by the pure-torch reference (x already divided by input_scale)."""
+        return ops.wq_linear(x, self.qweight, self.scales, self.qzeros, self.g_idx, self.bits,
+                             self.group_size, self.in_features)
+
+    def kernel_source(self) -> tuple:
+        """The stored tensors the GPU kernels compute ``x @ Wᵀ`` from: (qweight, scales,
+        qzeros, g_idx) in the checkpoint layout. Kinds whose weight the kernels cannot read
+        raise NotImplementedError saying why."""
+        return self.qweight, self.scales, self.qzeros, self.g_idx
+
+    def prepare(self, device: torch.device | str | None = None,
+                options: KernelOptions | None = None) -> bool:
+        """Get ready to compute on ``device`` (default: where the layer is; the layer is moved
+        there first): on CUDA with the kernels available, repack the stored tensors into the
+        kernels' layout as non-persistent buffers, once; elsewhere drop any such layout.
+        ``options`` (default: the layer's current ones) are kept for later calls and moves.
+        Returns whether the GPU kernels will compute this layer. Idempotent: an up-to-date
+        layout is not rebuilt."""
+        if options is not None:
+            if not isinstance(options, KernelOptions):
+                raise TypeError(f"options must be a KernelOptions, got {type(options).__name__}")
+            self.kernel_options = options
+        if device is not None and torch.device(device) != self.qweight.device:
+            self.to(device)  # _apply prepares for the new device
+            return self.kernel_layout is not None
+        dev = self.qweight.device
+        if not (dev.type == "cuda" and packed.CUDA_KERNELS and self.kernel_options.gpu_kernels):
+            self._drop_layout()
+            return False
+        if self._layout_current():
+            return True
+        return self._build_layout()
+
+    def _build_layout(self) -> bool:
+        """Repack now (any device: on the CPU only tests call it), or drop the layout and
+        keep the reference when the kernels do not handle this layer."""
+        self._drop_layout()
+        try:
+            src = self.kernel_source()
+            p = rp.repack(*src, self.bits, self.group_size, self.in_features)
+        except NotImplementedError as e:
+            log.info("%s(%d->%d) stays on the reference op: %s", type(self).__name__,
+                     self.in_features, self.out_features, e)
+            return False
+        except ValueError as e:  # inconsistent stored tensors (e.g. an uninitialised shell)
+            log.warning("%s(%d->%d) not repacked, the reference op will run: %s",
+                        type(self).__name__, self.in_features, self.out_features, e)
+            return False
+        for name, t in zip(KERNEL_BUFFERS, (p.qweight, p.scales, p.zeros, p.perm)):
+            setattr(self, name, t)
+        self.kernel_layout = KernelLayout(p.bits, p.group_size, p.in_features, p.pairs,
+                                          p.tile, p.qweight.device, rp.source_key(*src))
+        return True
+
+    def _drop_layout(self) -> None:
+        for name in KERNEL_BUFFERS:
+            setattr(self, name, None)
+        self.kernel_layout = None
+
+    def _layout_current(self) -> bool:
+        """Whether the layout exists and was built from the stored tensors as they are now."""
+        lay = self.kernel_layout
+        if lay is None:
+            return False
+        try:
+            return lay.source == rp.source_key(*self.kernel_source())
+        except NotImplementedError:
+            return False
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ Wᵀ`` (x already divided by input_scale): the one dispatch point of every
+        layer kind. The prepared layout on x's device goes to the GPU kernels
+        (``kvant::wq_linear_packed``), anything else to :meth:`reference_product`.
+
+        A layout made stale by an in-place edit of the stored tensors is rebuilt here (not
+        under torch.compile, which cannot trace the check: prepare before compiling; during
+        CUDA-graph capture, which cannot repack, the layer falls back with a warning)."""
+        lay = self.kernel_layout
+        if lay is not None and x.device == lay.device:
+            if torch.compiler.is_compiling() or self._layout_current():
+                return packed.wq_linear_packed(
+                    x, self.kernel_qweight, self.kernel_scales, self.kernel_zeros,
+                    self.kernel_perm, lay.bits, lay.group_size, lay.in_features, lay.pairs,
+                    lay.tile, self.kernel_options.autotune)
+            if x.is_cuda and torch.cuda.is_current_stream_capturing():
+                log.warning("%s: stored tensors changed since prepare(); the reference op "
+                            "runs in this CUDA graph (prepare before capturing)",
+                            type(self).__name__)
+            elif self._build_layout():
+                return self._product(x)
+        return self.reference_product(x)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half(): the kernel layout is derived, so it is not moved or cast
+        # but dropped and (on a CUDA device) rebuilt from the moved stored tensors; an
+        # up-to-date layout (a .to() that moved nothing) is kept as it is
+        layout = (self.kernel_layout, [self._buffers[n] for n in KERNEL_BUFFERS])
+        for name in KERNEL_BUFFERS:
+            self._buffers[name] = None
+        super()._apply(fn, recurse)
+        self.kernel_layout, kept = layout
+        for name, t in zip(KERNEL_BUFFERS, kept):
+            self._buffers[name] = t
+        self.prepare()
+        return self
+
     def storage_bytes(self) -> int:
-        """Bytes of every stored tensor of this layer (bias excluded: it is not a weight)."""
+        """Bytes of every stored tensor of this layer (bias excluded: it is not a weight;
+        the kernel layout excluded: it is derived, never saved)."""
         return sum(t.numel() * t.element_size() for name, t in self.named_buffers()
-                   if name != "bias")
+                   if name != "bias" and name not in KERNEL_BUFFERS)
 
     def bits_per_weight(self) -> float:
         """Stored bits per weight, scales, zeros, g_idx and input_scale counted."""
@@ -136,3 +278,15 @@ class QuantLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bits={self.bits}, group_size={self.group_size}, "
                 f"act_order={self.g_idx is not None}")
+
+
+def prepare_for_inference(model: nn.Module, device: torch.device | str | None = None,
+                          options: KernelOptions | None = None) -> int:
+    """Move ``model`` to ``device`` (if given) and get every packed layer ready to compute
+    there (:meth:`QuantLinear.prepare`): the GPU kernels' layout is built once, now, so that
+    ``torch.compile`` and CUDA-graph capture find it. Returns the number of layers the GPU
+    kernels compute (0 on the CPU)."""
+    if device is not None:
+        model.to(device)
+    return sum(m.prepare(options=options) for m in model.modules()
+               if isinstance(m, QuantLinear))

@@ -6,7 +6,9 @@ randomized Hadamard transforms, kvant.core.hadamard) and computes
     y = Uᵀ · Q(W̃) · V · (x / input_scale) + bias,
 
 which is the fake-quantized float computation ``x @ (Uᵀ Q(W̃) V)ᵀ`` done in three cheap steps
-(the transforms cost O(n log n); a fused kernel is future work).
+(the transforms cost O(n log n); a fused kernel is future work). The middle product goes
+through the same dispatch as every QuantLinear (``QuantLinear._product``: the GPU kernels
+once the layer is prepared for a CUDA device, else the reference).
 
 Buffers beyond :class:`kvant.nn.qlinear.QuantLinear`'s (names are the checkpoint contract):
 - ``sign_in`` uint8 (ceil(K/8),), ``sign_out`` uint8 (ceil(N/8),): the random signs of V and
@@ -147,9 +149,7 @@ class QuipLinear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N) in x's dtype; the transforms compute in float32."""
         v, u = self.transforms()
-        y = ops.wq_linear(self._rotated_input(x, v), self.qweight, self.scales, self.qzeros,
-                          self.g_idx, self.bits, self.group_size, self.in_features)
-        y = u.inverse(y)
+        y = u.inverse(self._product(self._rotated_input(x, v)))  # kernels or reference
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y

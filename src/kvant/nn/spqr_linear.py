@@ -20,7 +20,7 @@ Buffers (state_dict names are the checkpoint contract): ``qweight``, ``scale_q``
 (int32 words of the flattened (N, G) statistic integers, packed as one row), ``scale_stats``,
 ``zero_stats`` (float16 (2, N/stat_group_size, G): base, step), or ``scales``/``qzeros`` when
 stat_bits == 16; ``perm``; the three CSR arrays; ``bias``. The forward is the dense
-dequantized matmul plus the sparse product, on any device.
+dequantized matmul plus the sparse product, on any device (no GPU kernel layout).
 """
 
 from __future__ import annotations
@@ -214,22 +214,25 @@ class SpQRLinear(QuantLinear):
         w.index_put_((rows, self.outlier_cols.long()), self.outlier_vals.float(), accumulate=True)
         return w
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., K) -> (..., N): dense dequantized matmul plus the CSR outlier product."""
-        if self.input_scale is not None:
-            x = x / self.input_scale.to(x.dtype)
+    def reference_product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ Wᵀ`` (x already divided by input_scale): the dense dequantized matmul plus the
+        CSR outlier product. ``forward`` (QuantLinear's) adds input_scale and bias."""
         y = torch.matmul(x, self.dense_weight().to(x.dtype).t())
         if self.outlier_vals is not None:
             y = y + csr_matmul(x, self.outlier_rowptr, self.outlier_cols,
                                self.outlier_vals, self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
         return y
+
+    def kernel_source(self) -> tuple:
+        """SpQR has no GPU kernel: its zero points are real numbers (second-level statistics)
+        and its outliers a sparse matrix, which the packed kernels do not read."""
+        raise NotImplementedError("SpQR layers (quantized statistics, sparse outliers) have "
+                                  "no GPU kernel")
 
     def bits_breakdown(self) -> dict[str, float]:
         """Bits per weight of each part: dense, statistics, permutation, outliers."""
         per = 8 / (self.in_features * self.out_features)
-        nbytes = {name: t.numel() * t.element_size() for name, t in self.named_buffers()}
+        nbytes = {name: t.numel() * t.element_size() for name, t in self.state_dict().items()}
         stats = ("scale_q", "zero_q", "scale_stats", "zero_stats", "scales", "qzeros",
                  "input_scale")
         outl = ("outlier_rowptr", "outlier_cols", "outlier_vals")

@@ -1,8 +1,9 @@
-"""Triton GPU kernels for ``kvant::wq_linear`` (docs/KERNELS.md).
+"""Triton GPU kernels for weight-only quantized matmuls (docs/KERNELS.md).
 
 Importing this package imports no Triton: :mod:`.repack` (the load-time layout change and its
-pure-torch inverse) runs anywhere. :mod:`.gemv`, :mod:`.gemm` and :mod:`.dispatch` import
-Triton and are imported only where CUDA and Triton are present (see ``kernels/packed.py``).
+pure-torch inverse) runs anywhere. :mod:`.gemv`, :mod:`.gemm`, :mod:`.pairs` and
+:mod:`.dispatch` import Triton; ``kernels/packed.py`` imports them only where
+:func:`available` is true.
 """
 
 

@@ -1,28 +1,26 @@
-"""Kernel choice by shape and batch, launches, tuning, and the CUDA registrations.
+"""Kernel choice by shape and batch, launches and tuning of the Triton kernels.
 
-Importing this module (kernels/packed.py does, where CUDA and Triton exist) registers CUDA
-implementations of ``kvant::wq_linear_packed`` (the repacked layout; the fast path that
-QuantLinear uses) and of ``kvant::wq_linear`` (the stored layout; repacks once per weight
-tensor and caches the result while that tensor lives). docs/KERNELS.md has the dispatch table.
+Tensors in, tensors out: :func:`linear` computes ``x @ Wᵀ`` for a weight in the repacked
+layout (kernels/triton/repack.py). ``kernels/packed.py`` registers it as the CUDA
+implementation of ``kvant::wq_linear_packed`` where CUDA and Triton exist; nothing here knows
+about layers. docs/KERNELS.md has the dispatch table.
 
-Launch configurations come from :func:`heuristic` unless :func:`tune` (or ``KVANT_AUTOTUNE=1``,
-which tunes on the first call of each shape outside graph capture) has timed the candidates
-for that shape. Nothing in the hot path synchronises with the host or allocates outside
-PyTorch's caching allocator, so calls are captured by CUDA graphs.
+Launch configurations come from :func:`heuristic` unless :func:`tune` has timed the
+candidates for that shape (benchmarks do; ``KernelOptions(autotune=True)`` tunes each new
+shape on its first call outside graph capture). Nothing in the hot path synchronises with
+the host or allocates outside PyTorch's caching allocator, so calls are captured by CUDA
+graphs.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import triton
 
-from kvant.kernels import ops, packed  # noqa: F401  (packed defines the op registered below)
 from kvant.kernels.triton import repack as rp
 from kvant.kernels.triton.gemm import dequant_kernel, wq_dot_kernel
 from kvant.kernels.triton.gemv import wq_gemv_kernel
@@ -35,13 +33,6 @@ DOT_MAX_M = 64  # above: dequantize + cuBLAS (the H200 tuning run chose it at 12
 _COUNTER_SLOTS = 1 << 16  # split-K tile counters per device
 _SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles a program may keep in shared memory
 MAGIC = 0x4B000000  # float bits of 2**23, passed at run time (see planes.py)
-WIDE_SEARCH = False  # candidates(): the wider space of the layout sweep
-# the 4-bit kernel loads group scales and zero points one chunk ahead (pairs.py);
-# KVANT_W4_PREFETCH=0 turns it off, only to measure what it is worth (kernel_layouts.py)
-PREFETCH = os.environ.get("KVANT_W4_PREFETCH", "1") != "0"
-# experimental, off: one K=128 dot per chunk for one-group-a-chunk grids (pairs.py ONE_DOT);
-# correct under Triton's interpreter, not yet run on a GPU (kernel_layouts.py --one-dot-ab)
-ONE_DOT = os.environ.get("KVANT_W4_ONE_DOT", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -184,8 +175,7 @@ def launch(x2: torch.Tensor, p: rp.PackedWeight, cfg: Config,
                 num_warps=cfg.warps, num_stages=_stages(cfg, p.bits, p.pairs, bm))
     if p.pairs:
         wq_dot_pairs_kernel[(grid_m, grid_n, split)](*args, BM=bm, TH=p.tile,
-                                                     PREFETCH=PREFETCH and cfg.prefetch,
-                                                     ONE_DOT=ONE_DOT, **meta)
+                                                     PREFETCH=cfg.prefetch, **meta)
         return out
     args = args + (MAGIC,)
     meta["BITS"] = p.bits
@@ -227,18 +217,14 @@ def candidates(m: int, p: rp.PackedWeight, device: torch.device) -> list[Config]
                 if bn * cpi <= (32 if p.bits == 3 else 64):  # 3 bits: registers
                     out.update(Config("gemv", bn=bn, bm=1, split=s, cpi=cpi) for s in splits)
     bm = block_m("dot", m, p.bits)
-    # WIDE_SEARCH (benchmarks/kernel_layouts.py): also deeper pipelines and 16 splits for
-    # the pairs layout; on the H200 they were never faster
-    wide = WIDE_SEARCH and p.pairs
-    stages = (3, 4, 5) if wide else (3,)
-    if wide:
-        splits = splits + (16,)
+    # 3 stages only: 4-5 stages (and 16 splits) were never faster on the H200
+    # (kernel_layouts.md); the prefetch is timed both ways where it can lose (BM > 16)
     for bn in (32, 64, 128):
         if bn * bm > 8192:
             continue
         for pf in ((True, False) if p.pairs and bm > 16 else (True,)):
             out.update(Config("dot", bn=bn, bm=bm, split=s, warps=dot_warps(bn, bm),
-                              stages=st, cpi=1, prefetch=pf) for s in splits for st in stages)
+                              stages=3, cpi=1, prefetch=pf) for s in splits)
     if m >= 64:
         out.add(Config("dequant", bn=32, bm=0))
     return sorted(out, key=repr)
@@ -255,69 +241,36 @@ def tune(x2: torch.Tensor, p: rp.PackedWeight, reps_ms: int = 20) -> tuple[Confi
         except Exception as e:  # a configuration that does not compile or fit is skipped
             log.info("config %s failed: %s", cfg, e)
     best = min(times, key=times.get)
-    _TUNED[_tune_key(x2.shape[0], p, x2.dtype)] = best
+    remember(x2.shape[0], p, x2.dtype, best)
     return best, times
 
 
-def choose(x2: torch.Tensor, p: rp.PackedWeight) -> Config:
-    """The configuration for this call: tuned if known, else the heuristic."""
+def remember(m: int, p: rp.PackedWeight, dtype: torch.dtype, cfg: Config) -> None:
+    """Use ``cfg`` for calls of ``m`` rows (its bucket) on weights shaped like ``p`` in
+    ``dtype`` from now on (what a tuner that timed the candidates itself found best)."""
+    _TUNED[_tune_key(m, p, dtype)] = cfg
+
+
+def choose(x2: torch.Tensor, p: rp.PackedWeight, autotune: bool = False) -> Config:
+    """The configuration for this call: tuned if known, else (``autotune`` and not capturing a
+    graph) tuned now, else the heuristic."""
     cfg = _TUNED.get(_tune_key(x2.shape[0], p, x2.dtype))
     if cfg is not None:
         return cfg
-    if os.environ.get("KVANT_AUTOTUNE") == "1" and not torch.cuda.is_current_stream_capturing():
+    if autotune and not torch.cuda.is_current_stream_capturing():
         return tune(x2, p)[0]
     return heuristic(x2.shape[0], p.out_features, p.in_features, p.bits, x2.device, p.pairs)
 
 
-def linear(x: torch.Tensor, p: rp.PackedWeight) -> torch.Tensor:
-    """x (..., K) @ Wᵀ -> (..., N) in x's dtype through the chosen kernel."""
+def linear(x: torch.Tensor, p: rp.PackedWeight, autotune: bool = False) -> torch.Tensor:
+    """x (..., K) @ Wᵀ -> (..., N) in x's dtype (fp16 or bf16) through the chosen kernel."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return launch(x2, p, choose(x2, p)).reshape(*lead, p.out_features)
-
-
-@torch.library.register_kernel("kvant::wq_linear_packed", "cuda")
-def _packed_cuda(x, qweight, scales, zeros, perm, bits, group_size, in_features, pairs,
-                 tile):
-    p = rp.PackedWeight(qweight, scales, zeros, perm, bits, group_size, in_features,
-                        scales.shape[1], pairs, tile)
-    if x.dtype not in (torch.float16, torch.bfloat16):  # kernels take 16-bit activations
-        w = rp.dequantize_packed(p, torch.float16)
-        return torch.matmul(x, w.to(x.dtype).t())
-    return linear(x, p)
-
-
-# stored-layout op: repacked form per live qweight tensor (id -> (weakref, key, packed))
-_STORED: dict[int, tuple] = {}
-
-
-def _stored_packed(qweight, scales, qzeros, g_idx, bits, group_size, in_features):
-    key = rp.source_key(qweight, scales, qzeros, g_idx) + (bits, group_size, in_features)
-    hit = _STORED.get(id(qweight))
-    if hit is not None and hit[0]() is qweight and hit[1] == key:
-        return hit[2]
-    if torch.cuda.is_current_stream_capturing():
-        return None
-    try:
-        p = rp.repack(qweight, scales, qzeros, g_idx, bits, group_size, in_features)
-    except NotImplementedError:
-        p = None
-    ident = id(qweight)
-    _STORED[ident] = (weakref.ref(qweight, lambda _: _STORED.pop(ident, None)), key, p)
-    return p
-
-
-@torch.library.register_kernel("kvant::wq_linear", "cuda")
-def _stored_cuda(x, qweight, scales, qzeros, g_idx, bits, group_size, in_features):
-    p = _stored_packed(qweight, scales, qzeros, g_idx, bits, group_size, in_features)
-    if p is None or x.dtype not in (torch.float16, torch.bfloat16):
-        w = ops.dequantize_weight(qweight, scales, qzeros, g_idx, bits, group_size,
-                                  in_features)
-        return torch.matmul(x, w.to(x.dtype).t())
-    return linear(x, p)
+    return launch(x2, p, choose(x2, p, autotune)).reshape(*lead, p.out_features)
 
 
 __all__ = ["Config", "heuristic", "launch", "tune", "choose", "linear", "dequantize",
            "candidates"]
+

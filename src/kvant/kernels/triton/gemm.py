@@ -1,5 +1,5 @@
-"""Tensor-core kernel on the planes layout (2, 3, 8 bits, and 4 bits with
-``KVANT_W4_LAYOUT=planes``), and the dequantize kernel of the cuBLAS fallback.
+"""Tensor-core kernel on the planes layout (2, 3, 8 bits, and 4 bits at group size 256),
+and the dequantize kernel of the cuBLAS fallback.
 
 ``wq_dot_kernel`` computes the output transposed ("swap AB"): a program owns BN output
 channels x BM rows of x and accumulates ``(q - z)[BN, 32] @ x[:, k:k+32]ᵀ`` plane by plane

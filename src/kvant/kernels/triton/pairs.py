@@ -78,48 +78,21 @@ def _groups(z_ptr, s_ptr, rows, N, K, c, GS: tl.constexpr, NG: tl.constexpr):
     return z0, s0, z1, s1, z2, s2, z3, s3
 
 
-@triton.jit
-def _chunk_dot(d0, d1, d2, d3, zf, sc, acc, x_ptrs, perm_ptr, c, K, m_ok, GS: tl.constexpr,
-               HAS_PERM: tl.constexpr, BF16: tl.constexpr, BN: tl.constexpr,
-               BM: tl.constexpr):
-    """acc + one chunk as a single K=128 dot: planes 0-3 (columns 32p .. 32p+31) joined
-    side by side into (BN, 128), against the chunk's (128, BM) x tile; group scale ``sc``
-    applied when GS > 0 (one group per chunk)."""
-    v0 = _plane(d0, d1, d2, d3, zf, 0, BF16)
-    v1 = _plane(d0, d1, d2, d3, zf, 1, BF16)
-    v2 = _plane(d0, d1, d2, d3, zf, 2, BF16)
-    v3 = _plane(d0, d1, d2, d3, zf, 3, BF16)
-    # join + transpose + reshape concatenates along K: [v0 | v1], then [v01 | v23]
-    v01 = tl.reshape(tl.permute(tl.join(v0, v1), (0, 2, 1)), (BN, 64))
-    v23 = tl.reshape(tl.permute(tl.join(v2, v3), (0, 2, 1)), (BN, 64))
-    v = tl.reshape(tl.permute(tl.join(v01, v23), (0, 2, 1)), (BN, 128))
-    xt = x_tile(x_ptrs, perm_ptr, c * 128 + tl.arange(0, 128), K, m_ok, HAS_PERM)
-    if GS > 0:
-        acc += tl.dot(v, xt) * sc[:, None]
-    else:
-        acc = tl.dot(v, xt, acc)
-    return acc
-
-
 @triton.jit(do_not_specialize=["M", "chunks_per_split", "n_chunks"])
 def wq_dot_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr, cnt_ptr,
                         M, N, K, W, stride_xm, stride_om, chunks_per_split, n_chunks,
                         GS: tl.constexpr, HAS_PERM: tl.constexpr, SPLIT: tl.constexpr,
                         BN: tl.constexpr, BM: tl.constexpr, TH: tl.constexpr,
-                        PREFETCH: tl.constexpr, ONE_DOT: tl.constexpr = False):
+                        PREFETCH: tl.constexpr):
     """out (M, N) = x (M, K) @ W (N, K)ᵀ for a 4-bit pairs-layout W (W words a row, tiled
     by TH rows); grid (M tiles, N tiles, K splits).
 
     The weight words and x tiles are pipelined by Triton (cp.async into shared memory). The
     group scales and zero points are too narrow for that (1-2 bytes a thread), and as plain
     loads their memory latency was exposed once per chunk; with PREFETCH they are loaded one
-    chunk ahead into registers, so each chunk's loads overlap the previous chunk's work.
-
-    ONE_DOT (one group per chunk: GS 0 or 128; experimental, off unless
-    ``KVANT_W4_ONE_DOT=1``): the four planes are joined into one (BN, 128) operand, a chunk
-    is one K=128 tensor-core dot with one wait instead of four dots each awaited before the
-    next plane is unpacked. The join is a register relabelling (no layout conversion in the
-    TTGIR, scripts/kernel_ir.py), at ~145 registers instead of ~128."""
+    chunk ahead into registers, so each chunk's loads overlap the previous chunk's work
+    (H200: +4-20 % at BM 16; at BM 64 it costs registers, so it is a launch option,
+    dispatch.Config.prefetch)."""
     BF16: tl.constexpr = x_ptr.dtype.element_ty == tl.bfloat16
     CK: tl.constexpr = 128
     PLANES: tl.constexpr = 4
@@ -163,14 +136,7 @@ def wq_dot_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, perm_ptr, out_ptr, part_ptr
             d2 = dup_pairs(wv >> 8, BN)
             d1 = d0
             d3 = d2
-        if ONE_DOT and NG == 1:
-            if GS > 0:
-                zf, sc = z0, s0
-            else:  # per-channel scale: applied after the loop, sc unused
-                sc = zf
-            acc = _chunk_dot(d0, d1, d2, d3, zf, sc, acc, x_ptrs, perm_ptr, c, K, m_ok,
-                             GS, HAS_PERM, BF16, BN, BM)
-        for gi in tl.static_range(0 if (ONE_DOT and NG == 1) else NG):
+        for gi in tl.static_range(NG):
             if GS > 0:
                 zf = _pick(gi, z0, z1, z2, z3)
                 sc = _pick(gi, s0, s1, s2, s3)

@@ -19,17 +19,17 @@ Repacked layout ("plane-interleaved"):
 - 3 bits are split into the 2-bit layout of the low two bits (K/16 words a row) followed, in
   the same row, by a 1-bit layout of the high bit (K/32 words a row; chunk 1024, word ``r``
   bit ``p`` = column ``chunk*1024 + p*32 + r``): exactly 3 bits a weight, no word straddling;
-- 4 bits use the "pairs" layout instead (unless ``KVANT_W4_LAYOUT=planes``): a chunk is 128
-  columns, 16 words a row, word ``c`` holding columns ``j*32 + 2c`` at bits ``4j`` and
+- 4 bits use the "pairs" layout instead (group sizes dividing 128, per channel, per tensor;
+  4-bit group size 256 keeps the planes layout): a chunk is 128 columns, 16 words a row, word ``c`` holding columns ``j*32 + 2c`` at bits ``4j`` and
   ``j*32 + 2c + 1`` at bits ``16 + 4j`` (j = 0..3). One and-or with ``0x000F000F << 4j``
-  then yields two fp16 values of adjacent columns in one register (see planes.py);
+  then yields two fp16 values of adjacent columns in one register (see planes.py); the
+  words are stored in tiles of ``tile`` rows (:func:`tile_rows`, default :data:`PAIRS_TILE`);
 - ``scales`` become (G, N) fp16 and zero points (G, N) uint8, transposed so that a tile of
   output channels reads them contiguously. Per-tensor grids are broadcast to per channel.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,7 +38,9 @@ import torch
 from kvant.formats.packing import packed_width, unpack
 
 PLANE_COLS = 32  # consecutive columns in one plane = words in one row of a chunk
-DEFAULT_TILE = 16  # rows per tile of the 4-bit pairs layout (1 KB blocks a chunk)
+# rows per tile of the 4-bit pairs layout (1 KB blocks a chunk): +0-13 % over row-major on
+# the H200, 64 no better (docs/KERNELS.md); other heights remain for tests of the indexing
+PAIRS_TILE = 16
 
 
 def chunk_k(bits: int, pairs: bool = False) -> int:
@@ -55,7 +57,7 @@ def chunk_k(bits: int, pairs: bool = False) -> int:
 
 def use_pairs(bits: int, group_size: int) -> bool:
     """Whether a weight gets the 4-bit pairs layout (see the module docstring)."""
-    if bits != 4 or os.environ.get("KVANT_W4_LAYOUT", "pairs") == "planes":
+    if bits != 4:
         return False
     return group_size == 0 or 128 % group_size == 0
 
@@ -85,8 +87,7 @@ class PackedWeight:
     pairs: 4-bit pairs layout (else planes). tile: rows per tile of the pairs layout (1 =
     row-major; T > 1: qweight's memory holds, for each tile of T rows and each chunk, the T
     rows' 16 words contiguously, rows padded to a multiple of T; the tensor keeps the shape
-    (N rounded up to T, Kp/8)). key: identity of the stored tensors it was built from (see
-    :func:`source_key`).
+    (N rounded up to T, Kp/8)).
     """
 
     qweight: torch.Tensor
@@ -99,7 +100,6 @@ class PackedWeight:
     out_features: int
     pairs: bool = False
     tile: int = 1
-    key: tuple = ()
 
     @property
     def k_padded(self) -> int:
@@ -180,14 +180,6 @@ def _unpack_pairs(w: torch.Tensor) -> torch.Tensor:
     return ((w >> shifts) & 15).reshape(rows, nw * 8)
 
 
-def pairs_tile() -> int:
-    """Rows per tile of the 4-bit pairs layout: ``KVANT_W4_TILE`` (default 16)."""
-    t = int(os.environ.get("KVANT_W4_TILE", str(DEFAULT_TILE)))
-    if t < 1:
-        raise ValueError(f"KVANT_W4_TILE must be a positive integer, got {t}")
-    return t
-
-
 def tile_rows(words: torch.Tensor, tile: int) -> torch.Tensor:
     """Row-major pairs words (N, W) -> tiled order, shape (N rounded up to ``tile``, W)."""
     if tile == 1:
@@ -228,10 +220,11 @@ def _decode(w: torch.Tensor, bits: int, kp: int, pairs: bool = False) -> torch.T
 
 def repack(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
            g_idx: Optional[torch.Tensor], bits: int, group_size: int, in_features: int,
-           rows_per_step: int = 0) -> PackedWeight:
+           rows_per_step: int = 0, tile: int = PAIRS_TILE) -> PackedWeight:
     """Stored tensors -> :class:`PackedWeight` on the same device.
 
-    Works on slices of rows so the int64 temporaries stay near 2**24 elements. Raises
+    ``tile``: rows per tile of the 4-bit pairs layout (ignored by the others). Works on
+    slices of rows so the int64 temporaries stay near 2**24 elements. Raises
     NotImplementedError for grids the kernels do not handle (:func:`supported`).
     """
     n = qweight.shape[0]
@@ -263,7 +256,9 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
     z = unpack(qzeros, bits, n_groups)  # (N or 1, G)
     s_t = scales.to(torch.float16).expand(n, n_groups).t().contiguous()
     z_t = z.expand(n, n_groups).t().to(torch.uint8).contiguous()
-    tile = pairs_tile() if pairs else 1
+    if tile < 1:
+        raise ValueError(f"tile must be a positive number of rows, got {tile}")
+    tile = tile if pairs else 1
     return PackedWeight(tile_rows(torch.cat(words, 0), tile), s_t, z_t,
                         None if perm is None else perm.to(torch.int32).contiguous(),
                         bits, gs, k, n, pairs, tile)

@@ -1,0 +1,78 @@
+"""Quantize a lazily read model straight to a kvant checkpoint, resumable after a kill.
+
+:func:`quantize_streaming` joins the engine (kvant.calib.engine) and the streaming writer
+(kvant.formats.stream): block i is read from its source, quantized, written to its own
+shard and freed, so host memory holds one float block and the calibration activations,
+whatever the depth. Running the same call again after an interruption continues after the
+last finished block; a different model, config, calibration set or engine setting against
+the same output is refused (the progress record names the run).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import torch
+import torch.nn as nn
+
+from kvant.calib.engine import QuantReport, quantize_model, resolve_device
+from kvant.config import EngineOptions, MethodConfig
+from kvant.formats import checkpoint as ckpt
+from kvant.formats.stream import StreamWriter
+from kvant.model.discovery import find_blocks
+
+
+def calib_digest(calib: torch.Tensor | None) -> str | None:
+    """sha256 of the calibration token ids (shape and values), or None."""
+    if calib is None:
+        return None
+    t = calib.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{tuple(t.shape)}:{t.dtype}".encode())
+    h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_identity(model: nn.Module, config: MethodConfig, calib, options: EngineOptions) -> dict:
+    """What must match for a resumed run to continue an earlier one."""
+    lazy = model.kvant_lazy_blocks
+    return {"config": config.to_dict(), "model": lazy.source.identity(),
+            "dtype": str(lazy.dtype), "calib": calib_digest(calib),
+            "engine": {"propagate": options.propagate, "batch_size": options.batch_size,
+                       "device": resolve_device(options.device).type},
+            "format_version": ckpt.FORMAT_VERSION}
+
+
+def quantize_streaming(model: nn.Module, config: MethodConfig, calib: torch.Tensor | None,
+                       out_dir: str | os.PathLike, tokenizer=None,
+                       options: EngineOptions | None = None, overwrite: bool = False,
+                       sources=()) -> tuple[QuantReport, str]:
+    """Quantize a model loaded with ``lazy=True`` block by block into the kvant checkpoint
+    ``out_dir``; resumes an interrupted run of the same job. Returns (report, path).
+
+    An existing kvant output at ``out_dir`` is replaced only with ``overwrite``; ``sources``
+    (the input model's path) and foreign directories are refused before any work
+    (kvant.formats.outdir).
+    """
+    from kvant.model import hf
+
+    options = options or EngineOptions()
+    if getattr(model, "kvant_lazy_blocks", None) is None:
+        raise ValueError("streaming quantization needs a lazily loaded model "
+                         "(kvant.load_model(dir, lazy=True))")
+    prefix, blocks = find_blocks(model)
+    writer = StreamWriter(out_dir, run_identity(model, config, calib, options), len(blocks),
+                          overwrite, sources)
+    writer.start()
+    try:
+        report = quantize_model(model, config, calib, options, sink=writer)
+        rest, aliases = ckpt.dedupe_tensors(
+            {n: t for n, t in model.state_dict().items() if not n.startswith(f"{prefix}.")})
+        qc = config.to_dict()
+        qc.update({"ignored_modules": list(config.ignore), "format": ckpt.FORMAT,
+                   "format_version": ckpt.FORMAT_VERSION})
+        path = writer.finish(rest, aliases, "hf", hf.spec(model), qc,
+                             hf.tokenizer_files(tokenizer), ckpt.finalize_meta)
+    finally:
+        writer.close()
+    return report, str(path)
