@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -60,7 +61,7 @@ def _config_from_args(args):
 
     cls = config_class(args.method)
     fields: dict = {}
-    known = cls.__dataclass_fields__
+    known = {f.name for f in dataclasses.fields(cls)}
     for name in ("bits", "group_size", "sym", "clip", "act_order", "static_groups",
                  "damp_percent", "true_sequential"):
         val = getattr(args, name)
@@ -92,7 +93,7 @@ def _check_positive(args, *names: str) -> None:
 
 def cmd_quantize(args) -> int:
     import kvant
-    from kvant.algorithms.registry import build
+    from kvant.algorithms.registry import needs_calibration
     from kvant.config import EngineOptions
     from kvant.formats.stream import finished_blocks
     from kvant.model.lazy import streamable
@@ -112,7 +113,7 @@ def cmd_quantize(args) -> int:
     with _output_guard(args, args.model) if not rank else contextlib.nullcontext():
         model, tok = kvant.load_model(args.model, device="cpu", lazy=stream)
         calib = None
-        if build(config).needs_calibration:
+        if needs_calibration(config):
             _check_calibration_memory(model, args, options)
             calib = kvant.calibration_for(model, tok, args.calib, n_samples=args.n_samples,
                                           seq_len=args.seq_len, seed=args.seed,

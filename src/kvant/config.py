@@ -97,11 +97,15 @@ class MethodConfig:
 
     # float fields for which +inf is a documented value (e.g. "inf disables it")
     inf_fields: ClassVar[tuple[str, ...]] = ()
+    # calibrate a block's Linears in order (WalkConfig's); a field where a method offers it
+    true_sequential: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         _validate_grid(self)
         object.__setattr__(self, "ignore", _as_patterns(self.ignore))
         _check_floats(self, self.inf_fields)
+        if isinstance(self, WalkConfig):
+            _check_walk(self)
         self.validate()
 
     def validate(self) -> None:
@@ -148,32 +152,46 @@ class RTNConfig(MethodConfig):
 
 
 @dataclass(frozen=True)
-class GPTQConfig(MethodConfig):
-    """GPTQ (Frantar et al., 2023): column-wise rounding with inverse-Hessian correction.
+class WalkConfig(MethodConfig):
+    """Base of the methods that can round with GPTQ's column walk: its knobs, checked once.
 
-    damp_percent: damping added to diag(H), as a fraction of its mean.
+    damp_percent: damping added to diag(H), as a fraction of its mean, in (0, 1).
     block_size: columns per lazy-batch block.
     act_order: quantize columns in order of decreasing diag(H); stores ``g_idx``.
+    true_sequential: calibrate a block's Linears in order, later ones on quantized earlier ones.
+    """
+
+    damp_percent: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    true_sequential: bool = True
+
+
+def _check_walk(cfg: WalkConfig) -> None:
+    if not 0 < cfg.damp_percent < 1:
+        raise ConfigError(f"damp_percent must be in (0, 1), got {cfg.damp_percent!r}")
+    if type(cfg.block_size) is not int or cfg.block_size <= 0:  # noqa: E721 (bool is no size)
+        raise ConfigError(f"block_size must be a positive int, got {cfg.block_size!r}")
+    for name in ("act_order", "true_sequential", "static_groups"):
+        if not isinstance(getattr(cfg, name, False), bool):
+            raise ConfigError(f"{name} must be a bool, got {getattr(cfg, name)!r}")
+
+
+@dataclass(frozen=True)
+class GPTQConfig(WalkConfig):
+    """GPTQ (Frantar et al., 2023): column-wise rounding with inverse-Hessian correction.
+
+    damp_percent, block_size, act_order, true_sequential: see :class:`WalkConfig`.
     static_groups: with act_order, fix the group grids before reordering.
-    true_sequential: calibrate Linears of a block in execution order, later ones on the
-        quantized outputs of earlier ones.
     hessian_dtype: "float32" or "float64" accumulation.
     """
 
     method: ClassVar[str] = "gptq"
 
-    damp_percent: float = 0.01
-    block_size: int = 128
-    act_order: bool = False
     static_groups: bool = False
-    true_sequential: bool = True
     hessian_dtype: str = "float32"
 
     def validate(self) -> None:
-        if not 0 < self.damp_percent < 1:
-            raise ConfigError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
-        if not isinstance(self.block_size, int) or self.block_size <= 0:
-            raise ConfigError(f"block_size must be a positive int, got {self.block_size!r}")
         if self.hessian_dtype not in ("float32", "float64"):
             raise ConfigError(f"hessian_dtype must be 'float32' or 'float64', "
                               f"got {self.hessian_dtype!r}")
@@ -183,7 +201,7 @@ class GPTQConfig(MethodConfig):
 
 
 @dataclass(frozen=True)
-class SpQRConfig(MethodConfig):
+class SpQRConfig(WalkConfig):
     """SpQR (Dettmers et al., 2024): small groups, quantized statistics, fp16 outliers.
 
     bits / group_size: the dense grid (asymmetric min-max), groups of input columns.
@@ -199,7 +217,7 @@ class SpQRConfig(MethodConfig):
         separable "outlier budget" path; outlier_threshold is then not used).
     base: the rounding of the dense part: "gptq" (column walk with error feedback) or
         "rtn" (round to nearest).
-    act_order, damp_percent, block_size, true_sequential: as in :class:`GPTQConfig`.
+    act_order (default True here), damp_percent, block_size, true_sequential: WalkConfig's.
     """
 
     method: ClassVar[str] = "spqr"
@@ -213,9 +231,6 @@ class SpQRConfig(MethodConfig):
     outlier_budget: float = 0.0
     base: str = "gptq"
     act_order: bool = True
-    damp_percent: float = 0.01
-    block_size: int = 128
-    true_sequential: bool = True
 
     def validate(self) -> None:
         if self.stat_bits not in VALID_BITS + (16,):
@@ -238,14 +253,10 @@ class SpQRConfig(MethodConfig):
         if self.sym or self.clip:
             raise ConfigError("SpQR uses the plain asymmetric min-max grid; "
                               "sym=True and clip=True are not supported")
-        if not 0 < self.damp_percent < 1:
-            raise ConfigError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
-        if not isinstance(self.block_size, int) or self.block_size <= 0:
-            raise ConfigError(f"block_size must be a positive int, got {self.block_size!r}")
 
 
 @dataclass(frozen=True)
-class QuIPConfig(MethodConfig):
+class QuIPConfig(WalkConfig):
     """QuIP (Chee et al., 2023) with QuIP#'s randomized Hadamard transforms: round
     ``W̃ = U W Vᵀ`` against ``H̃ = V H Vᵀ``, and run ``y = Uᵀ Q(W̃) V x``.
 
@@ -254,7 +265,7 @@ class QuIPConfig(MethodConfig):
         then round-to-nearest; needs no calibration unless ``rescale``).
     rescale: QuIP's diagonal rescaling ``W ← W D``, ``H ← D⁻¹ H D⁻¹`` with
         ``D = (diag(H) / diag(WᵀW))^(1/4)`` before the rotation; stores D (K,) per layer.
-    damp_percent, block_size, act_order, true_sequential: as in :class:`GPTQConfig`.
+    damp_percent, block_size, act_order, true_sequential: see :class:`WalkConfig`.
     """
 
     method: ClassVar[str] = "quip"
@@ -262,10 +273,6 @@ class QuIPConfig(MethodConfig):
     seed: int = 0
     rounding: str = "ldlq"
     rescale: bool = False
-    damp_percent: float = 0.01
-    block_size: int = 128
-    act_order: bool = False
-    true_sequential: bool = True
 
     def validate(self) -> None:
         if self.rounding not in ("ldlq", "rtn"):
@@ -274,10 +281,6 @@ class QuIPConfig(MethodConfig):
             raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
         if not isinstance(self.rescale, bool):
             raise ConfigError(f"rescale must be a bool, got {self.rescale!r}")
-        if not 0 < self.damp_percent < 1:
-            raise ConfigError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
-        if not isinstance(self.block_size, int) or self.block_size <= 0:
-            raise ConfigError(f"block_size must be a positive int, got {self.block_size!r}")
         if self.act_order and self.rounding != "ldlq":
             raise ConfigError("act_order needs rounding='ldlq'")
         if self.group_size == 0 and self.rounding == "ldlq":
@@ -286,7 +289,7 @@ class QuIPConfig(MethodConfig):
 
 
 @dataclass(frozen=True)
-class AWQConfig(MethodConfig):
+class AWQConfig(WalkConfig):
     """AWQ (Lin et al., 2024): activation-aware per-input-channel scaling, then rounding.
 
     n_grid: grid points of the exponent alpha in [0, 1) of ``s = act_mean**alpha``.
@@ -295,14 +298,13 @@ class AWQConfig(MethodConfig):
     clip_grid, clip_max_shrink: shrink factors ``1 - i/clip_grid`` down to ``1 - clip_max_shrink``.
     clip_tokens: calibration tokens sampled per Linear for the clip search.
     rounding: "rtn" (AWQ) or "gptq" (AWQ scales, then GPTQ rounding of the scaled weights).
-    damp_percent, act_order, block_size: GPTQ knobs, used when rounding="gptq".
+    damp_percent, act_order, block_size, true_sequential: :class:`WalkConfig`, for GPTQ rounding.
     fold: fold 1/s into the preceding operation where the block allows it; False keeps every
         scale as the QuantLinear's ``input_scale``.
     scale_unfoldable: scale channels that no preceding operation can absorb too, keeping
         their scale as ``input_scale`` (default); False leaves them unscaled, as AutoAWQ does
         (e.g. o_proj under grouped-query attention), so every layer stays a plain
         QuantLinear that the GPTQ/AWQ exports (``kvant.export_quantized``) can hold.
-    true_sequential: with rounding="gptq", calibrate later groups on quantized earlier ones.
     outlier_budget: when > 0, keep this fraction of each Linear's (scaled) weights in fp16 as
         CSR outliers, chosen by SpQR's sensitivity rule and left out of the grids (the
         separable outlier path of :mod:`kvant.algorithms.spqr`; layers become SpQRLinear with
@@ -319,12 +321,8 @@ class AWQConfig(MethodConfig):
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512
     rounding: str = "rtn"
-    damp_percent: float = 0.01
-    act_order: bool = False
-    block_size: int = 128
     fold: bool = True
     scale_unfoldable: bool = True
-    true_sequential: bool = True
     outlier_budget: float = 0.0
 
     def validate(self) -> None:
@@ -335,7 +333,7 @@ class AWQConfig(MethodConfig):
         if self.outlier_budget > 0 and self.group_size <= 0:
             raise ConfigError("outlier_budget needs a positive group_size (SpQR's grids are "
                               f"per group), got group_size={self.group_size}")
-        for name in ("n_grid", "clip_grid", "clip_tokens", "block_size"):
+        for name in ("n_grid", "clip_grid", "clip_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")
@@ -343,10 +341,7 @@ class AWQConfig(MethodConfig):
             raise ConfigError(f"clip_max_shrink must be in [0, 1), got {self.clip_max_shrink!r}")
         if self.rounding not in ("rtn", "gptq"):
             raise ConfigError(f"rounding must be 'rtn' or 'gptq', got {self.rounding!r}")
-        if not 0 < self.damp_percent < 1:
-            raise ConfigError(f"damp_percent must be in (0, 1), got {self.damp_percent!r}")
-        for name in ("duo_scaling", "clip_search", "act_order", "fold", "scale_unfoldable",
-                     "true_sequential"):
+        for name in ("duo_scaling", "clip_search", "fold", "scale_unfoldable"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not self.fold and not self.scale_unfoldable:

@@ -12,40 +12,12 @@ before any block is changed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 import torch
 
 from kvant.calib.runner import BlockRunner
 from kvant.config import MethodConfig
-
-
-@dataclass
-class LayerResult:
-    """The quantized state of one Linear, before packing.
-
-    qweight: (N, K) int32 in [0, 2**bits), the integer of weight[n, k].
-    scales, zeros: (N, G) float32 scales and whole-number zero points; (1, 1) for one tensor
-        scale. Weight[n, k] ~= (qweight[n, k] - zeros[n, g]) * scales[n, g], with
-        g = g_idx[k] when g_idx is given, else k // group_size (or 0 per channel).
-    g_idx: (K,) group of each input column (act-order), or None.
-    extras: method tensors stored beside the grid (e.g. "input_scale" (K,), outliers);
-        :class:`kvant.nn.qlinear.QuantLinear` documents which it understands.
-    loss: the method's error proxy for this layer (e.g. GPTQ's sum (w-q)^2 / d^2).
-    layer_kind: which QuantLinear class stores it (kvant.nn.qlinear.register_kind).
-    """
-
-    qweight: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    bits: int
-    group_size: int
-    g_idx: torch.Tensor | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    loss: float | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    layer_kind: str = "quant"
+from kvant.core.hessian import HessianAccumulator, SharedGram
+from kvant.core.result import LayerResult
 
 
 class LayerQuantizer:
@@ -71,6 +43,25 @@ class LayerQuantizer:
         raise NotImplementedError(f"{type(self).__name__} keeps no statistics to load")
 
 
+class HessianLayer(LayerQuantizer):
+    """A layer quantizer that accumulates its input Hessian in ``acc`` (None: it keeps no
+    statistics), taking each input's ``xᵀx`` from the method's ``grams`` so that layers
+    reading the same tensor share one matmul (GPTQ, QuIP, SpQR)."""
+
+    acc: HessianAccumulator | None
+    grams: SharedGram
+
+    def observe(self, x: torch.Tensor) -> None:
+        if self.acc is not None:
+            self.acc.add_shared(x, self.grams)
+
+    def state_for_reduce(self):
+        return self.acc.state_for_reduce() if self.acc is not None else None
+
+    def load_reduced(self, state, count) -> None:
+        self.acc.load_reduced(state, count)
+
+
 def as_runner(block: torch.nn.Module, block_inputs, run_block) -> BlockRunner:
     """The :class:`BlockRunner` a ``prepare_block`` call was given; a plain function
     ``run_block(block, inputs)`` (the older protocol) gets a runner over ``block_inputs``
@@ -93,6 +84,8 @@ def block_relative(name: str, relative_names) -> str | None:
 class QuantMethod:
     """A quantization method: per-layer quantizers plus optional block-level preparation."""
 
+    # whether the method needs calibration data, declared by the class; a method for which
+    # it depends on the config refines :meth:`calibrates` (read without building the method)
     needs_calibration: bool = False
     # its layer quantizers implement state_for_reduce / load_reduced (or keep no statistics)
     # and prepare_block needs no data: kvant.calib.dist may run it across several processes
@@ -100,6 +93,13 @@ class QuantMethod:
 
     def __init__(self, config: MethodConfig):
         self.config = config
+        self.needs_calibration = self.calibrates(config)
+
+    @classmethod
+    def calibrates(cls, config: MethodConfig) -> bool:
+        """Whether quantizing with ``config`` needs calibration data (default: the class's
+        ``needs_calibration``)."""
+        return cls.needs_calibration
 
     def check_model(self, model: torch.nn.Module, blocks, ignore) -> None:
         """Optional check, run by the engine once before any block is changed: raise a

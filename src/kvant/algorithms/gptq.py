@@ -16,12 +16,13 @@ import time
 
 import torch
 
-from kvant.algorithms.base import LayerQuantizer, LayerResult, QuantMethod
-from kvant.algorithms.gptq_walk import FindParams, Grid, QuantizeColumn, walk
+from kvant.algorithms.base import HessianLayer, LayerQuantizer, QuantMethod
+from kvant.algorithms.gptq_walk import Grid, WalkHooks, walk
 from kvant.algorithms.registry import register
 from kvant.config import GPTQConfig, QuantArgs
 from kvant.core.grid import check_group_size, find_params
-from kvant.core.hessian import HessianAccumulator, gram, inverse_cholesky, zero_dead
+from kvant.core.hessian import HessianAccumulator, SharedGram, inverse_cholesky, zero_dead
+from kvant.core.result import LayerResult
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,7 @@ def _sync(device: torch.device) -> None:
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, block_size: int = 128,
                   damp_percent: float = 0.01, act_order: bool = False,
                   static_groups: bool = False, layer: str = "",
-                  group_params: FindParams | None = None,
-                  quantize_column: QuantizeColumn | None = None,
-                  cuda_graph: bool = True, on_inverse=None) -> LayerResult:
+                  hooks: WalkHooks | None = None, cuda_graph: bool = True) -> LayerResult:
     """Quantize W (N, K) with the Hessian H (K, K) of its inputs; returns a LayerResult.
 
     Runs on H's device in float32 (U is cast from a float64 H). H's zero diagonal entries
@@ -52,7 +51,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, block_si
     the increase of ``||W X - Ŵ X||² / n`` summed over the walk.
     ``info``: seconds_invert, seconds_loop, dead_inputs.
 
-    Extension points (None = plain GPTQ; both force the eager, non-graphed walk):
+    Extension points, the attributes of ``hooks`` (:class:`WalkHooks`; None = plain GPTQ;
+    group_params and quantize_column force the eager, non-graphed walk):
     - ``group_params(cols (N, C)) -> (scale (N, 1), zero (N, 1))`` replaces
       :func:`~kvant.core.grid.find_params` wherever a grid is found (whole rows per channel,
       one group otherwise); zeros must be whole numbers in [0, 2**bits).
@@ -77,7 +77,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, block_si
         raise ValueError(f"layer {layer!r}: GPTQ needs group_size -1 or > 0, not 0")
     check_group_size(k, gs, layer)
     t0 = time.perf_counter()
-    find = group_params or (lambda x: find_params(x, args.bits, args.sym, args.clip))
+    hooks = hooks or WalkHooks()
+    quantize_column = hooks.quantize_column
+    find = hooks.group_params or (lambda x: find_params(x, args.bits, args.sym, args.clip))
     W = W.to(device=device, dtype=torch.float32, copy=True)
     dead = zero_dead(H, W)
 
@@ -100,8 +102,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, block_si
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
     U = inverse_cholesky(H, damp_percent, layer).to(torch.float32)
-    if on_inverse is not None:
-        on_inverse(U, perm)
+    if hooks.on_inverse is not None:
+        hooks.on_inverse(U, perm)
     del H
     _sync(device)
     t1 = time.perf_counter()
@@ -130,32 +132,25 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, block_si
                        g_idx=g_idx, loss=loss, info=info)
 
 
-class _GPTQLayer(LayerQuantizer):
+class _GPTQLayer(HessianLayer):
     """Accumulates one Linear's Hessian from its inputs, then runs :func:`gptq_quantize`."""
 
     def __init__(self, method: "GPTQ", name: str, weight: torch.Tensor):
         self.method, self.name, self.weight = method, name, weight
         self.acc = HessianAccumulator(weight.shape[1], weight.device,
                                       method.config.hessian_dtype)
+        self.grams = method.grams
         self.seconds_hessian = 0.0
 
     def observe(self, x: torch.Tensor) -> None:
         t = time.perf_counter()
-        rows = self.acc.rows(x)
-        if rows.shape[0]:
-            self.acc.add_gram(self.method.shared_gram(x, rows, self.acc.dtype), rows.shape[0])
+        self.acc.add_shared(x, self.grams)
         _sync(self.acc.device)
         self.seconds_hessian += time.perf_counter() - t
 
-    def state_for_reduce(self):
-        return self.acc.state_for_reduce()
-
-    def load_reduced(self, state, count) -> None:
-        self.acc.load_reduced(state, count)
-
     def quantize(self) -> LayerResult:
         cfg = self.method.config
-        self.method.release()
+        self.grams.release()
         H = self.acc.result(self.name)
         self.acc = None
         res = gptq_quantize(self.weight, H, cfg.qargs, block_size=cfg.block_size,
@@ -170,25 +165,11 @@ class GPTQ(QuantMethod):
     """GPTQ; Linears that read the same input tensor share each batch's ``xᵀx`` matmul."""
 
     needs_calibration = True
-    supports_distributed = True  # QuIP and SpQR inherit it: their layers reduce one Hessian
+    supports_distributed = True  # its layers reduce one Hessian each
 
     def __init__(self, config: GPTQConfig):
         super().__init__(config)
-        self._memo: tuple | None = None  # (input tensor, dtype, its Gram matrix)
-
-    def shared_gram(self, x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype):
-        """``rowsᵀ rows`` of the input ``x`` (rows = x as (M, K) on the compute device),
-        reused when the previous layer observed the very same tensor object."""
-        memo = self._memo
-        if memo is not None and memo[0] is x and memo[1] == dtype:
-            return memo[2]
-        g = gram(rows, dtype)
-        self._memo = (x, dtype, g)
-        return g
-
-    def release(self) -> None:
-        """Drop the cached Gram matrix (called before quantizing)."""
-        self._memo = None
+        self.grams = SharedGram()
 
     def layer_quantizer(self, name: str, weight: torch.Tensor) -> LayerQuantizer:
         return _GPTQLayer(self, name, weight)

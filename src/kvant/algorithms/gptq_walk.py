@@ -28,6 +28,24 @@ import torch
 FindParams = Callable[[torch.Tensor], tuple]
 # quantize_column(w (N,), scale (N, 1), zero (N, 1), d: float) -> dequantized (N,)
 QuantizeColumn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# on_inverse(U (K, K), perm (K,) or None): the inverse-Hessian factor, before the walk
+OnInverse = Callable[[torch.Tensor, Optional[torch.Tensor]], None]
+
+
+@dataclass(eq=False)
+class WalkHooks:
+    """What a method changes in GPTQ's walk (:func:`kvant.algorithms.gptq.gptq_quantize`),
+    one object for the three extension points; None keeps plain GPTQ there. A method may
+    subclass it and define them as methods (SpQR's ``OutlierWalk``).
+
+    group_params: replaces :func:`~kvant.core.grid.find_params` wherever a grid is found.
+    quantize_column: replaces the rounding of one column by its grid.
+    on_inverse: sees U and the walk order once before the walk.
+    """
+
+    group_params: Optional[FindParams] = None
+    quantize_column: Optional[QuantizeColumn] = None
+    on_inverse: Optional[OnInverse] = None
 
 
 @dataclass

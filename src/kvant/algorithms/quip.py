@@ -32,13 +32,14 @@ import logging
 
 import torch
 
-from kvant.algorithms.base import LayerQuantizer, LayerResult, block_relative
-from kvant.algorithms.gptq import GPTQ, gptq_quantize
+from kvant.algorithms.base import HessianLayer, LayerQuantizer, QuantMethod, block_relative
+from kvant.algorithms.gptq import gptq_quantize
 from kvant.algorithms.registry import register
 from kvant.config import QuIPConfig
 from kvant.core.grid import rtn
 from kvant.core.hadamard import RandomizedHadamard
-from kvant.core.hessian import HessianAccumulator, zero_dead
+from kvant.core.hessian import HessianAccumulator, SharedGram, zero_dead
+from kvant.core.result import LayerResult
 import kvant.nn.quip_linear  # noqa: F401  (registers the "quip" layer kind)
 
 log = logging.getLogger(__name__)
@@ -88,32 +89,20 @@ def rescale_factor(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return d.to(torch.float16).to(torch.float32)
 
 
-class _QuIPLayer(LayerQuantizer):
+class _QuIPLayer(HessianLayer):
     def __init__(self, method: "QuIP", name: str, weight: torch.Tensor, input_key: str):
         self.method, self.name, self.weight = method, name, weight
         self.config, self.input_key = method.config, input_key
         self.acc = (HessianAccumulator(weight.shape[1], weight.device)
                     if method.needs_calibration else None)
-
-    def observe(self, x: torch.Tensor) -> None:
-        if self.acc is not None:  # layers reading the same x share one xᵀx (GPTQ's memo)
-            rows = self.acc.rows(x)
-            if rows.shape[0]:
-                self.acc.add_gram(self.method.shared_gram(x, rows, self.acc.dtype),
-                                  rows.shape[0])
-
-    def state_for_reduce(self):
-        return self.acc.state_for_reduce() if self.acc is not None else None
-
-    def load_reduced(self, state, count) -> None:
-        self.acc.load_reduced(state, count)
+        self.grams = method.grams  # layers reading the same x share one xᵀx
 
     def quantize(self) -> LayerResult:
         cfg = self.config
         W = self.weight.float().clone()
         n, k = W.shape
         H = None
-        self.method.release()
+        self.grams.release()
         if self.acc is not None:
             H = self.acc.result(self.name).float().clone()
             self.acc = None  # free the accumulator before the walk
@@ -148,19 +137,21 @@ class _QuIPLayer(LayerQuantizer):
 
 
 @register(QuIPConfig)
-class QuIP(GPTQ):
-    """QuIP with randomized Hadamard incoherence; rounding by LDLQ (= GPTQ) or RTN.
-
-    A GPTQ subclass only to reuse its shared-Gram memo (``shared_gram`` / ``release``).
-    """
+class QuIP(QuantMethod):
+    """QuIP with randomized Hadamard incoherence; rounding by LDLQ (= GPTQ) or RTN."""
 
     needs_calibration = True
+    supports_distributed = True  # its layers reduce one Hessian each
 
     def __init__(self, config: QuIPConfig):
         super().__init__(config)
-        # rotation + RTN needs data only to rescale
-        self.needs_calibration = config.rounding == "ldlq" or config.rescale
+        self.grams = SharedGram()
         self._input_of: dict[str, str] = {}  # layer (block-relative) -> first of its group
+
+    @classmethod
+    def calibrates(cls, config: QuIPConfig) -> bool:
+        """LDLQ needs the Hessian; rotation + RTN needs data only to rescale."""
+        return config.rounding == "ldlq" or config.rescale
 
     def prepare_block(self, block, linears, groups, block_inputs, run_block) -> dict:
         """Record which layers read the same input: they will share one V."""

@@ -44,10 +44,21 @@ def config_class(method: str) -> type:
     return _METHODS[method][0]
 
 
+def method_class(config: MethodConfig) -> type:
+    """The method class of a config: its class-level declarations (``needs_calibration``,
+    ``calibrates(config)``, ``supports_distributed``) are read without building it."""
+    config_class(config.method)  # a clear error for an unknown method
+    return _METHODS[config.method][1]
+
+
+def needs_calibration(config: MethodConfig) -> bool:
+    """Whether quantizing with ``config`` needs calibration data."""
+    return method_class(config).calibrates(config)
+
+
 def build(config: MethodConfig):
     """The method object for a config."""
-    config_class(config.method)  # a clear error for an unknown method
-    return _METHODS[config.method][1](config)
+    return method_class(config)(config)
 
 
 def config_from_dict(d: dict) -> MethodConfig:

@@ -7,7 +7,7 @@ Three ideas on top of GPTQ, all in this file but the outlier selection itself
 1. Small groups (16 input columns) with an asymmetric min-max grid whose zero point is a real
    number; each group's scale and zero (N,) are themselves quantized to ``stat_bits`` in
    groups of ``stat_group_size`` output rows (the paper's bilevel quantization;
-   :func:`kvant.nn.spqr_linear.quantize_stats`).
+   :func:`kvant.core.stats.quantize_stats`).
 2. Outliers by sensitivity (the paper's §4.1). With U the upper Cholesky factor of H⁻¹ in walk
    order and ``d_j = U[j, j]``, the cost of rounding weight w of column j is ``((w - q)/d_j)²``.
    When the walk enters a group it fits the grid without the weights whose leave-one-out gain
@@ -34,19 +34,20 @@ from dataclasses import dataclass
 
 import torch
 
-from kvant.algorithms.base import LayerQuantizer, LayerResult
-from kvant.algorithms.gptq import GPTQ, gptq_quantize
+from kvant.algorithms.base import HessianLayer, LayerQuantizer, QuantMethod
+from kvant.algorithms.gptq import gptq_quantize
+from kvant.algorithms.gptq_walk import WalkHooks
 from kvant.algorithms.registry import register
 from kvant.config import SpQRConfig
 from kvant.core.grid import check_group_size
-from kvant.core.hessian import HessianAccumulator
+from kvant.core.hessian import HessianAccumulator, SharedGram
 from kvant.core.outliers import (OutlierRounding, drop_gain, fill_excluded, grid_outliers,
                                  real_zero_grid, round_on_grid, select_outliers,
                                  sensitive_weights)
-from kvant.nn.spqr_linear import SpQRLinear, quantize_stats
+from kvant.core.result import LayerResult
+from kvant.core.stats import quantize_stats
+from kvant.nn.spqr_linear import SpQRLinear  # registers the "spqr" layer kind
 
-# the names tests and callers used when these lived here
-_first_level, fake_quantize = real_zero_grid, round_on_grid
 # what the rounding functions below read: SpQR's config, or AWQ's outlier-budget settings
 Settings = SpQRConfig | OutlierRounding
 
@@ -87,7 +88,7 @@ def fit_groups(x: torch.Tensor, exclude: torch.Tensor | None, cfg: Settings,
     return GroupFit(sd, zd, sq, sp, zq, zp)
 
 
-class OutlierWalk:
+class OutlierWalk(WalkHooks):
     """The ``gptq_quantize`` hooks that make its column walk SpQR's.
 
     ``on_inverse`` receives U and the walk order; it sets the absolute threshold tau (or, with
@@ -180,8 +181,7 @@ def spqr_gptq(W: torch.Tensor, H: torch.Tensor, cfg: Settings, layer: str = "") 
     hooks = OutlierWalk(W, cfg, layer)
     res = gptq_quantize(W, H, cfg.qargs, block_size=cfg.block_size,
                         damp_percent=cfg.damp_percent, act_order=cfg.act_order, layer=layer,
-                        group_params=hooks.group_params, quantize_column=hooks.quantize_column,
-                        on_inverse=hooks.on_inverse)
+                        hooks=hooks)
     res.info.pop("dequantized", None)
     perm = hooks.perm
     Q, mask, R = hooks.Q, hooks.mask, hooks.R
@@ -213,30 +213,18 @@ def spqr_rtn(W: torch.Tensor, H: torch.Tensor | None, cfg: Settings,
     return _result(cfg, q.reshape(n, k), [fit], mask, R, None, None, loss, {})
 
 
-class _SpQRLayer(LayerQuantizer):
+class _SpQRLayer(HessianLayer):
     """Accumulates the layer's Hessian (when needed), then runs SpQR."""
 
     def __init__(self, method: "SpQR", name: str, weight: torch.Tensor):
         self.method, self.name, self.weight = method, name, weight
         self.acc = HessianAccumulator(weight.shape[1], weight.device) \
             if method.needs_calibration else None
-
-    def observe(self, x: torch.Tensor) -> None:
-        if self.acc is None:
-            return
-        rows = self.acc.rows(x)
-        if rows.shape[0]:
-            self.acc.add_gram(self.method.shared_gram(x, rows, self.acc.dtype), rows.shape[0])
-
-    def state_for_reduce(self):
-        return self.acc.state_for_reduce() if self.acc is not None else None
-
-    def load_reduced(self, state, count) -> None:
-        self.acc.load_reduced(state, count)
+        self.grams = method.grams
 
     def quantize(self) -> LayerResult:
         cfg = self.method.config
-        self.method.release()
+        self.grams.release()
         H = None
         if self.acc is not None:
             H = self.acc.result(self.name)
@@ -247,14 +235,20 @@ class _SpQRLayer(LayerQuantizer):
 
 
 @register(SpQRConfig)
-class SpQR(GPTQ):
+class SpQR(QuantMethod):
     """SpQR; calibrates for base="gptq" and for an outlier budget, else runs like RTN."""
 
     needs_calibration = True
+    supports_distributed = True  # its layers reduce one Hessian each (or keep none)
 
     def __init__(self, config: SpQRConfig):
         super().__init__(config)
-        self.needs_calibration = config.base == "gptq" or config.outlier_budget > 0
+        self.grams = SharedGram()
+
+    @classmethod
+    def calibrates(cls, config: SpQRConfig) -> bool:
+        """The GPTQ walk and the outlier budget read the Hessian; plain rounding does not."""
+        return config.base == "gptq" or config.outlier_budget > 0
 
     def layer_quantizer(self, name: str, weight: torch.Tensor) -> LayerQuantizer:
         return _SpQRLayer(self, name, weight)

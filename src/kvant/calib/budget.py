@@ -163,4 +163,4 @@ def check_calibration(model: nn.Module, blocks: nn.Module, method, calib, option
     hdt = getattr(method.config, "hessian_dtype", "float32")
     check_memory(model, blocks, calib.shape[0], calib.shape[1], options.device,
                  options.batch_size, 8 if hdt == "float64" else 4,
-                 getattr(method.config, "true_sequential", True))
+                 method.config.true_sequential)

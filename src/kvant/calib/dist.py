@@ -36,7 +36,8 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from kvant.algorithms.base import LayerQuantizer, LayerResult
+from kvant.algorithms.base import LayerQuantizer
+from kvant.core.result import LayerResult
 from kvant.errors import KvantError
 
 T = TypeVar("T")

@@ -30,9 +30,10 @@ from kvant.calib.capture import BlockInput, capture_block_inputs, run_block
 from kvant.calib.runner import BlockRunner
 from kvant.config import EngineOptions, MethodConfig
 from kvant.core.grid import check_group_size
+from kvant.core.result import quant_linear_class
 from kvant.model.discovery import (check_model, find_blocks, find_linears, linear_weight,
                                    set_submodule)
-from kvant.nn.qlinear import QuantLinear, quant_linear_class
+from kvant.nn.qlinear import QuantLinear
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ def _quantize_block(block, bprefix, config, method, inputs, options):
         linears = find_linears(block, config.ignore, bprefix)  # prepare may swap modules
     else:
         groups, float_out = [list(linears)], None
-    if not getattr(config, "true_sequential", True):
+    if not config.true_sequential:
         groups = [[n for g in groups for n in g]]
     for names in groups if linears else []:
         res = _calibrate_group(block, names, linears, method, inputs, bprefix)

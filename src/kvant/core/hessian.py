@@ -96,6 +96,13 @@ class HessianAccumulator:
         if rows.shape[0]:
             self.add_gram(gram(rows, self.dtype), rows.shape[0])
 
+    def add_shared(self, x: torch.Tensor, grams: "SharedGram") -> None:
+        """Accumulate inputs ``x`` (..., k), taking ``xᵀx`` from ``grams``: computed once for
+        all the layers that read the very same tensor."""
+        rows = self.rows(x)
+        if rows.shape[0]:
+            self.add_gram(grams.gram(x, rows, self.dtype), rows.shape[0])
+
     def add_gram(self, g: torch.Tensor, m: int) -> None:
         """Accumulate a precomputed ``xᵀ x`` (k, k) of ``m`` rows (lets layers that read the
         same input share one matmul)."""
@@ -125,6 +132,29 @@ class HessianAccumulator:
             log.warning("layer %s saw no calibration input: H = I (plain rounding)", layer)
             return torch.eye(self.k, device=self.device, dtype=self.dtype)
         return self.H
+
+
+class SharedGram:
+    """The Gram matrix of the last input seen, for the Linears that read the same tensor
+    (q/k/v, gate/up): one ``xᵀx`` matmul per batch instead of one per layer. A method holds
+    one and calls :meth:`release` before quantizing, to free it."""
+
+    def __init__(self) -> None:
+        self._memo: tuple | None = None  # (input tensor, dtype, its Gram matrix)
+
+    def gram(self, x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``rowsᵀ rows`` (K, K) of the input ``x`` (rows = x as (M, K) on the compute
+        device), reused when the previous call saw the very same tensor object."""
+        memo = self._memo
+        if memo is not None and memo[0] is x and memo[1] == dtype:
+            return memo[2]
+        g = gram(rows, dtype)
+        self._memo = (x, dtype, g)
+        return g
+
+    def release(self) -> None:
+        """Drop the cached Gram matrix."""
+        self._memo = None
 
 
 def zero_dead(H: torch.Tensor, W: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 
 from kvant.config import QuantArgs
 from kvant.core.grid import find_params
-from kvant.nn.spqr_linear import MIN_SCALE  # the smallest scale SpQRLinear stores
+from kvant.core.stats import MIN_SCALE  # the smallest scale SpQR stores
 
 
 def real_zero_grid(x: torch.Tensor, bits: int, plain: bool):

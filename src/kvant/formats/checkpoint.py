@@ -23,10 +23,11 @@ import torch.nn as nn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kvant.core.result import quant_linear_class
 from kvant.errors import CheckpointError
 from kvant.formats import integrity, outdir
 from kvant.model.discovery import set_submodule
-from kvant.nn.qlinear import QuantLinear, quant_linear_class
+from kvant.nn.qlinear import QuantLinear
 
 FORMAT = "kvant"
 FORMAT_VERSION = 1

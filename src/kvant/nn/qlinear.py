@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from kvant.algorithms.base import LayerResult
+from kvant.core.result import LayerResult, quant_linear_class, register_kind  # noqa: F401
 from kvant.formats.packing import pack, packed_width
 from kvant.kernels import ops, packed
 from kvant.kernels.options import KernelOptions
@@ -54,25 +54,6 @@ class KernelLayout:
     tile: int
     device: torch.device
     source: tuple
-
-
-_KINDS: dict[str, type] = {}
-
-
-def register_kind(cls: type) -> type:
-    """Class decorator: make a QuantLinear subclass loadable by its ``kind`` string."""
-    _KINDS[cls.kind] = cls
-    return cls
-
-
-def quant_linear_class(kind: str) -> type:
-    """The QuantLinear class stored under ``kind`` (``LayerResult.layer_kind``)."""
-    if kind not in _KINDS:
-        import kvant.algorithms.registry as reg  # importing methods registers their layers
-        reg.available()
-    if kind not in _KINDS:
-        raise ValueError(f"unknown quantized layer kind {kind!r}; known: {sorted(_KINDS)}")
-    return _KINDS[kind]
 
 
 @register_kind

@@ -32,11 +32,11 @@ import hashlib
 
 import torch
 
-from kvant.algorithms.base import LayerResult
 from kvant.core.hadamard import RandomizedHadamard, pack_signs, split_size, unpack_signs
+from kvant.core.result import LayerResult, register_kind
 from kvant.kernels import ops
 from kvant.nn.memo import input_key, same_input
-from kvant.nn.qlinear import QuantLinear, register_kind
+from kvant.nn.qlinear import QuantLinear
 
 
 @register_kind

@@ -15,7 +15,7 @@ import torch
 
 from kvant.calib.dist import assign_layers, layer_cost, shard_range
 
-WORKER = Path(__file__).with_name("dist_worker.py")
+WORKER = Path(__file__).parents[1] / "dist_worker.py"
 WORLD = 2
 
 

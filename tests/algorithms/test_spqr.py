@@ -7,13 +7,13 @@ import torch
 
 import kvant
 from kvant.algorithms.registry import config_from_spec
-from kvant.algorithms.spqr import (_first_level, drop_gain, fake_quantize, select_outliers,
-                                   spqr_gptq, spqr_rtn)
+from kvant.algorithms.spqr import drop_gain, select_outliers, spqr_gptq, spqr_rtn
 from kvant.config import ConfigError, SpQRConfig
+from kvant.core.outliers import real_zero_grid as _first_level, round_on_grid as fake_quantize
+from kvant.core.stats import dequantize_stats, quantize_stats
 from kvant.model.nanogpt import CharTokenizer, GPTConfig, GPTLanguageModel
 from kvant.nn.qlinear import quant_linear_class
-from kvant.nn.spqr_linear import (SpQRLinear, csr_matmul, dequantize_stats, quantize_stats,
-                                  to_csr)
+from kvant.nn.spqr_linear import SpQRLinear, csr_matmul, to_csr
 
 
 def _layer(n=32, k=64, seed=0):
@@ -188,6 +188,7 @@ def test_save_load_identical(tmp_path, spec):
         assert n1 == n2 and a.dtype == b.dtype and torch.equal(a, b)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_forward_matches_cpu():
     W, H = _layer()

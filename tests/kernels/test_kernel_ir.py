@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "kernel_ir", Path(__file__).parents[1] / "scripts" / "kernel_ir.py")
+    "kernel_ir", Path(__file__).parents[2] / "scripts" / "kernel_ir.py")
 kernel_ir = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(kernel_ir)
 

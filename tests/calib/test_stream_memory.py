@@ -25,12 +25,13 @@ CHILD = textwrap.dedent("""
     from kvant.calib.streaming import quantize_streaming
     from kvant.formats import stream
     from kvant.model.synthetic import llama_config, load_synthetic
-    rss = lambda: int([l for l in open("/proc/self/status")
-                       if l.startswith("VmRSS")][0].split()[1]) / 1024
-    trace, orig = [], stream.StreamWriter._write_block
+    st = lambda k: int([l for l in open("/proc/self/status")
+                        if l.startswith(k)][0].split()[1]) / 1024
+    trace, peaks, orig = [], [], stream.StreamWriter._write_block
     def traced(self, i, *a):
         orig(self, i, *a)
-        trace.append(rss())
+        trace.append(st("VmRSS"))
+        peaks.append(st("VmHWM"))
     stream.StreamWriter._write_block = traced
     cfg = llama_config(hidden=2048, intermediate=5632, blocks=8, heads=16, kv_heads=4,
                        vocab=1024, max_positions=256)
@@ -38,7 +39,7 @@ CHILD = textwrap.dedent("""
     quantize_streaming(model, kvant.RTNConfig(bits=4, group_size=128), None, sys.argv[1],
                        None, kvant.EngineOptions(device="cpu", show_progress=False))
     shard = sorted(__import__("pathlib").Path(sys.argv[1]).glob("model-*.safetensors"))[0]
-    print(json.dumps({"trace": trace, "block_mb": shard.stat().st_size / 2**20}))
+    print(json.dumps({"trace": trace, "peaks": peaks, "block_mb": shard.stat().st_size / 2**20}))
 """)
 
 
@@ -53,3 +54,6 @@ def test_streaming_host_memory_is_flat_in_depth(tmp_path):
     assert res["block_mb"] > 2.5 * 8  # the tolerance is well below one block's output
     slope = (min(trace[4:]) - min(trace[:4])) / 4
     assert slope <= 8.0, f"host memory grows {slope:.1f} MB/block: {trace}"
+    # the peak so far (VmHWM) is not asserted here: within 8 blocks it moves in single steps
+    # of 20-30 MB at unpredictable blocks; benchmarks/stream_memory.py measures the peak of
+    # separate runs at several depths instead

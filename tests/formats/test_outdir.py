@@ -24,7 +24,7 @@ from kvant.cli import main
 from kvant.errors import OutputError
 from kvant.formats import outdir
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]  # tests/: ckpt_helpers.py
 
 
 def _bits(path: Path) -> int:

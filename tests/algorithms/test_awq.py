@@ -180,7 +180,6 @@ def test_config_spec_and_validation():
 
 
 def test_awq_gptq_and_input_scale_on_gqa_llama():
-    pytest.importorskip("kvant.algorithms.gptq")
     model = tiny_llama(kv_heads=2)
     calib = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(0))
     ref = logits(model, calib)

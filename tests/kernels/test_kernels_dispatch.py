@@ -22,7 +22,7 @@ from kvant.kernels import KernelOptions, ops, packed
 from kvant.kernels.triton import repack as rp
 from kvant.nn.qlinear import KERNEL_BUFFERS, QuantLinear, prepare_for_inference
 
-SRC = Path(__file__).parents[1] / "src" / "kvant"
+SRC = Path(__file__).parents[2] / "src" / "kvant"
 
 
 def _stored(n, k, bits, gs, act_order=False, seed=0):

@@ -7,6 +7,7 @@ import torch
 
 import kvant
 from kvant.algorithms.gptq import gptq_quantize
+from kvant.algorithms.gptq_walk import WalkHooks
 from kvant.config import EngineOptions, GPTQConfig, QuantArgs
 from kvant.core.grid import find_params, rtn, weight_params
 from kvant.core.hessian import HessianError
@@ -78,7 +79,7 @@ def test_act_order_round_trip_through_quantlinear(static):
     ident = lambda c, s, z, d: (torch.clamp(torch.round(c / s.view(-1)) + z.view(-1), 0, 7)  # noqa
                                 - z.view(-1)) * s.view(-1)
     res = gptq_quantize(w, H.clone(), QuantArgs(3, 32), act_order=True, static_groups=static,
-                        quantize_column=ident)
+                        hooks=WalkHooks(quantize_column=ident))
     plain = gptq_quantize(w, H.clone(), QuantArgs(3, 32), act_order=True, static_groups=static)
     assert torch.equal(res.qweight, plain.qweight) and res.loss == pytest.approx(plain.loss)
     walk_deq = res.info["dequantized"]
@@ -105,7 +106,7 @@ def test_group_params_hook_matches_default():
     w, x, H = _layer(seed=11)
     base = gptq_quantize(w, H.clone(), QuantArgs(4, 32))
     hooked = gptq_quantize(w, H.clone(), QuantArgs(4, 32),
-                           group_params=lambda c: find_params(c, 4, False))
+                           hooks=WalkHooks(group_params=lambda c: find_params(c, 4, False)))
     assert torch.equal(base.qweight, hooked.qweight) and torch.equal(base.scales, hooked.scales)
 
 
@@ -184,6 +185,7 @@ def test_engine_installs_act_order_layers_and_reports():
     assert err < 0.7 * err_rtn, (err, err_rtn)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("gs, ao, st", [(-1, False, False), (32, False, False),
                                         (64, True, False), (32, True, True)])
