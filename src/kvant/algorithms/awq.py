@@ -21,11 +21,10 @@ which an input scale, with the chosen alpha and losses; every layer's own report
 the same (``awq_folded_into``, ``awq_input_scale_channels``).
 
 A fold is used only where it is exact (kvant.model.fold): in a post-norm block (BERT) the
-LayerNorm before the FFN also feeds the residual add, so that FFN keeps an input scale. A
-block AWQ cannot scale is refused with :class:`AWQUnsupportedError` naming its layers in
-full: :meth:`AWQ.check_model` runs before any block is changed, the checks that need a
-block's inputs before that block is changed; a torch error met while probing, searching or
-clipping is reported the same way instead of surfacing raw.
+LayerNorm before the FFN also feeds the residual add, so that FFN keeps an input scale. What
+AWQ cannot scale is refused with :class:`AWQUnsupportedError` naming the layers in full
+(:meth:`AWQ.check_model` before any block changes; checks needing a block's inputs before
+that block changes; torch errors while probing, searching or clipping likewise).
 """
 
 from __future__ import annotations
