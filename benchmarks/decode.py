@@ -36,6 +36,8 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).parent))
 from kernels import _clone, _copies, capture_graph, tune_graph  # noqa: E402  (shared helpers)
 
+from kvant.serve import StaticDecoder  # noqa: E402
+
 
 # random-weight shapes (the time of a step does not depend on the values)
 SHAPES = {
@@ -97,39 +99,16 @@ def rtn_quantize_(model: nn.Module, bits: int, group_size: int) -> int:
     return n
 
 
-class Decoder:
-    """One graph-captured decode step over an HF Llama-like model with a StaticCache."""
+class Decoder(StaticDecoder):
+    """kvant's graph-replayable decode step (kvant.serve.StaticDecoder: embed, every block
+    with a StaticCache, argmax) started from random tokens at position 0, for timing.
+    compile: Inductor fuses the ops between the linear layers (RMSNorm, rotary, cache update,
+    residuals, SiLU*up: ~40 launches a block in eager); our kernels stay opaque custom ops.
+    The compiled step is then captured in our own CUDA graph like the eager one."""
 
     def __init__(self, model, batch: int, ctx: int, compile: bool = False):
-        from transformers import StaticCache
-
-        self.model, self.batch, self.ctx = model, batch, ctx
-        # compile: Inductor fuses the ops between the linear layers (RMSNorm, rotary, cache
-        # update, residuals, SiLU*up: ~40 launches a block in eager); our kernels stay opaque
-        # custom ops. The compiled step is then captured in our own CUDA graph like the eager one.
-        self._run = torch.compile(self.step, dynamic=False) if compile else self.step
-        self.cache = StaticCache(config=model.config, max_cache_len=ctx)
-        dev = next(model.parameters()).device
-        self.tok = torch.randint(0, model.config.vocab_size, (batch, 1), device=dev)
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.slots = torch.arange(ctx, device=dev)
-
-    @torch.no_grad()
-    def step(self):
-        """Embed the current tokens, run every block, pick the next tokens (argmax)."""
-        inner = self.model.model
-        h = inner.embed_tokens(self.tok)
-        pos_ids = self.pos.view(1, 1).expand(self.batch, 1)
-        cos_sin = inner.rotary_emb(h, pos_ids)
-        mask = (self.slots <= self.pos).view(1, 1, 1, self.ctx).expand(self.batch, 1, 1, -1)
-        for layer in inner.layers:
-            out = layer(h, attention_mask=mask, position_ids=pos_ids,
-                        past_key_values=self.cache, use_cache=True, cache_position=self.pos,
-                        position_embeddings=cos_sin)
-            h = out[0] if isinstance(out, tuple) else out
-        logits = self.model.lm_head(inner.norm(h))
-        self.tok.copy_(logits[:, -1:].argmax(-1))
-        self.pos.add_(1)
+        super().__init__(model, batch, ctx, compile)
+        self.tok.copy_(torch.randint(0, model.config.vocab_size, (batch, 1)))
 
     def capture(self, warmup: int = 3):
         # one eager step first: the StaticCache allocates its layers lazily, which would

@@ -195,3 +195,23 @@ def test_block_without_quantized_layers_still_runs(llama_dir):
     assert len(seen) == 3
     for got, want in zip(seen, [normed[0], normed[0], normed[1]]):
         assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_cli_streams_local_safetensors_dirs(llama_dir, tmp_path, capsys):
+    """`kvant quantize DIR` streams by default (same files as the API), resumes, and keeps
+    --lazy as an accepted alias."""
+    from kvant.cli import main
+
+    lazy, tok = kvant.load_model(llama_dir, dtype=torch.float32, lazy=True)
+    calib = kvant.calibration_for(lazy, tok, str(Path(kvant.__file__).parent / "assets" /
+                                                 "input.txt"), n_samples=8, seq_len=32)
+    _, ref = quantize_streaming(lazy, GPTQConfig(bits=4, group_size=32), calib,
+                                tmp_path / "api", tok, kvant.EngineOptions(device="cpu",
+                                                                           show_progress=False))
+    args = ["quantize", str(llama_dir), "--method", "gptq", "--bits", "4", "--group-size", "32",
+            "--calib", str(Path(kvant.__file__).parent / "assets" / "input.txt"),
+            "--n-samples", "8", "--seq-len", "32", "--device", "cpu", "--json"]
+    assert main(args + ["--out", str(tmp_path / "cli")]) == 0
+    assert _digest(tmp_path / "cli") == _digest(Path(ref))
+    assert main(args + ["--out", str(tmp_path / "cli"), "--lazy"]) == 2  # no --overwrite
+    assert "already holds a kvant output" in capsys.readouterr().err
