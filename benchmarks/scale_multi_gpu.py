@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -155,7 +156,9 @@ def main(argv=None) -> int:
                     help="record from uncommitted code (rows are marked dirty)")
     args = ap.parse_args(argv)
     args.stamp = rec.provenance(args.allow_dirty)
-    kvant.init_distributed(device=args.device)
+    if "WORLD_SIZE" in os.environ:  # started by torchrun (one plain process otherwise)
+        kvant.init_distributed(device=args.device,
+                               local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     try:
         r = measure(args)
         if r is not None:

@@ -102,10 +102,10 @@ def cmd_quantize(args) -> int:
     config = _config_from_args(args)
     options = EngineOptions(device=args.device, show_progress=not args.json)  # checks device
     _check_positive(args, "n_samples", "seq_len")
-    # under torchrun (WORLD_SIZE > 1) every rank runs this; rank 0 owns the output
+    # with --distributed (under torchrun) every rank runs this; rank 0 owns the output
     from kvant.calib import dist as kdist
 
-    rank = kdist.rank() if kvant.init_distributed(args.device) else 0
+    rank = kdist.rank() if args.distributed and kvant.init_distributed(args.device) else 0
     if rank:
         options = EngineOptions(device=args.device, show_progress=False)
     # a local safetensors directory streams: block by block to disk, resumable (one process)
@@ -258,6 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "model's context if shorter")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--device", default=None, help="compute device (default cuda if present)")
+    q.add_argument("--distributed", action="store_true",
+                   help="run as one rank of a torchrun group (torchrun --nproc-per-node N "
+                        "kvant quantize ... --distributed): the ranks share the calibration "
+                        "samples and the layers; rank 0 writes --out")
     q.add_argument("--no-stream", dest="stream", action="store_false",
                    help="load a Hugging Face safetensors directory whole instead of streaming "
                         "it (by default its blocks are read, quantized and written one at a "

@@ -21,8 +21,8 @@ engine (:mod:`kvant.calib.engine`) runs every rank through the same blocks with:
   a :class:`DistributedError` too. :func:`on_rank0` (used by ``save_quantized``) writes only
   after every rank has reported ready, on rank 0, and tells every rank the outcome.
 
-Nothing is initialised implicitly: :func:`init_distributed` sets up the group from the
-environment ``torchrun`` provides (the CLI calls it when ``WORLD_SIZE`` > 1).
+Nothing is initialised implicitly: :func:`init_distributed` joins the group torchrun set up
+(the CLI calls it when given ``--distributed``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import os
 from typing import Callable, TypeVar
 
 import torch
@@ -48,38 +47,43 @@ class DistributedError(KvantError):
     """Another rank failed, died, stopped answering, or disagrees with this one."""
 
 
-def init_distributed(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
-    """Join the process group that ``torchrun`` describes in the environment (``RANK``,
-    ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); returns True when a
-    group of more than one rank is active afterwards.
+def init_distributed(device: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S,
+                     local_rank: int | None = None) -> bool:
+    """Join the process group that ``torchrun`` set up (torch's ``env://`` rendezvous reads
+    the rank, world size and master address torchrun provides); returns True when a group
+    of more than one rank is active afterwards. Call it only in a process torchrun started:
+    elsewhere it raises a :class:`DistributedError` saying so.
 
-    The backend is NCCL when ``device`` is CUDA (or None and CUDA is present; each rank then
-    computes on ``cuda:LOCAL_RANK``), else gloo. ``timeout_s``: how long a rank waits for the
-    others in one collective before it gives up with a :class:`DistributedError`. Without
-    ``WORLD_SIZE`` > 1 in the environment nothing happens (one process).
+    The backend is NCCL when ``device`` is CUDA (or None and CUDA is present), else gloo.
+    ``local_rank``: the CUDA device of this rank on its host (torchrun's ``LOCAL_RANK``;
+    None: the global rank modulo the host's device count, right for one host).
+    ``timeout_s``: how long a rank waits for the others in one collective before it gives
+    up with a :class:`DistributedError`.
     """
     if dist.is_available() and dist.is_initialized():
         return active()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return False
     if not dist.is_available():
-        raise DistributedError("WORLD_SIZE > 1 but this torch has no torch.distributed")
-    for key in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
-        if key not in os.environ:
-            raise DistributedError(f"WORLD_SIZE={world} but {key} is not set: launch with "
-                                   "torchrun --nproc-per-node N")
+        raise DistributedError("this torch build has no torch.distributed")
     want_cuda = (torch.device(device).type == "cuda" if device is not None
                  else torch.cuda.is_available())
-    backend = "nccl" if want_cuda else "gloo"
+    try:
+        dist.init_process_group("nccl" if want_cuda else "gloo", init_method="env://",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    except ValueError as e:  # torch names the rendezvous variable it misses
+        raise DistributedError(f"cannot join a process group ({_first_line(e)}): launch "
+                               "with torchrun --nproc-per-node N") from None
     if want_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise DistributedError(f"LOCAL_RANK {local} but this machine has "
-                                   f"{torch.cuda.device_count()} CUDA device(s)")
+        n = torch.cuda.device_count()
+        local = dist.get_rank() % max(n, 1) if local_rank is None else local_rank
+        if not 0 <= local < n:
+            raise DistributedError(f"rank {dist.get_rank()} wants cuda:{local} but this "
+                                   f"machine has {n} CUDA device(s)")
         torch.cuda.set_device(local)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return active()
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def active() -> bool:
