@@ -67,6 +67,26 @@ def tiny_model(arch: str, seed: int = 0, **kw):
     return transformers.AutoModelForCausalLM.from_config(configs(**kw)[arch]).eval()
 
 
+def tiny_llama(vocab: int = 96, layers: int = 2, ctx: int = 64, tied: bool = False,
+               seed: int = 0):
+    """A random GQA Llama (d 64, 4 query / 2 key-value heads) in eval mode."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=layers, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=ctx,
+                                   tie_word_embeddings=tied)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def save_sharded_llama(path, layers: int):
+    """A tied tiny Llama (vocab 300) saved to ``path`` as several safetensors shards with an
+    index, plus the tiny tokenizer: the input of lazy loading and streaming."""
+    tiny_llama(vocab=300, layers=layers, ctx=128, tied=True).save_pretrained(
+        path, max_shard_size="100KB")
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
 def logits(model, ids: torch.Tensor) -> torch.Tensor:
     """Logits (B, T, V) without KV cache."""
     with torch.no_grad():

@@ -144,12 +144,10 @@ def test_awq_names_layers_by_the_prefix_the_runner_carries():
 
 
 def _llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    pytest.importorskip("transformers")
+    from hf_tiny import tiny_llama
+
+    return tiny_llama()
 
 
 def test_awq_refuses_a_model_up_front_before_any_block_changes():

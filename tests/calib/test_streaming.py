@@ -31,17 +31,9 @@ GPTQ = GPTQConfig(bits=3, group_size=32, act_order=True)
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory):
-    from hf_tiny import tiny_tokenizer
+    from hf_tiny import save_sharded_llama
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=4, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("src") / "m"
-    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(path, max_shard_size="100KB")
-    tiny_tokenizer().save_pretrained(path)
-    return path
+    return save_sharded_llama(tmp_path_factory.mktemp("src") / "m", layers=4)
 
 
 def _calib():

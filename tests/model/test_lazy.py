@@ -15,17 +15,9 @@ OPTS = kvant.EngineOptions(device="cpu", show_progress=False, batch_size=4)
 
 @pytest.fixture
 def llama_dir(tmp_path):
-    from hf_tiny import tiny_tokenizer
+    from hf_tiny import save_sharded_llama
 
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(tmp_path / "m", max_shard_size="100KB")  # several shards + index
-    tiny_tokenizer().save_pretrained(tmp_path / "m")
-    return tmp_path / "m"
+    return save_sharded_llama(tmp_path / "m", layers=3)
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -12,12 +12,10 @@ CPU = EngineOptions(device="cpu", show_progress=False, batch_size=4)
 
 
 def tiny_llama():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    pytest.importorskip("transformers")
+    from hf_tiny import tiny_llama as build
+
+    return build()
 
 
 @torch.no_grad()
