@@ -24,15 +24,10 @@ CHILD = r"""
 import json, sys, time, torch, kvant
 open("/proc/self/clear_refs", "w").write("5")
 from kvant.calib.streaming import quantize_streaming
-from kvant.formats import stream
 from kvant.model.synthetic import llama_config, load_synthetic
 blocks, hidden, out, method, device = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 status = lambda k: int([l for l in open("/proc/self/status") if l.startswith(k)][0].split()[1]) / 1024
-trace, orig = [], stream.StreamWriter._write_block
-def traced(self, i, *a):
-    orig(self, i, *a)
-    trace.append(status("VmRSS"))
-stream.StreamWriter._write_block = traced
+trace = []
 cfg = llama_config(hidden=hidden, intermediate=int(hidden * 2.75), blocks=blocks,
                    heads=hidden // 128, kv_heads=max(hidden // 512, 1), vocab=32000,
                    max_positions=2048)
@@ -42,7 +37,8 @@ config = (kvant.RTNConfig(bits=4, group_size=128) if method == "rtn"
           else kvant.GPTQConfig(bits=4, group_size=128, act_order=True))
 t0 = time.time()
 quantize_streaming(model, config, calib if method != "rtn" else None, out, None,
-                   kvant.EngineOptions(device=device, show_progress=False))
+                   kvant.EngineOptions(device=device, show_progress=False),
+                   on_block=lambda i: trace.append(status("VmRSS")))
 print(json.dumps({"blocks": blocks, "peak_cpu_gb": status("VmHWM") / 1024,
                   "rss_trace_mb": trace, "seconds": time.time() - t0}))
 """

@@ -23,21 +23,19 @@ pytest.importorskip("transformers")
 CHILD = textwrap.dedent("""
     import json, sys, torch, kvant
     from kvant.calib.streaming import quantize_streaming
-    from kvant.formats import stream
     from kvant.model.synthetic import llama_config, load_synthetic
     st = lambda k: int([l for l in open("/proc/self/status")
                         if l.startswith(k)][0].split()[1]) / 1024
-    trace, peaks, orig = [], [], stream.StreamWriter._write_block
-    def traced(self, i, *a):
-        orig(self, i, *a)
+    trace, peaks = [], []
+    def probe(i):
         trace.append(st("VmRSS"))
         peaks.append(st("VmHWM"))
-    stream.StreamWriter._write_block = traced
     cfg = llama_config(hidden=2048, intermediate=5632, blocks=8, heads=16, kv_heads=4,
                        vocab=1024, max_positions=256)
     model = load_synthetic(cfg, seed=0, dtype=torch.bfloat16)
     quantize_streaming(model, kvant.RTNConfig(bits=4, group_size=128), None, sys.argv[1],
-                       None, kvant.EngineOptions(device="cpu", show_progress=False))
+                       None, kvant.EngineOptions(device="cpu", show_progress=False),
+                       on_block=probe)
     shard = sorted(__import__("pathlib").Path(sys.argv[1]).glob("model-*.safetensors"))[0]
     print(json.dumps({"trace": trace, "peaks": peaks, "block_mb": shard.stat().st_size / 2**20}))
 """)

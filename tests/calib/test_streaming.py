@@ -68,19 +68,15 @@ def test_streamed_checkpoint_equals_whole_model(llama_dir, tmp_path, config):
 KILLER = textwrap.dedent("""
     import os, signal, sys, torch, kvant
     from kvant.calib.streaming import quantize_streaming
-    from kvant.formats import stream
     src, out, kill_after = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    orig = stream.StreamWriter._write_block
-    def write_then_die(self, i, *a):
-        orig(self, i, *a)
+    def die_after(i):
         if i == kill_after:  # the record of block i is on disk: die as hard as possible
             os.kill(os.getpid(), signal.SIGKILL)
-    stream.StreamWriter._write_block = write_then_die
     calib = torch.randint(0, 300, (8, 32), generator=torch.Generator().manual_seed(0))
     model, tok = kvant.load_model(src, dtype=torch.float32, lazy=True)
     quantize_streaming(model, kvant.GPTQConfig(bits=3, group_size=32, act_order=True), calib,
                        out, tok, kvant.EngineOptions(device="cpu", show_progress=False,
-                                                     batch_size=4))
+                                                     batch_size=4), on_block=die_after)
 """)
 
 
@@ -94,18 +90,9 @@ def test_sigkill_then_resume_is_byte_identical(llama_dir, tmp_path):
     record = json.loads((tmp_path / ".killed.partial" / "progress.json").read_text())
     assert record["done"] == 1 and not out.exists()
     resumed_blocks = []
-    orig = stream.StreamWriter._write_block
-
-    def spy(self, i, *a):
-        resumed_blocks.append(i)
-        return orig(self, i, *a)
-
     lazy, tok = kvant.load_model(llama_dir, dtype=torch.float32, lazy=True)
-    stream.StreamWriter._write_block = spy
-    try:
-        report, _ = quantize_streaming(lazy, GPTQ, _calib(), out, tok, OPTS)
-    finally:
-        stream.StreamWriter._write_block = orig
+    report, _ = quantize_streaming(lazy, GPTQ, _calib(), out, tok, OPTS,
+                                   on_block=resumed_blocks.append)
     assert resumed_blocks == [2, 3]  # blocks 0 and 1 were not redone
     assert len(report.layers) == 28  # the report still covers every layer
     assert _digest(out) == _digest(Path(ref))

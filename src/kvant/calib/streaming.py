@@ -75,13 +75,14 @@ def run_identity(model: nn.Module, config: MethodConfig, calib, options: EngineO
 def quantize_streaming(model: nn.Module, config: MethodConfig, calib: torch.Tensor | None,
                        out_dir: str | os.PathLike, tokenizer=None,
                        options: EngineOptions | None = None, overwrite: bool = False,
-                       sources=()) -> tuple[QuantReport, str]:
+                       sources=(), on_block=None) -> tuple[QuantReport, str]:
     """Quantize a model loaded with ``lazy=True`` block by block into the kvant checkpoint
     ``out_dir``; resumes an interrupted run of the same job. Returns (report, path).
 
     An existing kvant output at ``out_dir`` is replaced only with ``overwrite``; ``sources``
     (the input model's path) and foreign directories are refused before any work
-    (kvant.formats.outdir).
+    (kvant.formats.outdir). ``on_block(i)``: called once block ``i`` is durably written
+    (progress, memory probes); it runs on the writer thread.
     """
     from kvant.model import hf
 
@@ -91,7 +92,7 @@ def quantize_streaming(model: nn.Module, config: MethodConfig, calib: torch.Tens
                          "(kvant.load_model(dir, lazy=True))")
     prefix, blocks = find_blocks(model)
     writer = StreamWriter(out_dir, run_identity(model, config, calib, options), len(blocks),
-                          overwrite, sources)
+                          overwrite, sources, on_block)
     writer.start()
     try:
         with _tensors_from_mmap():

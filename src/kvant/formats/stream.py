@@ -82,14 +82,16 @@ class StreamWriter:
     """Writes a kvant checkpoint block by block with a resume record (see module docs).
 
     ``identity``: JSON-able description of the run; a work directory holding another run's
-    progress is refused. ``n_blocks``: decoder blocks of the model.
+    progress is refused. ``n_blocks``: decoder blocks of the model. ``on_written(i)``: called
+    (on the writer thread) once block ``i`` and its progress record are on disk.
     """
 
     def __init__(self, out_dir: str | os.PathLike, identity: dict, n_blocks: int,
-                 overwrite: bool = False, sources=()):
+                 overwrite: bool = False, sources=(), on_written=None):
         self.out = Path(out_dir).expanduser().absolute()
         self.work = self.out.parent / f".{self.out.name}.partial"
         self._overwrite, self._sources = overwrite, tuple(sources)
+        self._on_written = on_written
         self.identity = json.loads(json.dumps(identity, sort_keys=True))
         self.n_blocks = n_blocks
         self.n_files = n_blocks + 1
@@ -182,6 +184,8 @@ class StreamWriter:
         rec["report"]["blocks"].extend(report.get("blocks", []))
         rec["done"] = i
         _fsync_write(self.work / "progress.json", json.dumps(rec, sort_keys=True).encode())
+        if self._on_written is not None:
+            self._on_written(i)
 
     # ---- end ------------------------------------------------------------------------
     def finish(self, rest: dict[str, torch.Tensor], aliases: dict, model_type: str,
