@@ -34,7 +34,8 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import _clone, _copies, capture_graph, tune_graph  # noqa: E402  (shared helpers)
+from kernels import _clone, _copies, tune_graph  # noqa: E402  (shared helpers)
+from kvant.serve.generate import capture_graph  # noqa: E402
 
 from kvant.serve import StaticDecoder  # noqa: E402
 
@@ -172,9 +173,10 @@ def measure(model, batches, ctx, steps, label, log, compile: bool = False) -> di
 
 
 def weight_bytes(model) -> int:
-    """Bytes of every parameter and buffer (what one decode step must at least read)."""
-    return sum(t.numel() * t.element_size() for t in
-               list(model.parameters()) + list(model.buffers()))
+    """Bytes of every parameter and stored buffer (what one decode step must at least read;
+    the kernels' layout of a prepared layer, ``kernel_*``, is the same weights again)."""
+    bufs = [t for n, t in model.named_buffers() if not n.rpartition(".")[2].startswith("kernel_")]
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + bufs)
 
 
 def write(rows: list, args, meta: dict, log) -> None:

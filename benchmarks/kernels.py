@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from kvant.serve.generate import capture_graph
+
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192),
           (8192, 28672)]
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128]
@@ -71,22 +73,6 @@ def _clone(p):
 def _copies(nbytes: int) -> int:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     return max(2, min(64, math.ceil(3 * l2 / nbytes)))
-
-
-def capture_graph(fn, warmup: int = 1) -> "torch.cuda.CUDAGraph":
-    """``fn`` run ``warmup`` times on a side stream (compiles kernels, allocates the split-K
-    counters: nothing may allocate or synchronise during capture), then captured as a graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g
 
 
 def graph_time_us(fns, reps=20, rounds=7) -> float:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import capture_graph  # noqa: E402  (the benchmarks' shared graph capture)
+from kvant.serve.generate import capture_graph  # noqa: E402
 import record as rep  # noqa: E402  (benchmarks/record.py: device, date, commit)
 from kvant.eval.table import group_label, write_json  # noqa: E402
 from kvant.nn.qlinear import QuantLinear  # noqa: E402
@@ -87,7 +87,7 @@ def time_pass(fn, reps: int, device) -> float:
 
 
 def graphed(fn):
-    """``fn`` captured once as a CUDA graph (kernels.capture_graph, three warm-ups); returns
+    """``fn`` captured once as a CUDA graph (kvant.serve.generate.capture_graph, three warm-ups); returns
     the replay. Times GPU work only: no Python or launch overhead, as in a graph-captured
     decode step."""
     return capture_graph(fn, warmup=3).replay

@@ -96,12 +96,12 @@ def cases() -> list[Case]:
                      needs=CK))
 
     def bad_gidx(d):
-        code = (f"import kvant, torch\n"
-                f"m, t = kvant.load_model('tiny')\n"
-                f"kvant.quantize(m, kvant.GPTQConfig(bits=4, group_size=32, act_order=True), "
-                f"kvant.calibration_for(m, t, n_samples=8, seq_len=32), "
-                f"kvant.EngineOptions(device='cpu', show_progress=False))\n"
-                f"kvant.save_quantized(m, 'ao', t)\n")
+        code = ("import kvant, torch\n"
+                "m, t = kvant.load_model('tiny')\n"
+                "kvant.quantize(m, kvant.GPTQConfig(bits=4, group_size=32, act_order=True), "
+                "kvant.calibration_for(m, t, n_samples=8, seq_len=32), "
+                "kvant.EngineOptions(device='cpu', show_progress=False))\n"
+                "kvant.save_quantized(m, 'ao', t)\n")
         subprocess.run([PY, "-c", code], cwd=d, env=ENV, check=True, capture_output=True)
         edit_tensor(d / "ao", "g_idx", lambda x: x.fill_(99))
     add(Case("g_idx_out_of_range", "checkpoint", ["eval", "ao", "--max-windows", "2"],

@@ -181,7 +181,6 @@ def load_model(path_or_id: str | os.PathLike, dtype=None, device: str | torch.de
         if meta.get("model_type") == "nanogpt":
             model, tok = nanogpt.load_nanogpt_dir(path, dtype or torch.float32)
             return model.to(device), tok
-        hf.check_not_foreign_quantized(meta, path)  # e.g. kvant's own GPTQ export
     return hf.load_hf(path_or_id, dtype or "auto", device)
 
 

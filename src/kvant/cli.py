@@ -40,7 +40,7 @@ def cmd_demo(args) -> int:
         if not args.json:
             print(_fmt_row(r, state["base"]), flush=True)
 
-    _check_positive(args, "windows")
+    check_positive_flags(args, "windows")
     specs = args.spec or None
     records = run_demo(args.out, specs, args.windows, progress)
     if args.json:
@@ -82,7 +82,8 @@ def _config_from_args(args):
     return cls.from_dict(fields)
 
 
-def _check_positive(args, *names: str) -> None:
+def check_positive_flags(args, *names: str) -> None:
+    """Refuse a given flag among ``names`` that is zero or negative (unset flags pass)."""
     from kvant.errors import InputError
 
     for name in names:
@@ -101,7 +102,7 @@ def cmd_quantize(args) -> int:
     # everything that can be checked without the model, before loading it
     config = _config_from_args(args)
     options = EngineOptions(device=args.device, show_progress=not args.json)  # checks device
-    _check_positive(args, "n_samples", "seq_len")
+    check_positive_flags(args, "n_samples", "seq_len")
     # with --distributed (under torchrun) every rank runs this; rank 0 owns the output
     from kvant.calib import dist as kdist
 
@@ -166,7 +167,7 @@ def cmd_eval(args) -> int:
     from kvant.config import check_device
 
     check_device(args.device)
-    _check_positive(args, "seq_len", "max_windows")
+    check_positive_flags(args, "seq_len", "max_windows")
     model, tok = kvant.load_model(args.model, device=args.device or "cpu",
                                   verify=not args.no_verify)
     res = kvant.evaluate(model, tok, args.ppl, seq_len=args.seq_len,

@@ -61,7 +61,7 @@ def test_nan_weight_named(tiny_gpt):
     model, _ = tiny_gpt
     with torch.no_grad():
         model.blocks[1].sa.proj.weight[0, 0] = float("nan")
-    with pytest.raises(ValueError, match=r"'blocks\.1\.sa\.proj' has NaN or Inf"):
+    with pytest.raises(ValueError, match=r"'blocks\.1\.sa\.proj\.weight' .* NaN/Inf"):
         kvant.quantize(model, kvant.RTNConfig(bits=4, group_size=32), options=OPTS)
     # nothing was replaced: the error came before any work
     assert not any(isinstance(m, QuantLinear) for m in model.modules())

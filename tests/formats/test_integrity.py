@@ -227,7 +227,7 @@ def test_renamed_and_reshaped_tensors(ck):
     meta["files"][SHARD]["tensors"] = sorted(state)
     meta["files"][SHARD]["bytes"] = (out / SHARD).stat().st_size
     _write_meta(out, meta)
-    _load_fails(out, rf"missing \['qweight'\], unexpected \['qweights'\]", verify=False)
+    _load_fails(out, r"missing \['qweight'\], unexpected \['qweights'\]", verify=False)
     state[f"{LAYER}.qweight"] = state.pop(f"{LAYER}.qweights")[:, :4].contiguous()
     save_file(state, str(out / SHARD), metadata={"format": "pt"})
     meta["files"][SHARD].update(tensors=sorted(state), bytes=(out / SHARD).stat().st_size)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from kvant.model.hf import model_dtype
 from kvant.errors import ResourceError
 
 GB = 1024 ** 3
@@ -45,13 +46,6 @@ def available_bytes(device: torch.device) -> int | None:
     except OSError:
         return None
     return None
-
-
-def _float_dtype(model: nn.Module) -> torch.dtype:
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
 
 
 def _hidden_size(blocks: nn.Module, model: nn.Module) -> int:
@@ -79,7 +73,7 @@ def estimate(model: nn.Module, blocks: nn.Module, n_samples: int, seq_len: int,
     """
     from kvant.model.discovery import find_linears, linear_weight
 
-    elt = torch.tensor([], dtype=_float_dtype(model)).element_size()
+    elt = torch.tensor([], dtype=model_dtype(model)).element_size()
     hidden = _hidden_size(blocks, model)
     activations = 2 * n_samples * seq_len * hidden * elt
     hessians, block_bytes, widest = 0, 0, hidden

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 from typing import Callable, TypeVar
 
 import torch
@@ -38,6 +37,7 @@ import torch.distributed as dist
 from kvant.algorithms.base import LayerQuantizer
 from kvant.core.result import LayerResult
 from kvant.errors import KvantError
+from kvant.formats.integrity import tensor_digest
 
 T = TypeVar("T")
 DEFAULT_TIMEOUT_S = 1800.0
@@ -116,7 +116,7 @@ def _collective(what: str):
     except DistributedError:
         raise
     except RuntimeError as e:  # DistBackendError and gloo's errors are RuntimeErrors
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _first_line(e)
         raise DistributedError(
             f"rank {dist.get_rank()}: lost the other ranks while {what} (another rank "
             f"failed or was killed, or none answered within the group's timeout; see its "
@@ -176,8 +176,7 @@ def shard_calibration(calib: torch.Tensor) -> torch.Tensor:
     if not active():
         return calib
     world = dist.get_world_size()
-    digest = hashlib.sha256(calib.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-    check_same((tuple(calib.shape), digest), "the calibration samples")
+    check_same(tensor_digest(calib), "the calibration samples")
     if len(calib) < world:
         raise DistributedError(f"{len(calib)} calibration samples cannot be split over "
                                f"{world} processes; use at least {world}")

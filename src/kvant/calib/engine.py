@@ -57,18 +57,15 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def validate_model(model: nn.Module, config: MethodConfig) -> tuple[str, nn.Module]:
-    """Checks that must pass before any work: blocks found, weights finite, groups divide."""
+    """Checks that must pass before any work: blocks found, groups divide, ignore patterns
+    name layers, every tensor finite (a lazily read block's tensors are checked when they
+    are read, kvant.model.lazy)."""
     prefix, blocks = find_blocks(model)
     for i, block in enumerate(blocks):
         for name, lin in find_linears(block, config.ignore, f"{prefix}.{i}.").items():
-            full = f"{prefix}.{i}.{name}"
-            w = linear_weight(lin)
-            # a lazily loaded block is still on the meta device: its tensors are checked
-            # when they are read (kvant.model.lazy)
-            if not w.is_meta and not torch.isfinite(w).all():
-                raise ValueError(f"layer {full!r} has NaN or Inf weights")
-            check_group_size(w.shape[1], config.group_size, full)
-    check_model(model, config.ignore)  # ignore patterns name layers; all tensors finite
+            check_group_size(linear_weight(lin).shape[1], config.group_size,
+                             f"{prefix}.{i}.{name}")
+    check_model(model, config.ignore)
     return prefix, blocks
 
 
@@ -229,7 +226,6 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
                             [o.hidden for o in inputs] if outs is not None else None)
             del state
             lazy.release(block)
-            _trim_heap()
         else:
             block.to(home)
         log.info("block %d quantized in %.2fs", i, time.perf_counter() - tb)
@@ -261,17 +257,6 @@ def _quantize_block(block, bprefix, config, method, inputs, options):
     if not method.needs_calibration:
         return layers, extra, None
     return layers, extra, float_out if float_out is not None else run_block(block, inputs)
-
-
-def _trim_heap() -> None:
-    """Give the heap's free pages back to the system after a streamed block (glibc keeps
-    freed arenas otherwise, and the process would grow with depth); no-op elsewhere."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class _on_device_except_blocks:

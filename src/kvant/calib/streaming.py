@@ -10,8 +10,6 @@ the same output is refused (the progress record names the run).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 
 import torch
@@ -19,54 +17,19 @@ import torch.nn as nn
 
 from kvant.calib.engine import QuantReport, quantize_model, resolve_device
 from kvant.config import EngineOptions, MethodConfig
+from kvant.core import heap
 from kvant.formats import checkpoint as ckpt
+from kvant.formats import integrity
 from kvant.formats.stream import StreamWriter
 from kvant.model.discovery import find_blocks
-
-
-# glibc: mallopt's M_MMAP_THRESHOLD; 128 KiB is its starting value, 32 MiB the most its
-# dynamic threshold grows to on 64-bit systems
-_M_MMAP_THRESHOLD, _START, _DYNAMIC_MAX = -3, 128 * 1024, 32 * 1024 * 1024
-
-
-@contextlib.contextmanager
-def _tensors_from_mmap():
-    """While streaming, serve every allocation above 128 KiB with its own mmap, so a freed
-    block's tensors go back to the system at once. glibc otherwise raises its threshold
-    after the first large free and serves later tensors from the heap, whose fragments make
-    the peak grow with depth (cpu-2core, 2048-wide Llama, RTN: peak 1.38 GiB at 8 blocks,
-    1.66-1.77 at 16; with this, 1.203 at 4 and 1.205 at 12). Afterwards the threshold is
-    set to the most glibc's own dynamic threshold reaches (setting it at all ends glibc's
-    adjustment for the process; there is no way to read it back). No-op off glibc."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, _START)
-    except (OSError, AttributeError):
-        libc = None
-    try:
-        yield
-    finally:
-        if libc is not None:
-            libc.mallopt(_M_MMAP_THRESHOLD, _DYNAMIC_MAX)
-
-
-def calib_digest(calib: torch.Tensor | None) -> str | None:
-    """sha256 of the calibration token ids (shape and values), or None."""
-    if calib is None:
-        return None
-    t = calib.detach().cpu().contiguous()
-    h = hashlib.sha256(f"{tuple(t.shape)}:{t.dtype}".encode())
-    h.update(t.numpy().tobytes())
-    return h.hexdigest()
 
 
 def run_identity(model: nn.Module, config: MethodConfig, calib, options: EngineOptions) -> dict:
     """What must match for a resumed run to continue an earlier one."""
     lazy = model.kvant_lazy_blocks
     return {"config": config.to_dict(), "model": lazy.source.identity(),
-            "dtype": str(lazy.dtype), "calib": calib_digest(calib),
+            "dtype": str(lazy.dtype),
+            "calib": None if calib is None else integrity.tensor_digest(calib),
             "engine": {"propagate": options.propagate, "batch_size": options.batch_size,
                        "device": resolve_device(options.device).type},
             "format_version": ckpt.FORMAT_VERSION}
@@ -95,7 +58,7 @@ def quantize_streaming(model: nn.Module, config: MethodConfig, calib: torch.Tens
                           overwrite, sources, on_block)
     writer.start()
     try:
-        with _tensors_from_mmap():
+        with heap.tensors_from_mmap():
             report = quantize_model(model, config, calib, options, sink=writer)
         rest, aliases = ckpt.dedupe_tensors(
             {n: t for n, t in model.state_dict().items() if not n.startswith(f"{prefix}.")})
@@ -103,7 +66,7 @@ def quantize_streaming(model: nn.Module, config: MethodConfig, calib: torch.Tens
         qc.update({"ignored_modules": list(config.ignore), "format": ckpt.FORMAT,
                    "format_version": ckpt.FORMAT_VERSION})
         path = writer.finish(rest, aliases, "hf", hf.spec(model), qc,
-                             hf.tokenizer_files(tokenizer), ckpt.finalize_meta)
+                             hf.tokenizer_files(tokenizer))
     finally:
         writer.close()
     return report, str(path)

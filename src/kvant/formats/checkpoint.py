@@ -37,7 +37,7 @@ _SHARED_FIELDS = ("bits", "group_size", "stat_bits", "stat_group_size")
 
 __all__ = ["CheckpointError", "save_checkpoint", "read_config", "read_tensors",
            "install_quant_shells", "check_quant_tensors", "load_state", "write_shards",
-           "dedupe_tensors", "finalize_meta", "verify_checkpoint", "recover_leftovers"]
+           "dedupe_tensors", "verify_checkpoint", "recover_leftovers"]
 
 
 def _module_entries(model: nn.Module) -> dict:
@@ -102,22 +102,6 @@ def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, model_type: st
         for fname, data in extra_files.items():
             (tmp / _confined(fname, "extra file")).write_bytes(data)
     return Path(out_dir)
-
-
-def finalize_meta(meta: dict, folder: str | os.PathLike,
-                  digests: dict[str, str] | None = None) -> None:
-    """Add the ``integrity`` entry to ``meta`` for a checkpoint whose shards are already
-    written in ``folder`` (a streaming writer). ``digests``: tensor checksums computed while
-    writing (:func:`kvant.formats.integrity.tensor_digests`); the tensors of shards they do
-    not cover are read back from ``folder``. Extra files written later are not covered."""
-    digests = dict(digests or {})
-    for fname, info in meta["files"].items():
-        if not set(info["tensors"]) <= set(digests):
-            digests.update(integrity.tensor_digests(load_file(str(Path(folder) / fname))))
-    listed = {t for info in meta["files"].values() for t in info["tensors"]}
-    meta.pop("integrity", None)
-    meta["integrity"] = {"hash": integrity.HASH, "config": integrity.config_digest(meta),
-                         "tensors": {t: digests[t] for t in sorted(listed)}, "files": {}}
 
 
 def _confined(fname, what: str) -> str:

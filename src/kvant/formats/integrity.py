@@ -58,10 +58,13 @@ def config_digest(meta: dict) -> str:
     return hashlib.sha256(_canonical(meta)).hexdigest()
 
 
-def seal(meta: dict, tensors: dict[str, torch.Tensor], extra_files: dict[str, bytes]) -> dict:
-    """The ``integrity`` entry of ``meta`` (whose ``files`` already lists the shards)."""
+def seal(meta: dict, tensors: dict[str, torch.Tensor], extra_files: dict[str, bytes],
+         digests: dict[str, str] | None = None) -> dict:
+    """The ``integrity`` entry of ``meta`` (whose ``files`` already lists the shards).
+    ``digests``: tensor checksums computed earlier (a streaming writer hashes each block as
+    it writes it), merged with those of ``tensors``."""
     return {"hash": HASH, "config": config_digest(meta),
-            "tensors": tensor_digests(tensors),
+            "tensors": dict(sorted({**(digests or {}), **tensor_digests(tensors)}.items())),
             "files": {name: hashlib.sha256(data).hexdigest()
                       for name, data in sorted(extra_files.items())}}
 

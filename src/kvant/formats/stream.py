@@ -67,11 +67,16 @@ def shard_name(i: int, n_files: int) -> str:
     return f"model-{i + 1:05d}-of-{n_files:05d}.safetensors"
 
 
+def work_dir(out_dir: str | os.PathLike) -> Path:
+    """Where a streamed run into ``out_dir`` writes until it finishes: ``.<name>.partial``."""
+    out = Path(out_dir).expanduser().absolute()
+    return out.parent / f".{out.name}.partial"
+
+
 def finished_blocks(out_dir: str | os.PathLike) -> int:
     """How many blocks an interrupted streamed run into ``out_dir`` has finished (0 if none):
     what a rerun of the same command resumes after."""
-    out = Path(out_dir).expanduser().absolute()
-    rec = out.parent / f".{out.name}.partial" / "progress.json"
+    rec = work_dir(out_dir) / "progress.json"
     try:
         return int(json.loads(rec.read_text()).get("done", -1)) + 1
     except (OSError, ValueError, TypeError, AttributeError):
@@ -89,7 +94,7 @@ class StreamWriter:
     def __init__(self, out_dir: str | os.PathLike, identity: dict, n_blocks: int,
                  overwrite: bool = False, sources=(), on_written=None):
         self.out = Path(out_dir).expanduser().absolute()
-        self.work = self.out.parent / f".{self.out.name}.partial"
+        self.work = work_dir(self.out)
         self._overwrite, self._sources = overwrite, tuple(sources)
         self._on_written = on_written
         self.identity = json.loads(json.dumps(identity, sort_keys=True))
@@ -190,13 +195,14 @@ class StreamWriter:
     # ---- end ------------------------------------------------------------------------
     def finish(self, rest: dict[str, torch.Tensor], aliases: dict, model_type: str,
                model_config: dict, quantization_config: dict,
-               extra_files: dict[str, bytes] | None = None, finalize_meta=None) -> Path:
-        """Write the last shard and config.json, then move the checkpoint into place.
-        ``finalize_meta(meta, folder)`` may add entries (checksums) before it is written."""
+               extra_files: dict[str, bytes] | None = None) -> Path:
+        """Write the last shard, the extra files and config.json (with the checksums of
+        every tensor and extra file), then move the checkpoint into place."""
         self._wait()
         if self.record["done"] != self.n_blocks - 1:
             raise StreamError(f"only {self.record['done'] + 1} of {self.n_blocks} blocks are "
                               "finished; the checkpoint cannot be completed")
+        extra_files = extra_files or {}
         files = dict(self.record["files"])
         name = shard_name(self.n_blocks, self.n_files)
         rest = {n: t.detach().contiguous().cpu() for n, t in rest.items()}
@@ -206,10 +212,8 @@ class StreamWriter:
         meta = {"model_type": model_type, "model_config": model_config,
                 "quantization_config": qc, "files": dict(sorted(files.items())),
                 "tied": aliases}
-        if finalize_meta is not None:
-            digests = {**self.record["digests"], **integrity.tensor_digests(rest)}
-            finalize_meta(meta, self.work, digests)
-        for fname, data in (extra_files or {}).items():
+        meta["integrity"] = integrity.seal(meta, rest, extra_files, self.record["digests"])
+        for fname, data in extra_files.items():
             (self.work / fname).write_bytes(data)
         _fsync_write(self.work / "config.json",
                      json.dumps(meta, indent=1, sort_keys=True).encode())

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from kvant.core import heap
 from kvant.errors import InputError
 from kvant.model.discovery import find_blocks
 from kvant.model.sources import SafetensorsSource, SourceError, TensorSource
@@ -63,7 +64,7 @@ class LazyBlocks:
     def release(block: nn.Module) -> None:
         """Free a block whose quantized tensors are on disk: every parameter and persistent
         buffer goes back to the meta device (non-persistent buffers such as rotary tables
-        are derived, not stored, and stay)."""
+        are derived, not stored, and stay), and the freed memory to the system."""
         persistent = set(block.state_dict())
         for name, mod in block.named_modules():
             pre = f"{name}." if name else ""
@@ -73,6 +74,7 @@ class LazyBlocks:
             for k, b in list(mod._buffers.items()):
                 if b is not None and pre + k in persistent:
                     mod._buffers[k] = b.to("meta")
+        heap.trim()  # the freed tensors' heap pages go back to the system
 
 
 def build_streamed(config, source: TensorSource, dtype: torch.dtype) -> nn.Module:

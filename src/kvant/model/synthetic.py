@@ -13,9 +13,6 @@ initialisation). They exercise speed and memory, not quality.
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
-
 import torch
 
 from kvant.model.sources import SourceError
@@ -78,13 +75,12 @@ class SyntheticSource:
                 raise SourceError(f"tensor {n!r} is not part of the synthetic model")
             shape, stored = self.shapes[n]
             dt = dtype if stored.is_floating_point else stored
-            leaf = n.rsplit(".", 2)
             if "norm" in n and n.endswith(".weight"):
                 t = torch.ones(shape, dtype=dt, device=self.device)
             elif n.endswith(".bias"):
                 t = torch.zeros(shape, dtype=dt, device=self.device)
             elif not stored.is_floating_point:
-                raise SourceError(f"synthetic weights cannot make integer tensor {leaf!r}")
+                raise SourceError(f"synthetic weights cannot make integer tensor {n!r}")
             else:
                 t = torch.empty(shape, dtype=torch.float32, device=self.device)
                 t.normal_(0.0, self.std, generator=self._generator(n))
@@ -100,30 +96,3 @@ def load_synthetic(config, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
     from kvant.model.lazy import build_streamed
 
     return build_streamed(config, SyntheticSource(config, seed, device=device), dtype)
-
-
-def save_synthetic(config, folder: str | os.PathLike, seed: int = 0,
-                   dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write the synthetic model as a sharded safetensors directory (one shard per block,
-    one for the rest, an index, config.json): the files a real checkpoint has."""
-    import json
-
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    source = SyntheticSource(config, seed)
-    groups: dict[str, list[str]] = {}
-    for n in sorted(source.names()):
-        parts = n.split(".")
-        key = f"block{int(parts[2]):05d}" if parts[:2] == ["model", "layers"] else "rest"
-        groups.setdefault(key, []).append(n)
-    weight_map = {}
-    for i, (key, names) in enumerate(sorted(groups.items())):
-        fname = f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-        save_file(source.read(names, dtype), str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in names})
-    (folder / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
-    config.save_pretrained(str(folder))
-    return folder

@@ -267,7 +267,9 @@ def prepare_for_inference(model: nn.Module, device: torch.device | str | None = 
     there (:meth:`QuantLinear.prepare`): the GPU kernels' layout is built once, now, so that
     ``torch.compile`` and CUDA-graph capture find it. Returns the number of layers the GPU
     kernels compute (0 on the CPU)."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers if options is not None else []:
+        m.prepare(options=options)  # options first, so the move below builds with them
     if device is not None:
         model.to(device)
-    return sum(m.prepare(options=options) for m in model.modules()
-               if isinstance(m, QuantLinear))
+    return sum(m.prepare() for m in layers)

@@ -33,14 +33,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     import kvant
+    from kvant.cli import check_positive_flags
     from kvant.config import check_device
     from kvant.errors import InputError
 
     check_device(args.device)
-    for name in ("max_new_tokens", "batch", "prompt_len", "ctx"):
-        v = getattr(args, name)
-        if v is not None and v <= 0:
-            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    check_positive_flags(args, "max_new_tokens", "batch", "prompt_len", "ctx")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok = kvant.load_model(args.model, device=device, verify=not args.no_verify)
     if args.prompt is not None:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from kvant.errors import InputError
+from kvant.eval.perplexity import model_device
 
 
 class GenerateError(InputError):
@@ -36,10 +37,31 @@ class DecodeStats:
     batch: int
 
     @property
+    def ms_per_step(self) -> float:
+        """Milliseconds per decode step (the first new token comes from the prefill)."""
+        return 1e3 * self.decode_s / max(self.new_tokens - 1, 1)
+
+    @property
     def tokens_per_s(self) -> float:
         """Generated tokens per second over the decode steps, all sequences together."""
         steps = max(self.new_tokens - 1, 1)
         return self.batch * steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def capture_graph(fn, warmup: int = 1) -> "torch.cuda.CUDAGraph":
+    """``fn`` run ``warmup`` times on a side stream (compiles kernels, allocates what it
+    needs: nothing may allocate or synchronise during capture), then captured as a graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
 
 
 def _cache_kw(fn) -> str:
@@ -66,7 +88,7 @@ class StaticDecoder:
         from transformers import StaticCache
 
         self.model, self.inner, self.batch, self.ctx = model, _inner(model), batch, ctx
-        dev = next(model.parameters()).device
+        dev = model_device(model)
         self.device = dev
         self.cache = StaticCache(config=model.config, max_cache_len=ctx)
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
@@ -118,18 +140,9 @@ class StaticDecoder:
         self.pos.add_(1)
 
     def capture(self, warmup: int = 2) -> None:
-        """Capture one (compiled) step as a CUDA graph; the warm-up steps run on a side
-        stream and advance the position, as replays do."""
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(warmup):
-                self._run()
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._run()
+        """Capture one (compiled) step as a CUDA graph (:func:`capture_graph`); the warm-up
+        steps advance the position, as replays do."""
+        self.graph = capture_graph(self._run, warmup)
 
     def advance(self) -> None:
         """One decode step: a graph replay when captured, else the (compiled) step."""
@@ -144,8 +157,9 @@ def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, ctx: int 
              compile: bool = False, cuda_graph: bool | None = None):
     """Greedy continuation of ``ids`` (batch, T) by ``max_new_tokens`` tokens ->
     (tokens (batch, T + new), :class:`DecodeStats`). ``cuda_graph`` (default: on CUDA)
-    captures the step; warm-up steps are run from a copy of the state and discarded, so the
-    tokens equal eager decoding's."""
+    captures the step; the warm-up and capture steps write cache positions past the prompt,
+    then the cache is rewound, and the real steps overwrite those positions before the mask
+    lets them be read, so the tokens equal eager decoding's."""
     if max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     ctx = ctx or ids.shape[1] + max_new_tokens
@@ -185,5 +199,5 @@ def decode_speed(model: nn.Module, batch: int, ctx: int, steps: int = 64,
                            generator=torch.Generator().manual_seed(0))
     _, stats = generate(model, prompt, steps, ctx=ctx, compile=compile)
     return {"ctx": ctx, "steps": steps, "prefill_s": stats.prefill_s,
-            "ms_per_step": 1e3 * stats.decode_s / max(steps - 1, 1),
+            "ms_per_step": stats.ms_per_step,
             "tokens_per_s": stats.tokens_per_s, "compile": compile}
