@@ -41,6 +41,8 @@ def test_lazy_quantization_equals_eager(llama_dir, config, device):
     kvant.quantize(eager, config, calib, opts)
     kvant.quantize(lazy, config, calib, opts)
     assert not any(p.is_meta for p in lazy.parameters())
+    for m in (eager, lazy):  # every block back where it was (block 0 ran the capture)
+        assert {t.device.type for t in m.state_dict().values()} == {"cpu"}
     ea, la = eager.state_dict(), lazy.state_dict()
     assert list(ea) == list(la)
     for name in ea:

@@ -185,11 +185,13 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
         report.blocks.extend(sink.report()["blocks"])
 
     inputs: list[BlockInput] = []
+    homes: dict[int, torch.device] = {}  # where a block goes back to, if moved before its turn
     if method.needs_calibration:
         report.n_calib = len(calib)
         batches = torch.split(kdist.shard_calibration(calib), options.batch_size)  # this rank's
         if lazy is not None:
             lazy.load(0, blocks[0])
+        homes[0] = next(blocks[0].parameters()).device
         with _on_device_except_blocks(model, blocks, device):
             blocks[0].to(device)
             inputs = capture_block_inputs(model, blocks[0], batches, device)
@@ -209,7 +211,7 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
         tb = time.perf_counter()
         if lazy is not None:
             lazy.load(i, block)
-        home = next(block.parameters()).device
+        home = homes.pop(i, None) or next(block.parameters()).device
         block.to(device)
         bprefix = f"{prefix}.{i}."
         layers, extra, outs = _quantize_block(block, bprefix, config, method, inputs, options)
