@@ -48,6 +48,11 @@ SHAPES = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
                          tie_word_embeddings=True),
+    # Llama-3-70B: too large for an fp16 copy next to anything else; built block by block
+    # and quantized as it is made (random_llama_quantized), no float row
+    "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, vocab_size=128256,
+                       rope_theta=500000.0),
 }
 
 
@@ -72,8 +77,45 @@ def random_llama(shape: str, layers: int = 0):
 
 
 @torch.no_grad()
-def rtn_quantize_(model: nn.Module, bits: int, group_size: int) -> int:
-    """Replace every nn.Linear inside the decoder blocks by a packed QuantLinear (RTN)."""
+def random_llama_quantized(shape: str, layers: int, bits: int, group_size: int, options):
+    """Random LlamaForCausalLM of ``SHAPES[shape]`` made on the GPU one block at a time, each
+    block's Linears RTN-quantized (:func:`rtn_quantize_`, prepared with ``options``) before
+    the next is made: the fp16 model never exists whole (a 70B shape's would not fit)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kw = dict(SHAPES[shape])
+    if layers:
+        kw["num_hidden_layers"] = layers
+    cfg = LlamaConfig(max_position_embeddings=4096, **kw)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg).to(torch.float16)
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def make(mod: nn.Module) -> None:
+        mod.to_empty(device="cuda", recurse=False)
+        for name, t in mod.named_parameters(recurse=False):
+            if name == "weight" and t.dim() == 1:  # RMSNorm
+                t.fill_(1.0)
+            else:
+                t.normal_(0, 0.02, generator=g)
+
+    inner = model.model
+    for mod in (inner.embed_tokens, inner.norm, model.lm_head):
+        make(mod)
+    inner.rotary_emb = type(inner.rotary_emb)(config=cfg).to("cuda")  # derived buffers
+    for block in inner.layers:
+        for mod in block.modules():
+            make(mod)
+        rtn_quantize_(block, bits, group_size, options, inside="")
+    torch.cuda.empty_cache()
+    return model.eval()
+
+
+@torch.no_grad()
+def rtn_quantize_(model: nn.Module, bits: int, group_size: int, options=None,
+                  inside: str = "layers.") -> int:
+    """Replace every nn.Linear whose name contains ``inside`` (the decoder blocks; "" for
+    all of ``model``) by a packed QuantLinear (RTN), prepared with ``options``."""
     from kvant.config import QuantArgs
     from kvant.core.grid import rtn
     from kvant.formats.packing import pack
@@ -82,18 +124,19 @@ def rtn_quantize_(model: nn.Module, bits: int, group_size: int) -> int:
 
     n = 0
     for name, mod in list(model.named_modules()):
-        if not isinstance(mod, nn.Linear) or "layers." not in name:
+        if not isinstance(mod, nn.Linear) or inside not in name:
             continue
         w = mod.weight
         q, prm = rtn(w.float(), QuantArgs(bits, group_size))
-        ql = QuantLinear(w.shape[1], w.shape[0], bits, group_size, bias=mod.bias is not None,
-                         dtype=w.dtype).to(w.device)
+        with torch.device(w.device):  # the shell made there: no move, no repack of zeros
+            ql = QuantLinear(w.shape[1], w.shape[0], bits, group_size,
+                             bias=mod.bias is not None, dtype=w.dtype)
         ql.qweight.copy_(pack(q, bits))
         ql.scales.copy_(prm.scales.to(torch.float16))
         ql.qzeros.copy_(pack(prm.zeros.round().to(torch.int32), bits))
         if mod.bias is not None:
             ql.bias.copy_(mod.bias)
-        ql.prepare()  # the kernel layout of the copied tensors (the .to() built the zeros')
+        ql.prepare(options=options)  # the kernel layout of the copied tensors
         set_submodule(model, name, ql)
         n += 1
     torch.cuda.empty_cache()
@@ -191,13 +234,15 @@ def write(rows: list, args, meta: dict, log) -> None:
              f"`{meta['model']}`; one token per sequence per step, static KV cache of "
              f"{args.ctx}, each step {how}, {args.steps} steps timed. W{args.bits}: kvant RTN "
              f"g{args.group_size} in every block Linear (lm_head fp16), our Triton kernels.",
-             "", "| weights | batch | ms/step | tokens/s | speed-up vs fp16 | weights GB |",
-             "|---|---|---|---|---|---|"]
+             "", "| weights | batch | ms/step | tokens/s | speed-up vs fp16 | weights GB | "
+             "GPU GiB allocated | GPU GiB peak |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         w = "fp16" if r["method"] == "float" else f"W{r['bits']} g{r['group_size']}"
         sp = f"{r['speedup']:.2f}×" if r["speedup"] else "–"
         lines.append(f"| {w} | {r['batch']} | {r['ms_per_step']:.2f} | "
-                     f"{r['tokens_per_s']:.1f} | {sp} | {r['weight_gb']:.2f} |")
+                     f"{r['tokens_per_s']:.1f} | {sp} | {r['weight_gb']:.2f} | "
+                     f"{r.get('gpu_alloc_gib', float('nan')):.1f} | "
+                     f"{r.get('gpu_peak_gib', float('nan')):.1f} |")
     (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     log(f"wrote {out}/{args.name}.{{json,md}}")
 
@@ -223,6 +268,11 @@ def main() -> None:
                          "model: one GEMV per shared input")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the decode step (both models) before graph capture")
+    ap.add_argument("--no-float", action="store_true",
+                    help="skip the fp16 rows: the random model is made and quantized block by "
+                         "block (the only way for llama3-70b)")
+    ap.add_argument("--stored-on-host", action="store_true",
+                    help="KernelOptions.stored_on_host: each weight once on the GPU")
     args = ap.parse_args()
     if args.compile:  # one compiled step per (model, batch): four or more graphs
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
@@ -232,17 +282,31 @@ def main() -> None:
     def log(msg):
         print(msg, flush=True)
 
+    from kvant.kernels import KernelOptions
+
+    options = KernelOptions(stored_on_host=args.stored_on_host)
     quantized_input = False
     if args.model:
         import kvant
 
-        model, _ = kvant.load_model(args.model, dtype=torch.float16, device="cuda")
+        model, _ = kvant.load_model(args.model, dtype=torch.float16, device="cuda",
+                                    kernel_options=options)
         model = model.half().eval()
         quantized_input = hasattr(model, "kvant_quantization_config")
         name = Path(args.model).name
+    elif args.no_float:
+        t0 = time.time()
+        model = random_llama_quantized(args.shape, args.layers, args.bits, args.group_size,
+                                       options)
+        quantized_input = True
+        name = f"{args.shape}-shape-random-{model.config.num_hidden_layers}L-rtn"
+        log(f"made and quantized block by block in {time.time() - t0:.1f}s; GPU "
+            f"{torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated")
     else:
         model = random_llama(args.shape, args.layers)
         name = f"{args.shape}-shape-random-{model.config.num_hidden_layers}L"
+    if args.stored_on_host:
+        name += "-host"
     if args.fuse:  # before RTN: the fused float layers are then quantized as one
         from kvant.nn.fuse import find_siblings, fuse_siblings
 
@@ -276,7 +340,9 @@ def main() -> None:
         sec = measure(model, [b], args.ctx, args.steps, f"W{args.bits}", log, args.compile)[b]
         rows.append(dict(meta, method="rtn", bits=args.bits, group_size=args.group_size,
                          batch=b, ms_per_step=1e3 * sec, tokens_per_s=b / sec,
-                         speedup=(fp16[b] / sec) if b in fp16 else None, weight_gb=gb))
+                         speedup=(fp16[b] / sec) if b in fp16 else None, weight_gb=gb,
+                         gpu_alloc_gib=torch.cuda.memory_allocated() / 2**30,
+                         gpu_peak_gib=torch.cuda.max_memory_allocated() / 2**30))
         write(rows, args, meta, log)
 
 

@@ -188,6 +188,58 @@ def test_to_cpu_drops_and_to_cuda_rebuilds():
     torch.testing.assert_close(m(x), y, rtol=0, atol=0)
 
 
+def test_stored_on_host_keeps_one_copy_on_the_gpu():
+    m = _module(act_order=True)
+    x = torch.randn(3, 512, device="cuda").half()
+    y = m(x)
+    assert m.prepare(options=KernelOptions(stored_on_host=True)) is True
+    assert m.qweight.device.type == "cpu" and m.g_idx.device.type == "cpu"
+    assert m.kernel_qweight.is_cuda and m.bias.is_cuda and m.compute_device().type == "cuda"
+    layout = m.kernel_layout
+    torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+    assert m.prepare("cuda") is True and m.kernel_layout is layout  # nothing moved or rebuilt
+    m.half()
+    assert m.kernel_layout is layout and m.qweight.device.type == "cpu"
+    m.scales.mul_(2)  # the host copy changes: rebuilt on the GPU, stored back on the host
+    y2 = m(x)
+    assert m.kernel_layout is not layout and m.kernel_layout.device.type == "cuda"
+    assert m.qweight.device.type == "cpu"
+    assert _rel_err(y2 - m.bias, 2 * (y - m.bias).double()) < 2e-3
+    m.to("cpu")  # everything on the CPU, the reference computes
+    assert m.kernel_layout is None and m.bias.device.type == "cpu"
+    m.cuda()
+    assert m.kernel_layout is not None and m.qweight.device.type == "cpu"
+    torch.testing.assert_close(m(x), y2, rtol=0, atol=0)
+    m.prepare(options=KernelOptions(stored_on_host=True, gpu_kernels=False))
+    assert m.kernel_layout is None and m.qweight.is_cuda  # the reference needs them there
+    torch.testing.assert_close(m(x), y2, rtol=2e-3, atol=2e-3)
+
+
+def test_stored_on_host_model_load_and_save(tmp_path, tiny_gpt, tiny_calib):
+    model, tok = tiny_gpt
+    kvant.quantize(model, kvant.RTNConfig(bits=4, group_size=32), None,
+                   kvant.EngineOptions(device="cpu", show_progress=False))
+    kvant.save_quantized(model, tmp_path / "a", tok)
+    ids = tiny_calib[:2].cuda()
+    start = torch.cuda.memory_allocated()
+    dev, _ = kvant.load_quantized(tmp_path / "a", device="cuda")
+    before = torch.cuda.memory_allocated()
+    host, _ = kvant.load_quantized(tmp_path / "a", device="cuda",
+                                   kernel_options=KernelOptions(stored_on_host=True))
+    layers = [m for m in host.modules() if hasattr(m, "kernel_layout")]
+    assert layers and all(m.kernel_layout is not None and m.qweight.device.type == "cpu"
+                          for m in layers)
+    stored = sum(m.qweight.numel() * 4 + m.scales.numel() * 2 for m in layers)
+    on_gpu = torch.cuda.memory_allocated() - before
+    assert on_gpu < before - start - 0.9 * stored  # the stored copy is not on the GPU
+    with torch.no_grad():
+        torch.testing.assert_close(host(ids), dev(ids), rtol=0, atol=0)
+    kvant.save_quantized(host, tmp_path / "b", tok)
+    again, _ = kvant.load_quantized(tmp_path / "b")
+    a, b = again.state_dict(), dev.state_dict()
+    assert all(torch.equal(a[k], b[k].cpu()) for k in a)
+
+
 def test_gpu_kernels_off_keeps_the_reference():
     m = _module()
     assert m.prepare(options=KernelOptions(gpu_kernels=False)) is False

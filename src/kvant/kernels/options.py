@@ -20,13 +20,20 @@ class KernelOptions:
     autotune: on the first call of each new (batch bucket, shape, grid, dtype), time every
         candidate launch configuration and keep the fastest (seconds per shape; never during
         CUDA-graph capture), instead of the measured heuristic (docs/KERNELS.md, Dispatch).
+    stored_on_host: once a layer's kernel layout is built on a CUDA device, its stored
+        tensors (the checkpoint layout: qweight, scales, qzeros, g_idx) go back to host
+        memory, so the GPU holds each weight once, in the kernels' layout (serving a model that
+        fills the GPU: a 70B W4 model needs ~35 GB on the device instead of ~70). Saving,
+        ``dequantized_weight`` and the reference op then read the host copy; layers the
+        kernels do not compute keep their tensors on the device.
     """
 
     gpu_kernels: bool = True
     autotune: bool = False
+    stored_on_host: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("gpu_kernels", "autotune"):
+        for name in ("gpu_kernels", "autotune", "stored_on_host"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"KernelOptions.{name} must be True or False, got {value!r}")

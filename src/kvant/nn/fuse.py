@@ -131,15 +131,18 @@ def _concat(layers: list) -> nn.Module:
         if first.bias is not None:
             fused.bias.data.copy_(torch.cat([m.bias.data for m in layers], 0))
         return fused.requires_grad_(False)
-    fused = QuantLinear(first.in_features, n, first.bits, first.group_size,
-                        bias=first.bias is not None, input_scale=first.input_scale is not None,
-                        dtype=first.init_kwargs()["dtype"]).to(first.qweight.device)
+    with torch.device(first.compute_device()):  # the shell made there: no move, no repack
+        fused = QuantLinear(first.in_features, n, first.bits, first.group_size,
+                            bias=first.bias is not None,
+                            input_scale=first.input_scale is not None,
+                            dtype=first.init_kwargs()["dtype"])
     for name in ("qweight", "scales", "qzeros", "bias"):  # all row-major in out_features
         if getattr(first, name) is not None:
             getattr(fused, name).copy_(torch.cat([getattr(m, name) for m in layers], 0))
     if first.input_scale is not None:
         fused.input_scale.copy_(first.input_scale)
-    fused.prepare(options=first.kernel_options)  # the kernel layout of the copied tensors
+    # the kernel layout of the copied tensors (stored on the host again if the siblings were)
+    fused.prepare(options=first.kernel_options)
     return fused
 
 

@@ -38,6 +38,16 @@ log = logging.getLogger(__name__)
 
 # the non-persistent buffers of a prepared layer, in PackedWeight's order
 KERNEL_BUFFERS = ("kernel_qweight", "kernel_scales", "kernel_zeros", "kernel_perm")
+# the stored buffers the kernel layout is built from (KernelOptions.stored_on_host moves them)
+KERNEL_SOURCES = ("qweight", "scales", "qzeros", "g_idx")
+
+
+def _resolved(device: torch.device | str) -> torch.device:
+    """``device`` with the current CUDA index filled in ("cuda" -> "cuda:0"), for comparing."""
+    d = torch.device(device)
+    if d.type == "cuda" and d.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return d
 
 
 @dataclass(frozen=True)
@@ -161,24 +171,43 @@ class QuantLinear(nn.Module):
             if not isinstance(options, KernelOptions):
                 raise TypeError(f"options must be a KernelOptions, got {type(options).__name__}")
             self.kernel_options = options
-        if device is not None and torch.device(device) != self.qweight.device:
+        if device is not None and _resolved(device) != self.compute_device():
             self.to(device)  # _apply prepares for the new device
             return self.kernel_layout is not None
-        dev = self.qweight.device
-        if not (dev.type == "cuda" and packed.CUDA_KERNELS and self.kernel_options.gpu_kernels):
-            self._drop_layout()
-            return False
-        if self._layout_current():
-            return True
-        return self._build_layout()
+        return self._prepare_on(self.compute_device())
 
-    def _build_layout(self) -> bool:
-        """Repack now (any device: on the CPU only tests call it), or drop the layout and
-        keep the reference when the kernels do not handle this layer."""
+    def compute_device(self) -> torch.device:
+        """Where this layer computes: its kernel layout's device when prepared (the stored
+        tensors may then be on the host, KernelOptions.stored_on_host), else its tensors'."""
+        return self.kernel_layout.device if self.kernel_layout is not None else \
+            self.qweight.device
+
+    def _prepare_on(self, dev: torch.device) -> bool:
+        kernels = dev.type == "cuda" and packed.CUDA_KERNELS and self.kernel_options.gpu_kernels
+        if kernels and self._layout_current() and self.kernel_layout.device == dev:
+            return True
+        if kernels and self._build_layout(dev):
+            return True
+        self._drop_layout()
+        self._move_sources(dev)  # the reference op computes from the stored tensors
+        return False
+
+    def _move_sources(self, dev: torch.device) -> None:
+        for name in KERNEL_SOURCES:
+            t = self._buffers.get(name)
+            if t is not None and t.device != dev:
+                self._buffers[name] = t.to(dev)
+
+    def _build_layout(self, dev: torch.device | None = None) -> bool:
+        """Repack now on ``dev`` (default: where the stored tensors are; on the CPU only tests
+        call it), or drop the layout and keep the reference when the kernels do not handle
+        this layer. With ``stored_on_host``, the stored tensors then go to the host."""
         self._drop_layout()
         try:
             src = self.kernel_source()
-            p = rp.repack(*src, self.bits, self.group_size, self.in_features)
+            dev = src[0].device if dev is None else dev
+            p = rp.repack(*(None if t is None else t.to(dev) for t in src), self.bits,
+                          self.group_size, self.in_features)
         except NotImplementedError as e:
             log.info("%s(%d->%d) stays on the reference op: %s", type(self).__name__,
                      self.in_features, self.out_features, e)
@@ -189,8 +218,11 @@ class QuantLinear(nn.Module):
             return False
         for name, t in zip(KERNEL_BUFFERS, (p.qweight, p.scales, p.zeros, p.perm)):
             setattr(self, name, t)
+        if self.kernel_options.stored_on_host and dev.type == "cuda":
+            self._move_sources(torch.device("cpu"))
         self.kernel_layout = KernelLayout(p.bits, p.group_size, p.in_features, p.pairs,
-                                          p.tile, p.qweight.device, rp.source_key(*src))
+                                          p.tile, p.qweight.device,
+                                          rp.source_key(*self.kernel_source()))
         return True
 
     def _drop_layout(self) -> None:
@@ -227,7 +259,7 @@ class QuantLinear(nn.Module):
                 log.warning("%s: stored tensors changed since prepare(); the reference op "
                             "runs in this CUDA graph (prepare before capturing)",
                             type(self).__name__)
-            elif self._build_layout():
+            elif self._build_layout(lay.device):
                 return self._product(x)
         return self.reference_product(x)
 
@@ -236,13 +268,16 @@ class QuantLinear(nn.Module):
         # but dropped and (on a CUDA device) rebuilt from the moved stored tensors; an
         # up-to-date layout (a .to() that moved nothing) is kept as it is
         layout = (self.kernel_layout, [self._buffers[n] for n in KERNEL_BUFFERS])
+        # where the move sends the layer: its stored tensors may be on the host while it
+        # computes on the GPU (stored_on_host), so ask ``fn`` with a probe on the compute device
+        target = None if layout[0] is None else fn(torch.empty(0, device=layout[0].device)).device
         for name in KERNEL_BUFFERS:
             self._buffers[name] = None
         super()._apply(fn, recurse)
         self.kernel_layout, kept = layout
         for name, t in zip(KERNEL_BUFFERS, kept):
             self._buffers[name] = t
-        self.prepare()
+        self._prepare_on(target or self.qweight.device)
         return self
 
     def storage_bytes(self) -> int:
