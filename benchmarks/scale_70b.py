@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 
-import kvant
-from kvant.calib.streaming import quantize_streaming
-from kvant.formats import stream
-from kvant.model.synthetic import llama_config, load_synthetic
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/record.py
+import kvant  # noqa: E402
+from kvant.calib.streaming import quantize_streaming  # noqa: E402
+from kvant.formats import stream  # noqa: E402
+from kvant.model.synthetic import llama_config, load_synthetic  # noqa: E402
 
 
 def _status_mb(key: str) -> float:
@@ -98,8 +99,16 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _code() -> dict:
+    """Commit and dirty flag of the running code (benchmarks/record.py; KVANT_COMMIT and
+    KVANT_DIRTY on a device copy without .git), stored with every call's record."""
+    from record import provenance
+
+    return provenance(allow_dirty=True)
+
+
 def _log_call(args, t_start, per_block, status, first_block_t) -> None:
-    rec = {"status": status, "wall_s": time.time() - t_start, "blocks": per_block,
+    rec = {**_code(), "status": status, "wall_s": time.time() - t_start, "blocks": per_block,
            "setup_s": first_block_t, "peak_gpu_gb": torch.cuda.max_memory_allocated() / 2**30
            if torch.cuda.is_available() else 0.0, "peak_cpu_gb": _status_mb("VmHWM") / 1024,
            "argv": sys.argv[1:], "tf32": torch.backends.cuda.matmul.allow_tf32}
@@ -115,7 +124,8 @@ def cmd_serve(args) -> int:
     model, _ = kvant.load_quantized(args.ckpt, device="cuda")
     torch.cuda.synchronize()
     load_s = time.time() - t0
-    res = {"load_s": load_s, "gpu_mem_after_load_gb": torch.cuda.memory_allocated() / 2**30,
+    res = {**_code(), "load_s": load_s,
+           "gpu_mem_after_load_gb": torch.cuda.memory_allocated() / 2**30,
            "peak_gpu_during_load_gb": torch.cuda.max_memory_allocated() / 2**30,
            "ckpt_gb": sum(p.stat().st_size for p in Path(args.ckpt).iterdir()) / 2**30,
            "decode": []}
@@ -146,10 +156,18 @@ def cmd_record(args) -> int:
     blocks = [b for c in calls for b in c["blocks"]]
     done = sorted({b["block"] for b in blocks})
     steps = [b["t"] - a["t"] for c in calls for a, b in zip(c["blocks"], c["blocks"][1:])]
+    # the code of each call, as it recorded itself (--commit/--dirty only for old logs)
+    codes = {(c.get("commit", args.commit), c.get("dirty", args.dirty)) for c in calls + serve}
+    if None in {c for c, _ in codes}:
+        raise SystemExit("error: a call did not record its commit: pass --commit (and --dirty)")
+    if len(codes) > 1:
+        raise SystemExit(f"error: the calls ran different code {sorted(codes)}: one record "
+                         "holds one commit")
+    (commit, dirty), = codes
     common = {"model": "llama3-70b-shape", "method": "gptq-actorder", "bits": 4,
               "group_size": 128, "sym": False, "gpus": 1, "device": args.device,
               "date": args.date or datetime.date.today().isoformat(),
-              "commit": args.commit, "dirty": args.dirty,
+              "commit": commit, "dirty": dirty,
               "calib": "128 x 2048 random token ids, seed 0"}
     rec = {**common, "blocks": len(done), "full_run": done == list(range(80)),
            "quant_seconds": sum(c["wall_s"] for c in calls),
@@ -170,8 +188,8 @@ def cmd_record(args) -> int:
                             "gpu_mem_gb": s.get("gpu_mem_after_load_gb")})
     out = Path(args.results)
     (out / "scale_70b.json").write_text(json.dumps(records, indent=1))
-    md = [f"# 70B-shaped Llama on one GPU ({args.device}, commit {args.commit}"
-          f"{' + uncommitted changes' if args.dirty else ''}, {common['date']})", "",
+    md = [f"# 70B-shaped Llama on one GPU ({args.device}, commit {commit}"
+          f"{' + uncommitted changes' if dirty else ''}, {common['date']})", "",
           "Synthetic Llama-3-70B shape (80 blocks, d 8192, 28672 intermediate, 64/8 heads, "
           "vocab 128256), weights generated per tensor from seed 0 on the GPU; GPTQ W4 g128 "
           "act-order, 128 x 2048 calibration tokens, streamed to a kvant checkpoint.", "",
@@ -243,8 +261,8 @@ def main(argv=None) -> int:
     r.add_argument("--calls", required=True, help="the <out>.calls.jsonl of the run")
     r.add_argument("--serve", nargs="*", default=[], help="serve JSON files")
     r.add_argument("--device", default="NVIDIA H200")
-    r.add_argument("--commit", required=True)
-    r.add_argument("--dirty", action="store_true")
+    r.add_argument("--commit", help="for logs written before calls recorded their commit")
+    r.add_argument("--dirty", action="store_true", help="with --commit: that code was dirty")
     r.add_argument("--date")
     r.add_argument("--results", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
