@@ -5,7 +5,9 @@ The float baseline is the dequantized GGUF model (float32). For each config (a s
 block by block on the GPU with C4-sample calibration (128 x 2048 tokens, seed 0), then scored
 on the full WikiText-2 test set (papers' protocol, seq_len 2048): perplexity and the mean
 KL divergence from the float model, whose outputs are computed once
-(:class:`kvant.eval.kl.FloatReference`). Writes ``smollm2.{json,md,png}`` into ``--out``.
+(:class:`kvant.eval.kl.FloatReference`). The measuring is ``kvant bench``'s
+(:func:`kvant.bench.prepare` and :func:`kvant.bench.run_grid`); this script adds the
+SmolLM2 grid, merging of runs and its table. Writes ``smollm2.{json,md,png}`` into ``--out``.
 
 GPU (kvant not installed there)::
 
@@ -23,25 +25,15 @@ CPU smoke test::
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
 import importlib.util
 import json
-import resource
 import sys
-import time
 from pathlib import Path
 
-import torch
-
-import kvant
-from kvant.algorithms.registry import available, config_from_spec
-from kvant.calib.data import calibration_data, check_seq_len
-from kvant.config import EngineOptions
-from kvant.eval.kl import FloatReference
-from kvant.eval.perplexity import eval_windows
+from kvant.algorithms.registry import available
+from kvant.bench import BenchSettings, config_label, prepare, run_grid
 from kvant.eval.plot import can_plot, plot_ppl_vs_bits
-from kvant.eval.table import group_label, model_bytes, quantized_bits_per_weight, write_json
+from kvant.eval.table import group_label, write_json
 
 import record as rec  # benchmarks/: commit, dirty flag, device
 
@@ -75,23 +67,7 @@ def expand_specs(methods: list[str], grid: list[str]) -> list[str]:
     return out
 
 
-def label(cfg) -> str:
-    """Method name plus the non-default options that make it a variant."""
-    name = cfg.method
-    rounding, base = getattr(cfg, "rounding", None), getattr(cfg, "base", None)
-    if name == "awq" and rounding == "gptq":
-        name = "awq+gptq"
-    elif name == "quip" and rounding == "rtn":
-        name = "rot+rtn"
-    elif name == "spqr" and base == "rtn":
-        name = "rtn+outliers"
-    if getattr(cfg, "act_order", False) and name != "spqr":
-        name += "-actorder"
-    if getattr(cfg, "clip", False):
-        name += "-clip"
-    if cfg.sym:
-        name += "-sym"
-    return name
+label = config_label  # the row names of kvant bench (gptq-actorder, awq+gptq, ...)
 
 
 def md_table(records: list[dict], title: str) -> str:
@@ -117,13 +93,6 @@ def md_table(records: list[dict], title: str) -> str:
         lines += ["", "\\* quantized while other benchmark jobs shared the same GPU "
                   "(`gpu_jobs` in the JSON): its seconds are an upper bound."]
     return "\n".join(lines) + "\n"
-
-
-def _sync_peak(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) / 1e9
 
 
 def main(argv=None) -> int:
@@ -171,78 +140,47 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     methods = args.methods
     if methods is None:
         methods = list(METHODS) + [m for m in ("awq", "quip", "spqr") if m in available()]
     specs = expand_specs(methods, args.grid) + list(args.configs)
-    configs = [(s, config_from_spec(s)) for s in specs]  # bad specs fail before any work
-
-    t0 = time.perf_counter()
+    try:  # bad specs and settings fail before any work
+        settings = BenchSettings(methods=(), bits=(), specs=tuple(specs), calib="c4",
+                                 calib_file=args.calib_file, n_samples=args.n_calib,
+                                 seq_len=args.seq_len, seed=args.seed, eval="wikitext2",
+                                 eval_file=args.eval_file, eval_seq_len=args.seq_len,
+                                 max_windows=args.max_eval_windows, device=args.device,
+                                 kl_store=args.kl_store)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     gguf = Path(args.gguf) if args.gguf else smollm2_gguf_path()
-    base, tok = kvant.load_model(gguf, dtype="float32", device="cpu")
-    check_seq_len(base, args.seq_len)
-    print(f"loaded {gguf.name} in {time.perf_counter() - t0:.1f}s", flush=True)
-    calib = calibration_data(tok, "c4", n_samples=args.n_calib, seq_len=args.seq_len,
-                             seed=args.seed, calib_file=args.calib_file)
-    windows = eval_windows(tok, "wikitext2", args.seq_len, args.eval_file,
-                           args.max_eval_windows)
-    t0 = time.perf_counter()
-    ref = FloatReference(base.to(device), windows, device=device, store=args.kl_store)
-    base.to("cpu")
-    float_eval_s = time.perf_counter() - t0
-    eval_desc = {"dataset": "wikitext2 test (raw rows joined by '\\n\\n')",
-                 "seq_len": args.seq_len, "windows": len(windows), "tokens": ref.tokens,
-                 "kl_store": ref.store}
-    calib_desc = {"source": "c4-sample (first 1000 docs of c4 en train 00000)",
-                  "n_samples": args.n_calib, "seq_len": args.seq_len, "seed": args.seed}
-    common = {"model": MODEL, "device": rec.device_name(device), "date": rec.today(),
-              **stamp, "eval": eval_desc, "gpu_jobs": args.gpu_jobs}
-    records = [{**common, "method": "float", "spec": None, "bits": None, "group_size": None,
-                "sym": None, "bits_per_weight": None, "ppl": ref.ppl, "nll": ref.nll, "kl": 0.0,
-                "size_mb": model_bytes(base) / 1e6, "quant_seconds": 0.0,
-                "eval_seconds": float_eval_s, "peak_gpu_gb": None, "calib": None}]
-    print(f"float: ppl {ref.ppl:.3f} ({len(windows)} windows, KL store {ref.store}, "
-          f"{float_eval_s:.1f}s)", flush=True)
+    # the grid itself is kvant bench's (kvant.bench): one float reference, one calibration
+    inputs = prepare(gguf, settings)
+    records: list[dict] = []
 
-    for spec, cfg in configs:
-        model = copy.deepcopy(base)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            held = torch.cuda.memory_allocated(device) / 1e9
-            torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
-        try:
-            report = kvant.quantize(model, cfg, calib,
-                                    EngineOptions(device=str(device), show_progress=False))
-        except Exception as e:  # one failing method must not lose the rest of the table
-            print(f"{spec}: FAILED {type(e).__name__}: {e}", flush=True)
-            records.append({**common, "method": label(cfg), "spec": spec, "error": repr(e)})
-            continue
-        secs = time.perf_counter() - t0
-        peak = _sync_peak(device)
-        t0 = time.perf_counter()
-        ev = ref.compare(model.to(device), show_progress=False)
-        row = {**common, "method": label(cfg), "spec": spec, "bits": cfg.bits,
-               "group_size": cfg.group_size, "sym": cfg.sym,
-               "bits_per_weight": quantized_bits_per_weight(model), "ppl": ev["ppl"],
-               "nll": ev["nll"], "kl": ev["kl"], "size_mb": model_bytes(model) / 1e6,
-               "quant_seconds": secs, "eval_seconds": time.perf_counter() - t0,
-               # quantization's own peak, above what was held before (the reference outputs)
-               "peak_gpu_gb": None if peak is None else peak - held,
-               "peak_cpu_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
-               "calib": calib_desc if report.n_calib else None}
-        records.append(row)
-        print(f"{spec}: ppl {ev['ppl']:.3f} KL {ev['kl']:.4f} bpw {row['bits_per_weight']:.3f} "
-              f"quant {secs:.1f}s", flush=True)
-        del model
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    def land(r: dict) -> None:
+        records.append(r)
+        if r["method"] == "float":
+            print(f"float: ppl {r['ppl']:.3f} ({r['eval']['windows']} windows, KL store "
+                  f"{r['eval']['kl_store']}, {r['eval_seconds']:.1f}s)", flush=True)
+        elif "error" in r:
+            print(f"{r['spec']}: FAILED {r['error']}", flush=True)
+        else:
+            print(f"{r['spec']}: ppl {r['ppl']:.3f} KL {r['kl']:.4f} bpw "
+                  f"{r['bits_per_weight']:.3f} quant {r['quant_seconds']:.1f}s", flush=True)
         write_json(records, out / f"{args.name}.json")  # keep partial results
 
+    run_grid(inputs, stamp, on_record=land, show_progress=False,
+             extra={"model": MODEL, "gpu_jobs": args.gpu_jobs})
     write_outputs(records, out, args.name)
     return 0
+
+
+def _same_eval(a: dict, b: dict) -> bool:
+    """Two eval descriptions agree on every key both have (runs before kvant bench stored
+    no ``digest`` of their windows)."""
+    return all(a[k] == b[k] for k in set(a) & set(b))
 
 
 def merge_runs(runs: list[list[dict]]) -> list[dict]:
@@ -250,7 +188,8 @@ def merge_runs(runs: list[list[dict]]) -> list[dict]:
     float rows do not agree (other eval, or perplexity apart by more than 1e-4 relative)."""
     floats = [r for run in runs for r in run if r["method"] == "float"]
     for f in floats[1:]:
-        if f["eval"] != floats[0]["eval"] or abs(f["ppl"] / floats[0]["ppl"] - 1) > 1e-4:
+        if not _same_eval(f["eval"], floats[0]["eval"]) or \
+                abs(f["ppl"] / floats[0]["ppl"] - 1) > 1e-4:
             raise ValueError(f"float rows disagree: ppl {floats[0]['ppl']:.4f} "
                              f"({rec.stamp(floats[0])}) vs {f['ppl']:.4f} ({rec.stamp(f)}); "
                              "runs against different baselines cannot share one table")

@@ -80,7 +80,7 @@ def test_cli_quantize_eval_inspect(tmp_path, capsys):
     assert main(["eval", str(out), "--max-windows", "2", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["windows"] == 2 and 1 < ev["ppl"] < 10
-    assert main(["inspect", str(out)]) == 0
+    assert main(["inspect", str(out), "--layers"]) == 0  # the per-layer list (issue 19)
     assert "blocks.0.sa.heads.0.key" in capsys.readouterr().out
 
 

@@ -11,6 +11,7 @@ Public names::
     kvant.export_quantized(model, "out/", "gptq")  # the GPTQ / AWQ layout vLLM reads
     kvant.generate(model, ids, 32)              # greedy, static cache, CUDA graphs on GPU
     kvant.RTNConfig / GPTQConfig / QuantArgs    # frozen, versioned configs
+    kvant.quantize(model, config, calib, target_bpw=3.0)  # mixed widths to a size
 """
 
 from kvant.config import (AWQConfig, ConfigError, EngineOptions, GPTQConfig, MethodConfig,
@@ -18,6 +19,7 @@ from kvant.config import (AWQConfig, ConfigError, EngineOptions, GPTQConfig, Met
 from kvant.api import (calibration_for, evaluate, export_quantized, load_model,
                        load_quantized, prepare_for_inference, quantize, save_quantized)
 from kvant.calib.data import calibration_data
+from kvant.calib.plan import MixedConfig, MixedPlan
 from kvant.calib.dist import init_distributed
 from kvant.calib.streaming import quantize_streaming
 from kvant.kernels.options import KernelOptions
@@ -27,9 +29,24 @@ from kvant.serve import generate
 __all__ = [
     "AWQConfig", "ConfigError", "EngineOptions", "GPTQConfig", "MethodConfig", "QuantArgs",
     "RTNConfig", "SpQRConfig",
+    "MixedConfig", "MixedPlan",
     "quantize", "save_quantized", "load_quantized", "export_quantized", "calibration_for",
     "evaluate", "prepare_for_inference", "KernelOptions",
     "load_model", "calibration_data", "perplexity", "init_distributed",
     "quantize_streaming", "generate",
 ]
 __version__ = "0.1.0"
+
+
+def _register_with_transformers() -> None:
+    """AutoModelForCausalLM.from_pretrained of kvant checkpoints, save_pretrained of kvant
+    models (kvant.formats.hf_integration), when transformers is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is not None:
+        from kvant.formats import hf_integration
+
+        hf_integration.register()
+
+
+_register_with_transformers()

@@ -16,10 +16,32 @@ from kvant.model import nanogpt
 
 
 def quantize(model: nn.Module, config: MethodConfig, calib: torch.Tensor | None = None,
-             options: EngineOptions | None = None) -> QuantReport:
+             options: EngineOptions | None = None, *, target_bpw: float | None = None,
+             mixed=None) -> QuantReport:
     """Quantize ``model`` in place. ``calib``: token ids (n_samples, seq_len) when the method
-    needs calibration. Returns the per-layer :class:`QuantReport`."""
-    return quantize_model(model, config, calib, options)
+    needs calibration. Returns the per-layer :class:`QuantReport`.
+
+    Mixed precision: ``target_bpw=3.0`` (or ``mixed=kvant.MixedConfig(target_bpw=3.0,
+    widths=(2, 3, 4, 8), ...)`` for the other knobs) first measures every layer at every
+    candidate width on ``calib``, then gives each layer its own width so that the stored
+    bits per weight (every overhead counted) stay at or under the target with the least
+    predicted loss (kvant.calib.mixed; ``config`` gives the method and its other settings).
+    The chosen :class:`kvant.calib.plan.MixedPlan` is ``report.plan`` and is saved in the
+    checkpoint."""
+    from kvant.calib.plan import MixedConfig
+
+    if target_bpw is not None:
+        if mixed is not None:
+            raise ValueError("give target_bpw or mixed (which holds a target_bpw), not both")
+        mixed = MixedConfig(target_bpw=target_bpw)
+    if mixed is None:
+        return quantize_model(model, config, calib, options)
+    if not isinstance(mixed, MixedConfig):
+        raise TypeError(f"mixed must be a kvant.MixedConfig, got {type(mixed).__name__}")
+    from kvant.calib.mixed import plan_mixed
+
+    plan = plan_mixed(model, config, calib, mixed, options)
+    return quantize_model(model, config, calib, options, plan=plan)
 
 
 def _spec(model: nn.Module, tokenizer):
@@ -51,10 +73,18 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
     model_type, spec, files = _spec(model, tokenizer)
     qc = config.to_dict()
     qc["ignored_modules"] = list(config.ignore)
+    plan = getattr(model, "kvant_mixed_plan", None)
+    if plan is not None:  # per-layer widths: kvant.calib.plan.MixedPlan
+        qc["mixed_plan"] = plan.to_dict()
     sources = [source, getattr(model, "name_or_path", None)]
+    from kvant.formats.summary import layer_losses
+
+    report = getattr(model, "kvant_quantization_report", None)  # set by quantize()
+    losses = layer_losses(report.layers) if report is not None else None
     return kdist.on_rank0(lambda: ckpt.save_checkpoint(model, out_dir, model_type, spec, qc,
                                                        files, overwrite=overwrite,
-                                                       sources=sources), "saving the checkpoint")
+                                                       sources=sources, layer_losses=losses),
+                          "saving the checkpoint")
 
 
 def export_quantized(model: nn.Module, out_dir: str | os.PathLike, fmt: str,
@@ -116,10 +146,15 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu",
     meta = ckpt.read_config(path, verify=verify)
     qc = dict(meta["quantization_config"])
     modules = qc.pop("modules")
+    plan = qc.pop("mixed_plan", None)
     for key in ("format", "format_version", "ignored_modules"):
         qc.pop(key, None)
     try:
         config = config_from_dict(qc)
+        if plan is not None:
+            from kvant.calib.plan import MixedPlan
+
+            plan = MixedPlan.from_dict(plan)
     except ValueError as e:
         raise ckpt.CheckpointError(f"{path}: quantization_config is invalid: {e}") from None
     model, tok = _model_from_meta(meta, path)
@@ -128,12 +163,17 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu",
     ckpt.check_quant_tensors(modules, state)
     ckpt.load_state(model, state, check_finite=verify and "integrity" not in meta)
     model.kvant_quantization_config = config
+    model.kvant_mixed_plan = plan
+    if meta["model_type"] == "hf":  # save_pretrained writes what from_pretrained loads
+        from kvant.formats.hf_integration import attach
+        attach(model)
     prepare_for_inference(model, device, kernel_options)
     return model.eval(), tok
 
 
 def load_model(path_or_id: str | os.PathLike, dtype=None, device: str | torch.device = "cpu",
-               lazy: bool = False, verify: bool = True):
+               lazy: bool = False, verify: bool = True,
+               kernel_options: KernelOptions | None = None):
     """Load any model kvant knows -> (model, tokenizer).
 
     ``lazy=True`` (a local Hugging Face safetensors directory): the decoder blocks are not
@@ -143,7 +183,7 @@ def load_model(path_or_id: str | os.PathLike, dtype=None, device: str | torch.de
     - ``"nanogpt"`` / ``"default"``: the embedded nanoGPT Shakespeare model;
     - a ``.gguf`` file: dequantized into a float Hugging Face model (float32 by default);
     - a directory whose config.json says ``quantization_config.format == "kvant"``: a kvant
-      checkpoint (:func:`load_quantized`, ``verify`` passed on);
+      checkpoint (:func:`load_quantized`, ``verify`` and ``kernel_options`` passed on);
     - a directory whose config.json says ``model_type == "nanogpt"``: nanoGPT weights;
     - any other directory or a hub id: a Hugging Face causal LM (``dtype`` None = as stored).
     """
@@ -177,7 +217,7 @@ def load_model(path_or_id: str | os.PathLike, dtype=None, device: str | torch.de
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_file} is not valid JSON: {e}") from None
         if (meta.get("quantization_config") or {}).get("format") == ckpt.FORMAT:
-            return load_quantized(path, device, verify=verify)
+            return load_quantized(path, device, kernel_options, verify=verify)
         if meta.get("model_type") == "nanogpt":
             model, tok = nanogpt.load_nanogpt_dir(path, dtype or torch.float32)
             return model.to(device), tok
@@ -189,35 +229,46 @@ def _is_char_model(model: nn.Module) -> bool:
 
 
 def calibration_for(model: nn.Module, tokenizer, source=None, n_samples: int = 128,
-                    seq_len: int | None = None, seed: int = 0, calib_file=None):
+                    seq_len: int | None = None, seed: int = 0, calib_file=None,
+                    chat_file=None):
     """Calibration token windows (n_samples, seq_len) suited to ``model``.
 
-    nanoGPT: random windows of the embedded training text (or of ``source``, a text file).
-    Other models: :func:`kvant.calib.data.calibration_data` (c4, wikitext2, files, lists).
+    ``seq_len`` None: 2048, or the model's context when shorter
+    (kvant.calib.data.default_seq_len). nanoGPT: random windows of the embedded training
+    text (or of ``source``, a text file). Other models:
+    :func:`kvant.calib.data.calibration_data` (c4, wikitext2, files, lists).
+    ``chat_file``: a JSONL file of ``{"messages": [...]}`` conversations rendered with the
+    tokenizer's chat template (:func:`kvant.calib.data.chat_calibration_data`), instead of
+    ``source``.
     """
-    from kvant.calib.data import check_counts
+    from kvant.calib.data import check_counts, resolve_seq_len
     from kvant.calib.data_char import char_windows
 
     check_counts(n_samples, 1 if seq_len is None else seq_len)  # 0 is not "the default"
+    seq_len = resolve_seq_len(model, seq_len)
+    if chat_file is not None:
+        from kvant.calib.data import chat_calibration_data
+
+        if source is not None:
+            raise ValueError("give calibration text (source) or chat data (chat_file), "
+                             "not both")
+        return chat_calibration_data(tokenizer, chat_file, n_samples, seq_len, seed)
     if _is_char_model(model):
-        seq_len = seq_len or model.config.block_size
-        if seq_len > model.config.block_size:
-            raise ValueError(f"seq_len {seq_len} exceeds the model's context "
-                             f"{model.config.block_size}")
         text = Path(source).read_text() if source else nanogpt.training_text()
         return char_windows(tokenizer, text, n_samples, seq_len, seed)
-    from kvant.calib.data import calibration_data, check_seq_len
+    from kvant.calib.data import calibration_data
 
-    seq_len = seq_len or 2048
-    check_seq_len(model, seq_len)
     return calibration_data(tokenizer, source or "c4", n_samples=n_samples, seq_len=seq_len,
                             seed=seed, calib_file=calib_file)
 
 
 def evaluate(model: nn.Module, tokenizer, dataset=None, seq_len: int | None = None,
-             max_windows: int | None = None, eval_file=None) -> dict:
+             max_windows: int | None = None, eval_file=None,
+             show_progress: bool = True) -> dict:
     """Perplexity of ``model``: nanoGPT on the embedded validation text (or a text file),
-    other models on WikiText-2 test with the papers' protocol (or ``dataset``)."""
+    other models on WikiText-2 test with the papers' protocol (or ``dataset``).
+    ``seq_len`` None: the nanoGPT context, else 2048 or the model's context if shorter.
+    ``show_progress``: a tqdm bar on stderr (when it is a terminal)."""
     from kvant.errors import InputError
     from kvant.eval.perplexity import char_perplexity
 
@@ -236,8 +287,12 @@ def evaluate(model: nn.Module, tokenizer, dataset=None, seq_len: int | None = No
             raise FileNotFoundError(f"no such file or directory: eval text {str(dataset)!r}")
         text = Path(dataset).read_text() if dataset else nanogpt.validation_text()
         return char_perplexity(model, tokenizer, text, seq_len=seq_len or model.config.block_size,
-                               max_windows=max_windows)
+                               max_windows=max_windows, show_progress=show_progress)
     from kvant.eval.perplexity import perplexity
 
-    return perplexity(model, tokenizer, dataset or "wikitext2", seq_len=seq_len or 2048,
-                      eval_file=eval_file, max_windows=max_windows)
+    from kvant.calib.data import default_seq_len
+
+    return perplexity(model, tokenizer, dataset or "wikitext2",
+                      seq_len=seq_len or default_seq_len(model),
+                      eval_file=eval_file, max_windows=max_windows,
+                      show_progress=show_progress)

@@ -1,5 +1,5 @@
-"""The ``kvant`` command line: demo, quantize, eval, inspect, export, generate. It only
-calls the public API."""
+"""The ``kvant`` command line: demo, quantize, eval, inspect, export, bench, generate. It
+only calls the public API."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def _config_from_args(args):
     fields: dict = {}
     known = {f.name for f in dataclasses.fields(cls)}
     for name in ("bits", "group_size", "sym", "clip", "act_order", "static_groups",
-                 "damp_percent", "true_sequential"):
+                 "damp_percent", "true_sequential", "quantize_head", "grid"):
         val = getattr(args, name)
         if val is not None:
             if name not in known:
@@ -101,6 +101,7 @@ def cmd_quantize(args) -> int:
 
     # everything that can be checked without the model, before loading it
     config = _config_from_args(args)
+    mixed = _mixed_from_args(args)  # --target-bpw: kvant.calib.plan.MixedConfig or None
     options = EngineOptions(device=args.device, show_progress=not args.json)  # checks device
     check_positive_flags(args, "n_samples", "seq_len")
     # with --distributed (under torchrun) every rank runs this; rank 0 owns the output
@@ -111,14 +112,20 @@ def cmd_quantize(args) -> int:
         options = EngineOptions(device=args.device, show_progress=False)
     # a local safetensors directory streams: block by block to disk, resumable (one process)
     stream = args.stream and not kdist.active() and streamable(args.model)
+    if mixed is not None and stream:
+        from kvant.errors import InputError
+
+        raise InputError("--target-bpw does not stream blocks from disk yet: add --no-stream "
+                         "(the model is then loaded whole)")
     with _output_guard(args, args.model) if not rank else contextlib.nullcontext():
         model, tok = kvant.load_model(args.model, device="cpu", lazy=stream)
         calib = None
-        if needs_calibration(config):
+        if needs_calibration(config) or mixed is not None:
             _check_calibration_memory(model, args, options)
             calib = kvant.calibration_for(model, tok, args.calib, n_samples=args.n_samples,
                                           seq_len=args.seq_len, seed=args.seed,
-                                          calib_file=args.calib_file)
+                                          calib_file=args.calib_file,
+                                          chat_file=args.calib_chat)
         t0 = time.perf_counter()
         if stream:
             done = finished_blocks(args.out)
@@ -129,17 +136,59 @@ def cmd_quantize(args) -> int:
                                                    options, overwrite=args.overwrite,
                                                    sources=[args.model])
         else:
-            report = kvant.quantize(model, config, calib, options)
+            report = kvant.quantize(model, config, calib, options, mixed=mixed)
             out = kvant.save_quantized(model, args.out, tok, overwrite=args.overwrite,
                                        source=args.model)
     result = {"out": str(out), "config": config.to_dict(), "seconds": time.perf_counter() - t0,
               "layers": len(report.layers), "n_calib": report.n_calib}
+    if report.plan is not None:
+        result["mixed_plan"] = report.plan.to_dict()
     if rank:
         return 0
-    print(json.dumps(result, indent=1) if args.json else
-          f"quantized {len(report.layers)} layers with {config.method} in "
+    from kvant.formats.checkpoint import read_config
+    from kvant.formats.summary import checkpoint_summary, format_summary
+
+    summary = checkpoint_summary(out, read_config(out, verify=False))  # just written
+    if args.json:
+        print(json.dumps({**result, "summary": summary}, indent=1))
+        return 0
+    print(f"quantized {len(report.layers)} layers with {config.method} in "
           f"{result['seconds']:.1f}s -> {out}")
+    if report.plan is not None and not args.json:
+        print("\n".join(report.plan.lines()))
+    for line in format_summary(summary):
+        print("  " + line)
     return 0
+
+
+def _mixed_from_args(args):
+    """The MixedConfig of --target-bpw / --widths / --mixed-group-sizes / --sensitivity, or
+    None without --target-bpw (the other three then must not be given)."""
+    from kvant.calib.plan import MixedConfig
+    from kvant.errors import InputError
+
+    extra = [f for f, v in (("--widths", args.widths), ("--mixed-group-sizes",
+             args.mixed_group_sizes), ("--sensitivity", args.sensitivity)) if v is not None]
+    if args.target_bpw is None:
+        if extra:
+            raise InputError(f"{', '.join(extra)} only apply with --target-bpw")
+        return None
+
+    def ints(text, flag):
+        try:
+            return tuple(int(x) for x in text.split(",") if x.strip())
+        except ValueError:
+            raise InputError(f"{flag} must be a comma-separated list of integers, "
+                             f"got {text!r}") from None
+
+    fields = {"target_bpw": args.target_bpw}
+    if args.widths is not None:
+        fields["widths"] = ints(args.widths, "--widths")
+    if args.mixed_group_sizes is not None:
+        fields["group_sizes"] = ints(args.mixed_group_sizes, "--mixed-group-sizes")
+    if args.sensitivity is not None:
+        fields["sensitivity"] = args.sensitivity
+    return MixedConfig(**fields)
 
 
 def _output_guard(args, source):
@@ -153,11 +202,12 @@ def _output_guard(args, source):
 def _check_calibration_memory(model, args, options) -> None:
     """Refuse (kvant.calib.budget) before the calibration windows are even drawn."""
     from kvant.calib.budget import check_memory
-    from kvant.calib.data import check_seq_len, context_length
+    from kvant.calib.data import resolve_seq_len
     from kvant.model.discovery import find_blocks
 
-    seq_len = args.seq_len or min(2048, context_length(model) or 2048)
-    check_seq_len(model, seq_len)  # a too long window is a clearer error than its memory
+    # the seq_len calibration_for will use; a too long window is a clearer error than its
+    # memory
+    seq_len = resolve_seq_len(model, args.seq_len)
     check_memory(model, find_blocks(model)[1], args.n_samples, seq_len, options.device,
                  options.batch_size)
 
@@ -171,7 +221,8 @@ def cmd_eval(args) -> int:
     model, tok = kvant.load_model(args.model, device=args.device or "cpu",
                                   verify=not args.no_verify)
     res = kvant.evaluate(model, tok, args.ppl, seq_len=args.seq_len,
-                         max_windows=args.max_windows, eval_file=args.eval_file)
+                         max_windows=args.max_windows, eval_file=args.eval_file,
+                         show_progress=not args.json)
     print(json.dumps(res, indent=1) if args.json else
           "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                     for k, v in res.items()))
@@ -189,11 +240,21 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(meta, indent=1))
         return 0
-    print(f"model_type: {meta['model_type']}  method: {qc.get('method')}  "
-          f"format: {qc['format']} v{qc['format_version']}")
-    for name, m in qc["modules"].items():
-        print(f"  {name}: {m['kind']} {m['out_features']}x{m['in_features']} "
-              f"bits={m['bits']} group={group_label(m['group_size'])}")
+    from kvant.formats.summary import checkpoint_summary, format_summary
+
+    print(f"{args.path}: model_type {meta['model_type']}, format {qc['format']} "
+          f"v{qc['format_version']}")
+    for line in format_summary(checkpoint_summary(args.path, meta)):
+        print("  " + line)
+    if args.layers:
+        losses = meta.get("layer_losses") or {}
+        for name, m in qc["modules"].items():
+            loss = losses.get(name)
+            print(f"  {name}: {m['kind']} {m['out_features']}x{m['in_features']} "
+                  f"bits={m['bits']} group={group_label(m['group_size'])}"
+                  + (f" loss={loss:.4g}" if loss is not None else ""))
+    else:
+        print(f"  ({len(qc['modules'])} quantized layers; --layers lists them)")
     how = ("match their sha256 checksums" if checked["checksums"] else
            "were not compared with checksums (" + ("--no-verify" if args.no_verify else
                                                    "written before kvant stored them") + ")")
@@ -204,13 +265,50 @@ def cmd_inspect(args) -> int:
 
 def cmd_export(args) -> int:
     from kvant.api import export_quantized, load_quantized
+    from kvant.errors import InputError
 
+    if args.format == "gguf":
+        return _export_gguf(args)
+    for flag in ("type", "gguf_source", "embed_type"):
+        if getattr(args, flag) is not None:
+            raise InputError(f"--{flag.replace('_', '-')} applies only to --format gguf")
     with _output_guard(args, args.checkpoint):
         model, tok = load_quantized(args.checkpoint)
         out = export_quantized(model, args.out, args.format, tok, overwrite=args.overwrite,
                                source=args.checkpoint)
     print(f"wrote {args.format.upper()} checkpoint {out}")
     return 0
+
+
+def _export_gguf(args) -> int:
+    """``kvant export CKPT --format gguf``: one .gguf file (kvant.formats.gguf_export)."""
+    from kvant.api import load_quantized
+    from kvant.errors import InputError
+    from kvant.formats.gguf_export import export_gguf
+
+    if args.type is None:
+        raise InputError("--format gguf needs --type (Q4_0, Q4_1, Q8_0, Q4_K, Q3_K, Q2_K, "
+                         "Q6_K): the GGUF type the checkpoint was quantized on "
+                         "(--grid gguf:TYPE)")
+    if args.gguf_source is not None and not Path(args.gguf_source).is_file():
+        raise InputError(f"--gguf-source {args.gguf_source!r} is not a file")
+    model, tok = load_quantized(args.checkpoint)
+    out = export_gguf(model, args.out, args.type, tok, source_gguf=args.gguf_source,
+                      float_type=args.float_type, embed_type=args.embed_type,
+                      overwrite=args.overwrite)
+    print(f"wrote GGUF {args.type.upper()} file {out}")
+    return 0
+
+
+def _method_defaults(field: str) -> str:
+    """'4 (awq, gptq, ...), 3 (spqr)': each registered method's default of ``field``, read
+    from its config class, so the help cannot drift from the code."""
+    from kvant.algorithms.registry import available, config_class
+
+    by_value: dict = {}
+    for m in available():
+        by_value.setdefault(getattr(config_class(m)(), field), []).append(m)
+    return ", ".join(f"{v} ({', '.join(ms)})" for v, ms in by_value.items())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,12 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save a kvant checkpoint")
     q.add_argument("model", help="'nanogpt' (embedded), a nanoGPT/HF dir, a .gguf file or hub id")
-    q.add_argument("--method", default="rtn")
+    from kvant.algorithms.registry import available
+
+    q.add_argument("--method", default="rtn", choices=available(),
+                   help="quantization method (default rtn); its own defaults apply to every "
+                        "flag left unset")
     q.add_argument("--bits", type=int, default=None,
-                   help="2, 3, 4 or 8 (default: the method's own, 4 for most, 3 for spqr)")
+                   help=f"2, 3, 4 or 8 (default: the method's own: {_method_defaults('bits')})")
     q.add_argument("--group-size", type=int, default=None,
                    help="-1 per channel, 0 per tensor, or a group of input columns "
-                        "(default: the method's own, 128 for most, 16 for spqr)")
+                        f"(default: the method's own: {_method_defaults('group_size')})")
     q.add_argument("--sym", action="store_const", const=True, default=None,
                    help="symmetric grid")
     q.add_argument("--clip", action="store_const", const=True, default=None,
@@ -246,6 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-true-sequential", dest="true_sequential", action="store_const",
                    const=False, default=None)
     q.add_argument("--damp-percent", type=float, default=None)
+    q.add_argument("--grid", default=None,
+                   help="'int' (default: kvant's integer grid of --bits/--group-size) or "
+                        "'gguf:TYPE' (Q4_0, Q4_1, Q8_0, Q4_K, Q3_K, Q2_K, Q6_K): round on "
+                        "llama.cpp's exact block grid, for `kvant export --format gguf`; the "
+                        "type fixes bits and blocks (rtn, gptq, awq)")
     q.add_argument("--option", action="append",
                    help="other method field, key=value (repeat --option ignore=NAME to keep "
                         "several layers in float)")
@@ -253,6 +360,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration: 'c4', 'wikitext2', a .txt/.jsonl file (default: the "
                         "embedded text for nanoGPT, c4 for others)")
     q.add_argument("--calib-file", default=None, help="local copy for --calib c4/wikitext2")
+    q.add_argument("--calib-chat", default=None, metavar="FILE.jsonl",
+                   help="calibrate on chat data instead of --calib: one {\"messages\": "
+                        "[{\"role\": ..., \"content\": ...}]} conversation per line, "
+                        "rendered with the tokenizer's chat template and packed into "
+                        "--seq-len windows")
+    q.add_argument("--quantize-head", action="store_const", const=True, default=None,
+                   help="also quantize the output head (lm_head) with the same grid; off by "
+                        "default. Calibrated methods other than AWQ calibrate it on the "
+                        "final norm's output")
     q.add_argument("--n-samples", type=int, default=128, help="calibration windows "
                    "(default 128)")
     q.add_argument("--seq-len", type=int, default=None, help="default: 2048, or the "
@@ -273,6 +389,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true",
                    help="replace --out when it already holds a kvant output (never a directory "
                         "kvant did not write, nor the input model)")
+    q.add_argument("--target-bpw", type=float, default=None,
+                   help="mixed precision: give each layer its own width so that the stored "
+                        "bits per weight (scales and zeros counted) stay at or under this, "
+                        "with the least predicted loss; the plan is printed and saved")
+    q.add_argument("--widths", default=None,
+                   help="with --target-bpw: candidate widths, e.g. 2,3,4,8 (the default)")
+    q.add_argument("--mixed-group-sizes", default=None,
+                   help="with --target-bpw: candidate group sizes, e.g. 64,128 (default: "
+                        "the method's group size)")
+    q.add_argument("--sensitivity", default=None, choices=["fisher", "kl"],
+                   help="with --target-bpw: 'fisher' (default: Fisher-weighted layer output "
+                        "error, one backward pass) or 'kl' (KL per layer and width; slow)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_quantize)
 
@@ -290,8 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "value checks still run)")
     e.set_defaults(fn=cmd_eval)
 
-    i = sub.add_parser("inspect", help="describe a kvant checkpoint")
+    i = sub.add_parser("inspect", help="describe a kvant checkpoint: totals (size, bits per "
+                                       "weight, method, bits histogram, layer losses), then "
+                                       "with --layers every quantized layer")
     i.add_argument("path")
+    i.add_argument("--layers", action="store_true",
+                   help="list every quantized layer (shape, bits, group, loss) after the totals")
     i.add_argument("--json", action="store_true")
     i.add_argument("--no-verify", action="store_true",
                    help="skip comparing the checkpoint with its checksums (trusted files; "
@@ -302,15 +434,29 @@ def build_parser() -> argparse.ArgumentParser:
                                       "the GPTQ, AWQ or compressed-tensors layout (vLLM, "
                                       "transformers)")
     x.add_argument("checkpoint", help="a kvant checkpoint directory")
-    x.add_argument("--format", required=True, choices=["gptq", "awq", "compressed-tensors"])
-    x.add_argument("--out", required=True, help="output directory")
+    x.add_argument("--format", required=True,
+                   choices=["gptq", "awq", "compressed-tensors", "gguf"])
+    x.add_argument("--out", required=True, help="output directory (gguf: a .gguf file)")
+    x.add_argument("--type", default=None, type=str.upper,
+                   help="gguf: the GGUF type of the file (Q4_0, Q4_1, Q8_0, Q4_K, Q3_K, Q2_K, "
+                        "Q6_K); the checkpoint must be quantized with --grid gguf:TYPE")
+    x.add_argument("--gguf-source", default=None,
+                   help="gguf: the .gguf file the model was quantized from: its metadata and "
+                        "tokenizer are copied (default: mapped from the Llama config)")
+    x.add_argument("--float-type", default="F32", choices=["F32", "F16"],
+                   help="gguf: type of the tensors left in float (default F32, exact)")
+    x.add_argument("--embed-type", default=None, type=str.upper,
+                   help="gguf: round the token embedding (and an untied head) to this GGUF "
+                        "type at export, as llama.cpp's files do (default: --float-type)")
     x.add_argument("--overwrite", action="store_true",
                    help="replace --out when it already holds a kvant output (never a directory "
                         "kvant did not write, nor the input model)")
     x.set_defaults(fn=cmd_export)
 
+    from kvant.bench_cli import add_parser as add_bench
     from kvant.serve.cli import add_parser as add_generate
 
+    add_bench(sub)
     add_generate(sub)
     for sp in sub.choices.values():  # -v also after the command; SUPPRESS keeps `kvant -v x`
         sp.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,

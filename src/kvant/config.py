@@ -66,6 +66,50 @@ class QuantArgs:
         _validate_grid(self)
 
 
+# why a method cannot round on llama.cpp's grids
+_NO_GGUF = {
+    "quip": "QuIP rounds W in a rotated basis (U W V^T) that a GGUF file cannot undo",
+    "spqr": "SpQR keeps fp16 outliers and quantized statistics that no GGUF type holds",
+}
+
+
+def _check_gguf_grid(cfg: Any):
+    """Validate ``cfg.grid``; for "gguf:TYPE" fix bits / group_size to the type's and return
+    the type, for "int" return None."""
+    g = cfg.grid
+    if not isinstance(g, str) or not (g == "int" or g.lower().startswith("gguf:")):
+        raise ConfigError(f"grid must be 'int' or 'gguf:TYPE', got {g!r}")
+    if g == "int":
+        return None
+    from kvant.core.gguf_grid import EXPORT_TYPES, TYPES
+
+    name = g.split(":", 1)[1].upper()
+    if name not in EXPORT_TYPES:
+        raise ConfigError(f"grid {g!r}: unknown GGUF type {name!r}; one of {list(EXPORT_TYPES)}")
+    t = TYPES[name]
+    if cfg.method in _NO_GGUF or not cfg.method:
+        raise ConfigError(f"grid {g!r} is not supported by method {cfg.method!r}: "
+                          f"{_NO_GGUF.get(cfg.method, 'no GGUF rounding')}")
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for field, want in (("bits", t.bits), ("group_size", t.block)):
+        v = getattr(cfg, field)
+        if v != want and v != defaults[field]:
+            raise ConfigError(f"{field}={v!r} conflicts with grid {g!r} ({t.bits}-bit codes in "
+                              f"blocks of {t.block}); leave {field} unset")
+    for field in ("sym", "clip", "act_order", "static_groups"):
+        if getattr(cfg, field, False) is True:
+            raise ConfigError(f"{field}=True does not apply to grid {g!r}: llama.cpp's blocks "
+                              "fix the grid and keep columns in order")
+    if cfg.method == "awq" and (not cfg.fold or cfg.scale_unfoldable
+                                or cfg.outlier_budget > 0):
+        raise ConfigError(f"AWQ on grid {g!r} needs fold=True, scale_unfoldable=False and no "
+                          "outlier_budget: a GGUF file has no input_scale or outliers")
+    object.__setattr__(cfg, "grid", "gguf:" + name)
+    object.__setattr__(cfg, "bits", t.bits)
+    object.__setattr__(cfg, "group_size", t.block)
+    return t
+
+
 def _validate_grid(cfg: Any) -> None:
     if not isinstance(cfg.bits, int) or isinstance(cfg.bits, bool) or cfg.bits not in VALID_BITS:
         raise ConfigError(f"bits must be one of {VALID_BITS}, got {cfg.bits!r}")
@@ -84,6 +128,14 @@ class MethodConfig:
 
     ignore: module names (exact, or ending in ``.name``) that stay unquantized; one string
         is one name. Quantizing fails when a name matches no layer of the model.
+    quantize_head: also quantize the output head (lm_head), with the same grid, after the
+        decoder blocks (kvant.calib.head); off by default, as in most tools, because the
+        head is the layer most sensitive to rounding.
+    grid: "int" (kvant's integer grid of ``bits`` / ``group_size`` / ``sym``) or
+        "gguf:TYPE" (TYPE one of Q4_0, Q4_1, Q8_0, Q4_K, Q3_K, Q2_K, Q6_K): round directly on
+        llama.cpp's block grid of that type (kvant.core.gguf_grid), so that the GGUF export
+        holds exactly the quantized weights; ``bits`` and ``group_size`` then become the
+        type's (a conflicting value is an error) and ``sym`` / ``clip`` do not apply.
     """
 
     method: ClassVar[str] = ""
@@ -94,6 +146,8 @@ class MethodConfig:
     sym: bool = False
     clip: bool = False
     ignore: tuple[str, ...] = ()
+    quantize_head: bool = False
+    grid: str = "int"
 
     # float fields for which +inf is a documented value (e.g. "inf disables it")
     inf_fields: ClassVar[tuple[str, ...]] = ()
@@ -101,8 +155,11 @@ class MethodConfig:
     true_sequential: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        _validate_grid(self)
+        if _check_gguf_grid(self) is None:
+            _validate_grid(self)
         object.__setattr__(self, "ignore", _as_patterns(self.ignore))
+        if not isinstance(self.quantize_head, bool):
+            raise ConfigError(f"quantize_head must be a bool, got {self.quantize_head!r}")
         _check_floats(self, self.inf_fields)
         if isinstance(self, WalkConfig):
             _check_walk(self)
@@ -113,7 +170,14 @@ class MethodConfig:
 
     @property
     def qargs(self) -> QuantArgs:
-        """The grid part of this config."""
+        """The grid part of this config. On a GGUF grid: an integer grid close to the type's
+        (its bits, or 8 above 4, per sub-block), for methods that search on a grid (AWQ's
+        scales and clipping) before the final rounding on the GGUF grid."""
+        if self.grid != "int":
+            from kvant.core.gguf_grid import gguf_type
+
+            t = gguf_type(self.grid.split(":", 1)[1])
+            return QuantArgs(t.bits if t.bits in VALID_BITS else 8, t.sub, not t.has_min)
         return QuantArgs(self.bits, self.group_size, self.sym, self.clip)
 
     def to_dict(self) -> dict:
@@ -359,12 +423,15 @@ class EngineOptions:
     propagate: "quantized" feeds each block the outputs of the already quantized previous
         block; "float" feeds it the float model's outputs.
     batch_size: calibration samples per forward call.
+    expert_min_tokens: a mixture-of-experts layer routed fewer calibration tokens than this
+        is quantized without data (kvant.model.moe, docs/MOE.md); None = its input width.
     """
 
     device: str | None = None
     propagate: str = "quantized"
     batch_size: int = 8
     show_progress: bool = True
+    expert_min_tokens: int | None = None
 
     def __post_init__(self) -> None:
         check_device(self.device)
@@ -372,6 +439,11 @@ class EngineOptions:
             raise ConfigError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:
             raise ConfigError(f"batch_size must be positive, got {self.batch_size!r}")
+        if self.expert_min_tokens is not None and (
+                isinstance(self.expert_min_tokens, bool)
+                or not isinstance(self.expert_min_tokens, int) or self.expert_min_tokens < 0):
+            raise ConfigError("expert_min_tokens must be a whole number >= 0 or None, got "
+                              f"{self.expert_min_tokens!r}")
 
 
 def check_device(device) -> None:

@@ -26,7 +26,7 @@ from kvant.config import EngineOptions
 from kvant.calib.engine import quantize_model
 from kvant.eval.perplexity import char_perplexity
 from kvant.model import nanogpt
-from kvant.eval.plot import PLOT_HINT, can_plot, plot_ppl_vs_bits
+from kvant.eval.plot import PLOT_HINT, can_plot, plot_ppl_change
 from kvant.eval.table import markdown_table, model_bytes, quantized_bits_per_weight, write_json
 
 log = logging.getLogger(__name__)
@@ -116,7 +116,8 @@ def run_demo(out_dir: str | Path = "kvant-demo", specs: list[str] | None = None,
                                  "perplexity per character")
     plot = out / "report.png"
     if can_plot():
-        plot_ppl_vs_bits(records, plot, "nanoGPT Shakespeare: perplexity vs bits/weight")
+        plot_ppl_change(records, plot, "nanoGPT Shakespeare: perplexity change vs "
+                                       "bits/weight")
     (out / "report.md").write_text(md + f"\nEval: {eval_desc}. Device: {common['device']}, "
                                         f"kvant {common['kvant_version']}."
                                         + ("" if can_plot() else f" No plot: {PLOT_HINT}.")

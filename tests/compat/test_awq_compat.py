@@ -1,6 +1,7 @@
 """kvant.compat.awq: the AutoAWQ snippet runs end to end on a tiny local Llama, reloads with
 identical outputs, and every unsupported argument fails with a clear message."""
 
+import json
 import sys
 import types
 
@@ -10,6 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+import kvant  # noqa: E402
 from kvant.compat.awq import (AutoAWQForCausalLM, CompatError, autoawq_calibration,  # noqa: E402
                               awq_config_from_autoawq)
 
@@ -51,22 +53,29 @@ def test_autoawq_snippet_end_to_end(model_dir, tmp_path):
                    max_calib_samples=16, max_calib_seq_len=128)
     model.save_quantized(quant_path)
     tokenizer.save_pretrained(quant_path)
+    qc = json.loads((tmp_path / "tiny-awq" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "awq" and qc["version"] == "gemm" and qc["group_size"] == 32
+    with pytest.raises(CompatError, match="AWQ GEMM export"):
+        AutoAWQForCausalLM.from_quantized(quant_path)
+    kvant_path = tmp_path / "tiny-kvant"
+    kvant.save_quantized(model.model, kvant_path, tokenizer)
 
     ids = torch.tensor([tokenizer.encode("To be or not to be")])
     with torch.no_grad():
         before = model(ids).logits
-    loaded = AutoAWQForCausalLM.from_quantized(quant_path, fuse_layers=True, device_map="cpu")
+    loaded = AutoAWQForCausalLM.from_quantized(str(kvant_path), fuse_layers=True,
+                                               device_map="cpu")
     with torch.no_grad():
         after = loaded(ids).logits
     assert torch.equal(before, after)
     assert loaded.quant_config["w_bit"] == 4 and loaded.quant_config["zero_point"]
     out = loaded.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, ids.shape[1] + 4)
-    # the report says which layers were folded and which kept an input scale (GQA o_proj)
+    # AutoAWQ's default: a group no previous op absorbs (o_proj under GQA) stays unscaled
     treat = {g["layers"][0]: g["treatment"] for g in model.report.blocks[0]["awq"]}
     assert treat["self_attn.q_proj"].startswith("fold->input_layernorm")
-    assert "input_scale" in treat["self_attn.o_proj"]
-    assert loaded.model.model.layers[0].self_attn.o_proj.input_scale is not None
+    assert "input_scale" not in treat["self_attn.o_proj"]
+    assert loaded.model.model.layers[0].self_attn.o_proj.input_scale is None
 
 
 def test_quant_config_mapping():

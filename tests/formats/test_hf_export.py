@@ -290,3 +290,77 @@ def test_transformers_loads_the_compressed_tensors_export(tmp_path):
         ours = model.model.layers[1].get_submodule(name).dequantized_weight().float()
         theirs = loaded.model.layers[1].get_submodule(name).weight.float()
         assert torch.allclose(theirs, ours, rtol=0, atol=1e-4), name
+
+
+def test_asymmetric_compressed_tensors_loads_in_transformers_exactly(tmp_path):
+    """The asymmetric export (zero points packed as their compressor writes them, with
+    ``dequantize`` set) loads in transformers + compressed-tensors: fp32, exact tokens."""
+    pytest.importorskip("compressed_tensors")
+    transformers = pytest.importorskip("transformers")
+    model = _tiny_llama(bits=4, group_size=32, sym=False)
+    out = export_hf(model, tmp_path / "ct", "compressed-tensors")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"]["symmetric"] is False and qc["dequantize"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(ids).logits.float(), loaded(ids).logits.float()
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert float((a - b).abs().max()) < 1e-3
+    for name in ("self_attn.k_proj", "mlp.down_proj"):
+        ours = model.model.layers[0].get_submodule(name).dequantized_weight().float()
+        theirs = loaded.model.layers[0].get_submodule(name).weight.float()
+        assert torch.allclose(theirs, ours, rtol=0, atol=1e-4), name
+
+
+def test_gptq_v2_for_asymmetric_grids(tmp_path):
+    m = _zero_point_layer(top=15)  # z = 0 with the top code: v1 cannot hold it, v2 can
+    t = gptq_tensors(m, v2=True)
+    g = t["scales"].shape[0]
+    q = torch.tensor([_stream(t["qweight"][:, c], 4, 64) for c in range(8)])
+    z = torch.tensor([_stream(t["qzeros"][r], 4, 8) for r in range(g)])  # z itself
+    gi = t["g_idx"].long()
+    w = (q - z[gi].t()).float() * t["scales"][gi].t().float()
+    assert torch.equal(w.half(), m.dequantized_weight())
+    model = _tiny_llama(sym=False)
+    out = export_hf(model, tmp_path / "g", "gptq")
+    qc = json.loads((out / "quantize_config.json").read_text())
+    assert qc["checkpoint_format"] == "gptq_v2" and qc["sym"] is False
+    sym = export_hf(_tiny_llama(sym=True), tmp_path / "s", "gptq")
+    assert json.loads((sym / "config.json").read_text())[
+        "quantization_config"]["checkpoint_format"] == "gptq"
+
+
+def test_quip_export_is_refused_with_the_reason(tmp_path):
+    pytest.importorskip("transformers")
+    from kvant.config import QuIPConfig
+
+    torch.manual_seed(0)
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    calib = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(1))
+    quantize_model(model, QuIPConfig(bits=4, group_size=32), calib, CPU)
+    for fmt in ("compressed-tensors", "gptq"):
+        with pytest.raises(ExportError, match="transform_config"):
+            export_hf(model, tmp_path / fmt, fmt)
+        assert not (tmp_path / fmt).exists()
+
+
+@pytest.mark.parametrize("fmt,sym", [("gptq", True), ("gptq", False), ("awq", False)])
+def test_gptqmodel_loads_the_export(tmp_path, fmt, sym):
+    """Opt-in (gptqmodel installed): its TORCH backend reads every layer to kvant's weights
+    within bf16 rounding."""
+    gptqmodel = pytest.importorskip("gptqmodel")
+    from hf_tiny import tiny_tokenizer
+
+    model = _tiny_llama(sym=sym)
+    out = export_hf(model, tmp_path / "x", fmt, tiny_tokenizer())  # its loader needs one
+    g = gptqmodel.GPTQModel.load(str(out), backend=gptqmodel.BACKEND.TORCH, device="cpu",
+                                 dtype=torch.bfloat16)
+    ids = torch.randint(0, 96, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(ids).logits.float(), g.model(ids).logits.float()
+    assert float((a - b).abs().max()) < 0.05

@@ -78,7 +78,11 @@ class _AWQLayer(LayerQuantizer):
         cfg = self.config
         H = self.acc.result(self.name) if self.acc is not None else None
         self.acc = None
-        if cfg.outlier_budget > 0:
+        if cfg.grid != "int":  # llama.cpp's block grid (kvant.algorithms.gguf_round)
+            from kvant.algorithms.gguf_round import round_layer
+
+            res = round_layer(self.weight, H, cfg, self.name)
+        elif cfg.outlier_budget > 0:
             res = self._with_outliers(H)
         elif H is not None:
             from kvant.algorithms.gptq import gptq_quantize
@@ -192,6 +196,8 @@ class AWQ(QuantMethod):
     """AWQ scale search, fold and clip per block; RTN or GPTQ rounding per layer."""
 
     needs_calibration = True
+    head_unsupported = ("its scales are searched and folded inside decoder blocks only, so "
+                        "the head would get plain rounding; use rtn, gptq, quip or spqr")
 
     def __init__(self, config: AWQConfig):
         super().__init__(config)
@@ -396,5 +402,5 @@ class AWQ(QuantMethod):
     # -- per layer ------------------------------------------------------------------------
     def layer_quantizer(self, name: str, weight: torch.Tensor) -> LayerQuantizer:
         st = self._state or _BlockState(BlockRunner(nn.Identity()), {})  # name: full name
-        return _AWQLayer(name, weight, self.config, st.input_scales.get(name),
+        return _AWQLayer(name, weight, self.config_for(name), st.input_scales.get(name),
                          dict(st.layer_info.get(name) or {}), unclipped=st.unclipped.get(name))

@@ -90,10 +90,23 @@ class QuantMethod:
     # its layer quantizers implement state_for_reduce / load_reduced (or keep no statistics)
     # and prepare_block needs no data: kvant.calib.dist may run it across several processes
     supports_distributed: bool = False
+    # why the method cannot quantize the output head (config.quantize_head), or None when
+    # its layer quantizers work on the head as on any Linear (kvant.calib.head)
+    head_unsupported: str | None = None
 
     def __init__(self, config: MethodConfig):
         self.config = config
         self.needs_calibration = self.calibrates(config)
+        # full layer name -> the config of that layer where it differs from ``config`` (a
+        # mixed-precision plan, kvant.calib.mixed); set by the engine before any block
+        self.layer_configs: dict[str, MethodConfig] = {}
+
+    def config_for(self, name: str) -> MethodConfig:
+        """The config that quantizes the Linear ``name`` (its full name): its entry in
+        ``layer_configs`` (same method, other bits / group_size), else ``config``. Layer
+        quantizers read their grid through it; block-level preparation (AWQ's scale search)
+        uses ``config``."""
+        return self.layer_configs.get(name, self.config)
 
     @classmethod
     def calibrates(cls, config: MethodConfig) -> bool:

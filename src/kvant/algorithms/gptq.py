@@ -137,8 +137,9 @@ class _GPTQLayer(HessianLayer):
 
     def __init__(self, method: "GPTQ", name: str, weight: torch.Tensor):
         self.method, self.name, self.weight = method, name, weight
+        self.config = method.config_for(name)
         self.acc = HessianAccumulator(weight.shape[1], weight.device,
-                                      method.config.hessian_dtype)
+                                      self.config.hessian_dtype)
         self.grams = method.grams
         self.seconds_hessian = 0.0
 
@@ -149,10 +150,16 @@ class _GPTQLayer(HessianLayer):
         self.seconds_hessian += time.perf_counter() - t
 
     def quantize(self) -> LayerResult:
-        cfg = self.method.config
+        cfg = self.config
         self.grams.release()
         H = self.acc.result(self.name)
         self.acc = None
+        if cfg.grid != "int":  # llama.cpp's block grid (kvant.algorithms.gguf_round)
+            from kvant.algorithms.gguf_round import gguf_gptq
+
+            res = gguf_gptq(self.weight, H, cfg, self.name, cfg.block_size, cfg.damp_percent)
+            res.info["seconds_hessian"] = self.seconds_hessian
+            return res
         res = gptq_quantize(self.weight, H, cfg.qargs, block_size=cfg.block_size,
                             damp_percent=cfg.damp_percent, act_order=cfg.act_order,
                             static_groups=cfg.static_groups, layer=self.name)

@@ -92,7 +92,7 @@ def rescale_factor(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
 class _QuIPLayer(HessianLayer):
     def __init__(self, method: "QuIP", name: str, weight: torch.Tensor, input_key: str):
         self.method, self.name, self.weight = method, name, weight
-        self.config, self.input_key = method.config, input_key
+        self.config, self.input_key = method.config_for(name), input_key
         self.acc = (HessianAccumulator(weight.shape[1], weight.device)
                     if method.needs_calibration else None)
         self.grams = method.grams  # layers reading the same x share one xᵀx

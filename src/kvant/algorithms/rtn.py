@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvant.algorithms.base import LayerQuantizer, LayerResult, QuantMethod
+from kvant.algorithms.gguf_round import gguf_rtn
 from kvant.algorithms.registry import register
 from kvant.config import RTNConfig
 from kvant.core.grid import rtn
@@ -15,6 +16,8 @@ class _RTNLayer(LayerQuantizer):
         self.name, self.weight, self.config = name, weight, config
 
     def quantize(self) -> LayerResult:
+        if self.config.grid != "int":  # llama.cpp's block grid (kvant.algorithms.gguf_round)
+            return gguf_rtn(self.weight, self.config, self.name)
         q, p = rtn(self.weight, self.config.qargs, self.name)
         s, z = p.expand(q.shape[1])
         deq = (q.float() - z) * s
@@ -30,4 +33,4 @@ class RTN(QuantMethod):
     supports_distributed = True  # no statistics; layers are rounded in parallel
 
     def layer_quantizer(self, name: str, weight: torch.Tensor) -> LayerQuantizer:
-        return _RTNLayer(name, weight, self.config)
+        return _RTNLayer(name, weight, self.config_for(name))

@@ -218,12 +218,13 @@ class _SpQRLayer(HessianLayer):
 
     def __init__(self, method: "SpQR", name: str, weight: torch.Tensor):
         self.method, self.name, self.weight = method, name, weight
+        self.config = method.config_for(name)
         self.acc = HessianAccumulator(weight.shape[1], weight.device) \
             if method.needs_calibration else None
         self.grams = method.grams
 
     def quantize(self) -> LayerResult:
-        cfg = self.method.config
+        cfg = self.config
         self.grams.release()
         H = None
         if self.acc is not None:

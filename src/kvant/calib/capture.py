@@ -58,8 +58,12 @@ def model_forward(model: nn.Module, batch: torch.Tensor):
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches, device) -> list:
-    """Run the model on each batch until block 0 and return one :class:`BlockInput` each."""
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches, device,
+                         show_progress: bool = False) -> list:
+    """Run the model on each batch until block 0 and return one :class:`BlockInput` each.
+    ``show_progress``: a tqdm bar on stderr when it is a terminal."""
+    from tqdm.auto import tqdm
+
     captured: list[BlockInput] = []
 
     def hook(_mod, args, kwargs):
@@ -68,7 +72,8 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches, devi
 
     handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        for batch in batches:
+        for batch in tqdm(batches, desc="capturing calibration inputs", leave=False,
+                          disable=None if show_progress else True):
             try:
                 model_forward(model, batch.to(device))
             except _Stop:

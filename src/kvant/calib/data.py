@@ -11,6 +11,9 @@ windows on every machine.
 Names: ``"c4"`` and ``"wikitext2"`` resolve to the user's local copy (``calib_file``) or,
 without one, to the Hugging Face hub through the optional ``datasets`` package.
 Works with Hugging Face tokenizers and with kvant's ``CharTokenizer`` (``encode``/``decode``).
+
+Chat data (:func:`chat_calibration_data`): a JSONL file of ``{"messages": [...]}``
+conversations, each rendered with the tokenizer's chat template, then packed the same way.
 """
 
 from __future__ import annotations
@@ -96,8 +99,8 @@ def _hub_documents(name: str) -> list[str]:
     except ImportError:
         raise CalibrationDataError(
             f"calibration source {name!r} needs a local copy (calib_file=..., CLI "
-            f"--calib-file) or the `datasets` package to download it from the hub; "
-            "neither is available") from None
+            f"--calib-file) or the `datasets` package to download it from the hub, which is "
+            f"not installed: pip install 'kvant[hf]'") from None
     spec = dict(_HUB[name])
     try:
         ds = datasets.load_dataset(**spec)
@@ -149,11 +152,16 @@ def load_documents(source, calib_file: str | os.PathLike | None = None) -> list[
     return [path.read_text(encoding="utf-8")]
 
 
-def token_stream(tokenizer, docs: Iterable[str]) -> torch.Tensor:
-    """All documents tokenized and joined by the separator -> 1-D LongTensor."""
+def token_stream(tokenizer, docs: Iterable[str], show_progress: bool = True) -> torch.Tensor:
+    """All documents tokenized and joined by the separator -> 1-D LongTensor.
+    ``show_progress``: a tqdm bar on stderr when it is a terminal (a C4 shard holds some
+    350,000 documents: minutes of tokenizing)."""
+    from tqdm.auto import tqdm
+
     sep = separator_ids(tokenizer)
     ids: list[int] = []
-    for doc in docs:
+    for doc in tqdm(docs, desc="tokenizing calibration text", unit="doc", leave=False,
+                    disable=None if show_progress else True):
         if not doc:
             continue
         if ids:
@@ -201,6 +209,94 @@ def calibration_data(tokenizer, source="c4", n_samples: int = 128, seq_len: int 
     if not any(docs):
         raise CalibrationDataError(f"{label} is empty")
     return sample_windows(token_stream(tokenizer, docs), n_samples, seq_len, seed, label)
+
+
+DEFAULT_SEQ_LEN = 2048
+
+
+def default_seq_len(model) -> int:
+    """The window length used when none is given: 2048 tokens, or the model's context
+    length when that is shorter (a 512-token model calibrates on 512-token windows)."""
+    ctx = context_length(model)
+    return min(DEFAULT_SEQ_LEN, ctx) if ctx else DEFAULT_SEQ_LEN
+
+
+def resolve_seq_len(model, seq_len: int | None) -> int:
+    """``seq_len``, or :func:`default_seq_len` when it is None; checked against the model's
+    context (:func:`check_seq_len`). Every caller that sizes calibration (the windows, the
+    memory estimate of kvant.calib.budget) goes through this one rule."""
+    seq_len = default_seq_len(model) if seq_len is None else seq_len
+    check_seq_len(model, seq_len)
+    return seq_len
+
+
+def read_chat_jsonl(path: str | os.PathLike) -> list[tuple[int, list[dict]]]:
+    """Conversations of a chat JSONL file: one ``{"messages": [{"role": ..., "content":
+    ...}, ...]}`` object per line (blank lines skipped) -> [(line number, messages)].
+    A malformed line raises :class:`CalibrationDataError` naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationDataError(f"chat calibration file {str(path)!r} does not exist")
+    chats = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CalibrationDataError(f"{path}:{i} is not valid JSON: {e}") from None
+            msgs = row.get("messages") if isinstance(row, dict) else None
+            if not isinstance(msgs, list) or not msgs:
+                raise CalibrationDataError(f"{path}:{i} has no 'messages' list (expected "
+                                           '{"messages": [{"role": ..., "content": ...}]})')
+            for j, m in enumerate(msgs):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                        and isinstance(m.get("content"), str)):
+                    raise CalibrationDataError(f"{path}:{i}: message {j} is not an object "
+                                               "with string 'role' and 'content'")
+            chats.append((i, msgs))
+    if not chats:
+        raise CalibrationDataError(f"chat calibration file {str(path)!r} holds no conversation")
+    return chats
+
+
+def render_chats(tokenizer, chats: list[tuple[int, list[dict]]], where: str = "chat") -> list[str]:
+    """Each conversation as text through the tokenizer's chat template
+    (``apply_chat_template(messages, tokenize=False)``), ready for :func:`token_stream`.
+    A tokenizer without a chat template, or a template that rejects a conversation, raises
+    :class:`CalibrationDataError` (the latter naming the line)."""
+    if not getattr(tokenizer, "chat_template", None) or not hasattr(tokenizer,
+                                                                    "apply_chat_template"):
+        raise CalibrationDataError(
+            f"the tokenizer ({type(tokenizer).__name__}) has no chat template, so chat data "
+            "cannot be rendered as the model would see it; calibrate on plain text (--calib) "
+            "or use the instruct model's tokenizer")
+    texts = []
+    for line, msgs in chats:
+        try:
+            texts.append(str(tokenizer.apply_chat_template(msgs, tokenize=False)))
+        except Exception as e:  # jinja raises its own types (e.g. roles must alternate)
+            raise CalibrationDataError(f"{where}:{line}: the chat template rejects this "
+                                       f"conversation ({type(e).__name__}: {e})") from None
+    return texts
+
+
+def chat_calibration_data(tokenizer, path: str | os.PathLike, n_samples: int = 128,
+                          seq_len: int = 2048, seed: int = 0) -> torch.Tensor:
+    """Calibration token ids (n_samples, seq_len) from chat data, seeded.
+
+    ``path``: a JSONL file with one ``{"messages": [...]}`` conversation per line
+    (:func:`read_chat_jsonl`). Each conversation is rendered with the tokenizer's chat
+    template (:func:`render_chats`), so the model is calibrated on the role markers and
+    special tokens it sees when chatting; the rendered conversations are packed into one
+    token stream (end-of-sequence token between them) and cut into windows exactly as
+    :func:`calibration_data` does.
+    """
+    check_counts(n_samples, seq_len)
+    docs = render_chats(tokenizer, read_chat_jsonl(path), str(path))
+    return sample_windows(token_stream(tokenizer, docs), n_samples, seq_len, seed,
+                          f"chat calibration file {str(path)[:80]!r}")
 
 
 def context_length(model) -> int | None:

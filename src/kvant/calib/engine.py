@@ -16,6 +16,7 @@ The engine never tests a method's name: it reads ``needs_calibration`` and the c
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -27,10 +28,14 @@ from kvant.algorithms.registry import build
 from kvant.calib.budget import check_calibration
 from kvant.calib import dist as kdist
 from kvant.calib.capture import BlockInput, capture_block_inputs, run_block
+from kvant.calib.head import plan_head, quantize_head
 from kvant.calib.runner import BlockRunner
 from kvant.config import EngineOptions, MethodConfig
+from kvant.core.gguf_grid import type_for_grid
 from kvant.core.grid import check_group_size
 from kvant.core.result import quant_linear_class
+from kvant.errors import InputError
+from kvant.model import moe
 from kvant.model.discovery import (check_model, find_blocks, find_linears, linear_weight,
                                    set_submodule)
 from kvant.nn.qlinear import QuantLinear
@@ -47,6 +52,10 @@ class QuantReport:
     blocks: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     n_calib: int = 0
+    plan: object = None  # the kvant.calib.plan.MixedPlan a mixed-precision run followed
+    # mixture-of-experts (kvant.model.moe): stacks unfused, expert layers quantized, and the
+    # expert layers that got too few routed tokens and were quantized without data
+    moe: dict = field(default_factory=dict)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -63,8 +72,11 @@ def validate_model(model: nn.Module, config: MethodConfig) -> tuple[str, nn.Modu
     prefix, blocks = find_blocks(model)
     for i, block in enumerate(blocks):
         for name, lin in find_linears(block, config.ignore, f"{prefix}.{i}.").items():
-            check_group_size(linear_weight(lin).shape[1], config.group_size,
-                             f"{prefix}.{i}.{name}")
+            k = linear_weight(lin).shape[1]
+            if getattr(config, "grid", "int") == "int":
+                check_group_size(k, config.group_size, f"{prefix}.{i}.{name}")
+            else:  # llama.cpp's block types, with its fallbacks for other widths
+                type_for_grid(config.grid, k, f"{prefix}.{i}.{name}")
     check_model(model, config.ignore)
     return prefix, blocks
 
@@ -130,12 +142,14 @@ def _observe_group(block, group: dict, quantizers: dict, inputs: list) -> None:
             h.remove()
 
 
-def _calibrate_group(block, names, linears, method, inputs, prefix) -> dict:
+def _calibrate_group(block, names, linears, method, inputs, prefix, skip=frozenset()) -> dict:
+    # skip: layers quantized without calibration data (experts with too few routed tokens)
     quantizers = {n: method.layer_quantizer(f"{prefix}{n}", linear_weight(linears[n]).detach()
                                             .float()) for n in names}
     observe = None
-    if method.needs_calibration:
-        observe = lambda: _observe_group(block, {n: linears[n] for n in names},  # noqa: E731
+    observed = [n for n in names if n not in skip]
+    if method.needs_calibration and observed:
+        observe = lambda: _observe_group(block, {n: linears[n] for n in observed},  # noqa: E731
                                          quantizers, inputs)
     solved = None
     if kdist.active():  # several processes: statistics reduced, layers solved across ranks
@@ -147,6 +161,7 @@ def _calibrate_group(block, names, linears, method, inputs, prefix) -> dict:
     for n in names:
         lin = linears[n]
         res = solved[n] if solved is not None else quantizers[n].quantize()
+        _check_planned(method, prefix + n, res)
         dtype = lin.weight.dtype if lin.weight.dtype != torch.float32 else torch.float32
         ql = quant_linear_class(res.layer_kind).from_result(res, lin.bias, dtype=dtype).to(lin.weight.device)
         set_submodule(block, n, ql)
@@ -154,13 +169,26 @@ def _calibrate_group(block, names, linears, method, inputs, prefix) -> dict:
     return results
 
 
+def _check_planned(method, name: str, res) -> None:
+    # a method that ignored its per-layer config (QuantMethod.config_for) would silently
+    # break the plan's size budget: refuse
+    want = method.config_for(name).bits
+    if method.layer_configs and res.bits != want:
+        raise NotImplementedError(f"method {method.config.method!r} does not support per-layer "
+                                  f"widths: layer {name!r} was planned at {want} bits and "
+                                  f"came out at {res.bits}")
+
+
 def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor | None = None,
-                   options: EngineOptions | None = None, sink=None) -> QuantReport:
+                   options: EngineOptions | None = None, sink=None,
+                   plan=None) -> QuantReport:
     """Quantize ``model`` in place with ``config``; ``calib`` is token ids (n, seq_len).
 
     ``sink`` (a :class:`kvant.formats.stream.StreamWriter`, already started): every finished
     block is handed to it and freed (streaming; the model's blocks must be lazily read), and
     blocks it reports as finished by an earlier run are skipped (resume).
+    ``plan`` (a :class:`kvant.calib.plan.MixedPlan`, kvant.calib.mixed): quantize each
+    layer it names with its own bits / group size.
     Returns a :class:`QuantReport`. Raises before any work on bad input.
     """
     options = options or EngineOptions()
@@ -168,9 +196,18 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
     prefix, blocks = validate_model(model, config)
     method = build(config)
     method.check_model(model, blocks, config.ignore)  # refuse what it cannot do, up front
+    if plan is not None:
+        method.layer_configs = plan.layer_configs(config)
     check_calibration(model, blocks, method, calib, options)  # token ids valid, memory fits
     if method.needs_calibration and (calib is None or len(calib) == 0):
         raise ValueError(f"method {config.method!r} needs calibration data; none was given")
+    stacks = moe.prepare_model(model, prefix, blocks, config.ignore,  # stacked experts ->
+                               calib[:1] if calib is not None and len(calib) else None)
+    if stacks:  # one Linear per expert now: check their group sizes too
+        validate_model(model, config)
+    if kdist.active() and (stacks or any(moe.find_expert_lists(b) for b in blocks)):
+        raise InputError("mixture-of-experts models are quantized in one process only: "
+                         "per-expert token counts differ between ranks")
     device = resolve_device(options.device)
     report = QuantReport(config=config.to_dict())
     lazy = getattr(model, "kvant_lazy_blocks", None)  # blocks read from disk one at a time
@@ -178,6 +215,7 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
         raise ValueError("streaming to disk needs a model whose blocks are read lazily "
                          "(kvant.load_model(dir, lazy=True))")
     kdist.check_supported(method, sink is not None, device)  # several processes: refuse early
+    head = plan_head(model, blocks, config, method, calib, lazy is not None)  # quantize_head
     start = 0
     if sink is not None:
         start = sink.record["done"] + 1
@@ -194,7 +232,8 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
         homes[0] = next(blocks[0].parameters()).device
         with _on_device_except_blocks(model, blocks, device):
             blocks[0].to(device)
-            inputs = capture_block_inputs(model, blocks[0], batches, device)
+            inputs = capture_block_inputs(model, blocks[0], batches, device,
+                                          options.show_progress)
         if start > 0:  # resume: the last finished block's outputs were saved with it
             saved = sink.saved_inputs()
             if saved is None or len(saved) != len(inputs):
@@ -205,7 +244,8 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
             lazy.release(blocks[0])
 
     todo = list(enumerate(blocks))[start:]
-    bar = tqdm(todo, desc=f"{config.method} blocks", disable=not options.show_progress,
+    bar = tqdm(todo, desc=f"{config.method} blocks",  # disable None: only on a terminal
+               disable=None if options.show_progress else True,
                initial=start, total=len(blocks))
     for i, block in bar:
         tb = time.perf_counter()
@@ -231,9 +271,26 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
         else:
             block.to(home)
         log.info("block %d quantized in %.2fs", i, time.perf_counter() - tb)
+    if head is not None:  # the output head, after the last block (kvant.calib.head)
+        report.layers.update(quantize_head(model, head, method, inputs, device))
+    report.moe = _moe_summary(stacks, report.layers, options)
     report.seconds = time.perf_counter() - t0
     model.kvant_quantization_config = config  # read by save_quantized
+    if plan is not None:
+        report.plan = plan.with_achieved(_stored_bpw(model, plan))
+    model.kvant_mixed_plan = report.plan  # read by save_quantized; None: uniform widths
+    model.kvant_quantization_report = report  # its per-layer losses go into the checkpoint
+    if "transformers" in sys.modules:  # a transformers model: save_pretrained must load back
+        from kvant.formats.hf_integration import attach
+        attach(model)
     return report
+
+
+def _stored_bpw(model: nn.Module, plan) -> float:
+    # stored bits per weight of the layers the plan names, as packed
+    mods = dict(model.named_modules())
+    bits = sum(8 * mods[n].storage_bytes() for n in plan.layers)
+    return bits / sum(c.weights for c in plan.layers.values())
 
 
 def _quantize_block(block, bprefix, config, method, inputs, options):
@@ -242,23 +299,65 @@ def _quantize_block(block, bprefix, config, method, inputs, options):
     A block with nothing to quantize (every Linear ignored) still runs, so the next block is
     calibrated on this block's real outputs."""
     linears = find_linears(block, config.ignore, bprefix)
-    layers, extra = {}, {}
+    experts = moe.expert_layers(block, linears)  # name -> (role, expert index)
+    layers, extra, counts, few = {}, {}, {}, set()
     if linears and method.needs_calibration:
         groups = sequential_groups(block, linears, inputs[0])
         float_out = run_block(block, inputs) if options.propagate == "float" else None
-        extra = method.prepare_block(block, linears, groups, inputs,
-                                     BlockRunner(block, inputs, bprefix))
+        if experts:
+            counts, few = _routed(block, experts, linears, inputs, options)
+        ready = {n: lin for n, lin in linears.items() if n not in few}
+        extra = method.prepare_block(block, ready, [g for g in ([n for n in g if n not in few]
+                                                                for g in groups) if g],
+                                     inputs, BlockRunner(block, inputs, bprefix))
         linears = find_linears(block, config.ignore, bprefix)  # prepare may swap modules
     else:
         groups, float_out = [list(linears)], None
+    if experts:  # all experts' gate/up layers in one pass, then all down layers
+        groups = moe.merge_groups(groups, experts)
     if not config.true_sequential:
         groups = [[n for g in groups for n in g]]
     for names in groups if linears else []:
-        res = _calibrate_group(block, names, linears, method, inputs, bprefix)
+        res = _calibrate_group(block, names, linears, method, inputs, bprefix, few)
         layers.update({bprefix + n: r for n, r in res.items()})
+    for n in experts:
+        layers[bprefix + n].update(expert=experts[n][1], **(
+            {"routed_tokens": counts[n], "calibration": "none (too few routed tokens)"
+             if n in few else "routed tokens"} if counts else {}))
+    if experts:
+        extra = {**extra, "expert_layers": len(experts), "expert_layers_few_tokens": len(few)}
     if not method.needs_calibration:
         return layers, extra, None
     return layers, extra, float_out if float_out is not None else run_block(block, inputs)
+
+
+def _routed(block, experts, linears, inputs, options) -> tuple[dict, set]:
+    """(name -> tokens routed to each expert layer over the calibration inputs, the expert
+    layers below the minimum). The minimum is ``options.expert_min_tokens``, or by default
+    the layer's input width K: with fewer rows than K the Hessian XᵀX is singular and the
+    activation means behind AWQ's scales rest on fewer samples than channels, so such a layer
+    is quantized as if it had seen no data (kvant.model.moe; docs/MOE.md)."""
+    counts = moe.routed_tokens(BlockRunner(block, inputs), list(experts))
+    few = set()
+    for n, c in counts.items():
+        floor = options.expert_min_tokens
+        if floor is None:
+            floor = linear_weight(linears[n]).shape[1]
+        if c < floor:
+            few.add(n)
+    return counts, few
+
+
+def _moe_summary(stacks: dict, layers: dict, options) -> dict:
+    """The report's mixture-of-experts entry (empty for a dense model)."""
+    expert = {n: e for n, e in layers.items() if "expert" in e}
+    if not expert:
+        return {}
+    few = sorted(n for n, e in expert.items() if e.get("calibration", "").startswith("none"))
+    return {"stacks_unfused": stacks, "expert_layers": len(expert),
+            "expert_layers_few_tokens": len(few), "few_token_layers": few,
+            "min_tokens": options.expert_min_tokens if options.expert_min_tokens is not None
+            else "input width"}
 
 
 class _on_device_except_blocks:

@@ -21,7 +21,9 @@ from kvant.core import heap
 from kvant.formats import checkpoint as ckpt
 from kvant.formats import integrity
 from kvant.formats.stream import StreamWriter
+from kvant.formats.summary import layer_losses
 from kvant.model.discovery import find_blocks
+from kvant.nn.qlinear import QuantLinear
 
 
 def run_identity(model: nn.Module, config: MethodConfig, calib, options: EngineOptions) -> dict:
@@ -64,9 +66,13 @@ def quantize_streaming(model: nn.Module, config: MethodConfig, calib: torch.Tens
             {n: t for n, t in model.state_dict().items() if not n.startswith(f"{prefix}.")})
         qc = config.to_dict()
         qc.update({"ignored_modules": list(config.ignore), "format": ckpt.FORMAT,
-                   "format_version": ckpt.FORMAT_VERSION})
+                   "format_version": ckpt.FORMAT_VERSION,
+                   # quantized layers outside the blocks (lm_head with quantize_head)
+                   "modules": {n: {"kind": m.kind, **m.init_kwargs()}
+                               for n, m in model.named_modules()
+                               if isinstance(m, QuantLinear) and not n.startswith(f"{prefix}.")}})
         path = writer.finish(rest, aliases, "hf", hf.spec(model), qc,
-                             hf.tokenizer_files(tokenizer))
+                             hf.tokenizer_files(tokenizer), layer_losses(report.layers))
     finally:
         writer.close()
     return report, str(path)

@@ -21,6 +21,7 @@ skipped, up to ``max_calib_samples`` texts are concatenated and cut into windows
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -80,6 +81,10 @@ def awq_config_from_autoawq(quant_config: dict | None, duo_scaling: bool = True,
         raise CompatError(f"unknown quantize() arguments {bad}; kvant extensions accepted "
                           f"here: {list(_KVANT_KEYS)}")
     ignore = qc.get("modules_to_not_convert") or ()
+    # AutoAWQ scales a group only where a previous op absorbs the scale (e.g. it skips o_proj
+    # under grouped-query attention) and leaves the rest unscaled: the facade does the same,
+    # so every layer fits the AWQ GEMM layout save_quantized writes
+    kvant_kw.setdefault("scale_unfoldable", False)
     try:
         return AWQConfig(bits=qc.get("w_bit", 4), group_size=qc.get("q_group_size", 128),
                          sym=not qc.get("zero_point", True), ignore=tuple(ignore),
@@ -218,15 +223,19 @@ class AWQModel(nn.Module):
 
     def save_quantized(self, save_dir: str | os.PathLike, safetensors: bool = True,
                        shard_size: str = "5GB"):
-        """Write a kvant checkpoint (always safetensors; kvant shards at 2 GiB)."""
-        import kvant
+        """Write AutoAWQ's GEMM layout (``quant_method: "awq"``, ``version: "gemm"``: what
+        transformers through gptqmodel and vLLM load; kvant.formats.hf_export) with the
+        tokenizer given to quantize(). Layouts it cannot hold (bits other than 4, a scale kept
+        as ``input_scale`` with ``scale_unfoldable=True``) raise ExportError naming the layer:
+        use ``kvant.save_quantized(model.model, dir)`` for those."""
+        from kvant.formats.hf_export import export_hf
 
         if not self.is_quantized:
             raise CompatError("save_quantized() needs a quantized model: call quantize() first")
         if not safetensors:
-            log.warning("safetensors=False ignored: kvant checkpoints are always safetensors")
+            log.warning("safetensors=False ignored: the export is always safetensors")
         del shard_size
-        kvant.save_quantized(self.model, save_dir, tokenizer=self._tokenizer)
+        export_hf(self.model, save_dir, "awq", self._tokenizer)
 
     def pack(self):
         """AutoAWQ's packing after ``export_compatible``; kvant always packs."""
@@ -294,6 +303,15 @@ class AutoAWQForCausalLM:
         device = _device_of(device_map) or ("cuda" if torch.cuda.is_available() else "cpu")
         from kvant.formats.checkpoint import CheckpointError, read_config
 
+        cfg_file = Path(quant_path) / "config.json"
+        qc_disk = (json.loads(cfg_file.read_text()).get("quantization_config") or {}
+                   if cfg_file.is_file() else {})
+        if isinstance(qc_disk, dict) and qc_disk.get("quant_method") == "awq":
+            raise CompatError(f"{str(quant_path)!r} is an AWQ GEMM export (what save_quantized "
+                              "writes): kvant does not read it back; load it with transformers "
+                              "(needs gptqmodel and optimum) or vLLM, or keep a kvant "
+                              "checkpoint too (kvant.save_quantized(model.model, dir)) and "
+                              "pass that here")
         try:
             read_config(quant_path)
         except CheckpointError as e:

@@ -40,8 +40,9 @@ def window_nll(model, ids: torch.Tensor, seq_len: int, batch_size: int = 16,
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
     device = model_device(model)
     total, count = 0.0, 0
+    # None: tqdm shows the bar only when stderr is a terminal
     for start in tqdm(range(0, n_windows, batch_size), desc="perplexity",
-                      disable=not show_progress):
+                      disable=None if show_progress else True):
         batch = windows[start:start + batch_size].to(device)
         logits = forward(model, batch) if forward else model(batch)
         if isinstance(logits, tuple):
@@ -107,7 +108,8 @@ def eval_text(dataset="wikitext2", eval_file=None) -> str:
         except ImportError:
             raise CalibrationDataError(
                 "wikitext2 needs a local copy of wiki.test.raw (eval_file=..., CLI --eval-file) "
-                "or the `datasets` package to download it") from None
+                "or the `datasets` package to download it, which is not installed: "
+                "pip install 'kvant[hf]'") from None
         try:
             rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
         except Exception as e:  # network errors come in many types
@@ -147,7 +149,8 @@ def windows_nll(model, windows: torch.Tensor, batch_size: int = 1, device=None,
     check_materialized(model)  # a lazily loaded model before quantization: a clear error
     device = torch.device(device) if device is not None else model_device(model)
     out = torch.zeros(len(windows), dtype=torch.float64)
-    for start in tqdm(range(0, len(windows), batch_size), desc=desc, disable=not show_progress):
+    for start in tqdm(range(0, len(windows), batch_size), desc=desc,
+                      disable=None if show_progress else True):  # None: only on a terminal
         batch = windows[start:start + batch_size].to(device)
         logits = lm_logits(model, batch)[:, :-1].float()  # (B, T-1, V)
         # log_softmax + gather: cross_entropy on the (B, V, T-1) layout loses ~4e-5 of the

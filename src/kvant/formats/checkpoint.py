@@ -32,11 +32,13 @@ from kvant.nn.qlinear import QuantLinear
 FORMAT = "kvant"
 FORMAT_VERSION = 1
 MAX_SHARD_BYTES = 2 * 1024 ** 3
+INDEX_NAME = "model.safetensors.index.json"
 # fields a module entry shares with the top-level method config; they must agree
 _SHARED_FIELDS = ("bits", "group_size", "stat_bits", "stat_group_size")
 
 __all__ = ["CheckpointError", "save_checkpoint", "read_config", "read_tensors",
            "install_quant_shells", "check_quant_tensors", "load_state", "write_shards",
+           "write_index",
            "dedupe_tensors", "verify_checkpoint", "recover_leftovers"]
 
 
@@ -72,31 +74,53 @@ def write_shards(tensors: dict, folder: Path, max_bytes: int = MAX_SHARD_BYTES) 
             size = 0
         shards[-1][name] = t
         size += nbytes
+    from tqdm.auto import tqdm
+
     files = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        files[fname] = {"bytes": (folder / fname).stat().st_size, "tensors": sorted(shard)}
+    # a bar for checkpoints of several shards (over 2 GiB), on a terminal only (None)
+    bar = tqdm(total=sum(t.numel() * t.element_size() for t in tensors.values()),
+               desc="writing checkpoint", unit="B", unit_scale=True, leave=False,
+               disable=None if len(shards) > 1 else True)
+    with bar:
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / fname), metadata={"format": "pt"})
+            files[fname] = {"bytes": (folder / fname).stat().st_size, "tensors": sorted(shard)}
+            bar.update(sum(t.numel() * t.element_size() for t in shard.values()))
     return files
+
+
+def write_index(files: dict, folder: Path) -> None:
+    """``model.safetensors.index.json`` (tensor -> shard) for ``files`` as
+    :func:`write_shards` returns them: the map transformers reads to find tensors."""
+    index = {"metadata": {"total_size": sum(info["bytes"] for info in files.values())},
+             "weight_map": {t: f for f, info in sorted(files.items()) for t in info["tensors"]}}
+    (folder / INDEX_NAME).write_text(json.dumps(index, indent=1, sort_keys=True))
 
 
 def save_checkpoint(model: nn.Module, out_dir: str | os.PathLike, model_type: str,
                     model_config: dict, quantization_config: dict,
                     extra_files: dict[str, bytes] | None = None, *, overwrite: bool = False,
-                    sources=()) -> Path:
+                    sources=(), layer_losses: dict | None = None) -> Path:
     """Write ``model`` (with its QuantLinear modules) to ``out_dir`` safely: an existing kvant
     output is replaced only with ``overwrite``; ``sources`` (the input model's path) and
-    foreign directories are refused (:func:`kvant.formats.outdir.check_output`)."""
+    foreign directories are refused (:func:`kvant.formats.outdir.check_output`).
+    ``layer_losses`` (name -> loss, kvant.formats.summary.layer_losses) is kept in
+    config.json for ``kvant inspect``."""
     extra_files = extra_files or {}
     with outdir.replace_dir(out_dir, overwrite=overwrite, sources=sources,
                             kind="checkpoint") as tmp:
         tensors, aliases = dedupe_tensors(model.state_dict())
         files = write_shards(tensors, tmp)
+        if model_type == "hf":  # how transformers finds the shards (hf_integration)
+            write_index(files, tmp)
         qc = dict(quantization_config)
         qc.update({"format": FORMAT, "format_version": FORMAT_VERSION,
                    "modules": _module_entries(model)})
         meta = {"model_type": model_type, "model_config": model_config,
                 "quantization_config": qc, "files": files, "tied": aliases}
+        if layer_losses:
+            meta["layer_losses"] = dict(layer_losses)
         meta["integrity"] = integrity.seal(meta, tensors, extra_files)
         (tmp / "config.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         for fname, data in extra_files.items():
@@ -130,10 +154,18 @@ def _check_schema(meta, where: str) -> None:
     need(isinstance(meta.get("model_config"), dict), "'model_config' is missing")
     qc = meta.get("quantization_config")
     need(isinstance(qc.get("modules"), dict), "'quantization_config.modules' is missing")
+    plan = qc.get("mixed_plan")  # per-layer widths (kvant.calib.plan): checked against it
+    planned = plan.get("layers") if isinstance(plan, dict) else None
+    need(plan is None or isinstance(planned, dict), "'mixed_plan' has no 'layers'")
     for name, e in qc["modules"].items():
         need(isinstance(e, dict) and isinstance(e.get("kind"), str),
              f"module {name!r} has no 'kind'")
-        for field in _SHARED_FIELDS:
+        own = (planned or {}).get(name)
+        for field in ("bits", "group_size") if isinstance(own, dict) else ():
+            need(e.get(field) == own.get(field),
+                 f"module {name!r} has {field}={e.get(field)!r} but the checkpoint's "
+                 f"mixed_plan says {field}={own.get(field)!r}")
+        for field in _SHARED_FIELDS if own is None else ():
             need(field not in e or field not in qc or e[field] == qc[field],
                  f"module {name!r} has {field}={e.get(field)!r} but the checkpoint's "
                  f"quantization_config says {field}={qc.get(field)!r}")
@@ -230,7 +262,12 @@ def _build_shell(name: str, entry: dict) -> QuantLinear:
 
 def install_quant_shells(model: nn.Module, modules: dict) -> None:
     """Replace the listed Linears of a freshly built model by empty QuantLinear modules; an
-    entry that names no Linear of the model, or one of another size, is an error."""
+    entry that names no Linear of the model, or one of another size, is an error. Stacked
+    expert parameters the checkpoint stores one layer per expert are unfused first
+    (kvant.model.moe.unfuse_for_load)."""
+    from kvant.model.moe import unfuse_for_load
+
+    unfuse_for_load(model, modules)
     for name, entry in modules.items():
         try:
             old = model.get_submodule(name)

@@ -11,25 +11,33 @@ Non-quantized tensors are written in float16. docs/FORMAT.md draws both layouts.
 What kvant stores per layer (``QuantLinear``) maps onto them losslessly, with the same
 dequantized weight ``(q - z) * s``:
 
-- GPTQ (``checkpoint_format="gptq"``, the on-disk format of auto-gptq and gptqmodel):
-  ``qweight`` int32 (K·bits/32, N), column n the little-endian bit stream of row n's values
-  along K (kvant's ``qweight`` transposed); ``qzeros`` int32 (G, N·bits/32), the bit stream
-  of ``z - 1`` along N (the historic "v1" offset: loaders add 1, so z = 0 cannot be
-  stored); ``scales`` fp16 (G, N); ``g_idx`` int32 (K,), the group of every input column
-  (act-order keeps kvant's). 2, 3, 4 and 8 bits.
+- GPTQ: ``qweight`` int32 (K·bits/32, N), column n the little-endian bit stream of row n's
+  values along K (kvant's ``qweight`` transposed); ``qzeros`` int32 (G, N·bits/32), the bit
+  stream of the zero points along N; ``scales`` fp16 (G, N); ``g_idx`` int32 (K,), the group
+  of every input column (act-order keeps kvant's). 2, 3, 4 and 8 bits. A symmetric grid is
+  written in the historic "v1" layout (``checkpoint_format="gptq"``, the one vLLM and every
+  GPTQ loader take): ``qzeros`` holds ``z - 1`` and loaders add 1. An asymmetric grid is
+  written in gptqmodel's "v2" layout (``checkpoint_format="gptq_v2"``): ``qzeros`` holds z
+  itself, so z = 0 is stored as is (gptqmodel refuses asymmetric v1 files it did not
+  write, and vLLM refuses asymmetric GPTQ in either layout).
 - AWQ GEMM: 4 bits only, ``qweight`` int32 (K, N/8), word j of row k holding the values of
   columns 8j + o for o in (0, 2, 4, 6, 1, 3, 5, 7) at bits 0, 4, ..., 28; ``qzeros`` int32
   (G, N/8) packed the same way (z itself); ``scales`` fp16 (G, N). No act-order.
 - compressed-tensors ``pack-quantized`` (llm-compressor's format): ``weight_packed`` int32
   (N, ceil(K·bits/32)) is kvant's ``qweight`` itself (their codes are signed, q - 2**(bits-1),
   offset back to q for packing); ``weight_scale`` (N, G); ``weight_zero_point`` (asymmetric
-  grids only) int32 (ceil(N·bits/32), G), z packed along N; ``weight_shape`` (N, K). Groups
-  must be contiguous (act-order only with the trivial g_idx). Float Linears are listed in
-  ``ignore``.
+  grids only) int32 (ceil(N·bits/32), G), z packed along N, as their compressor writes it and
+  vLLM reads it; ``weight_shape`` (N, K). Groups must be contiguous (act-order only with the
+  trivial g_idx). Float Linears are listed in ``ignore``. An asymmetric export also sets
+  ``"dequantize": true``: compressed-tensors 0.20's own loader path (transformers builds the
+  compressed model, then loads the files into it) creates ``weight_zero_point`` unpacked,
+  (N, G), and refuses every packed asymmetric file with a size mismatch, whoever wrote it;
+  with ``dequantize`` transformers decompresses each layer from the file as it loads (the
+  same dense weights). Whether vLLM accepts the extra key is not checked here.
 
-Layers the formats cannot express are refused with the reason (QuIP's rotations, SpQR's
-outliers, an AWQ input scale that nothing absorbed, mixed bit widths or group sizes, a block
-Linear left in float, shapes the packing does not divide).
+Layers the formats cannot express are refused with the reason (QuIP's rotations, see
+:data:`QUIP_REFUSAL`; SpQR's outliers; an AWQ input scale that nothing absorbed; mixed bit
+widths or group sizes; a block Linear left in float; shapes the packing does not divide).
 """
 
 from __future__ import annotations
@@ -49,6 +57,15 @@ from kvant.nn.qlinear import QuantLinear
 
 FORMATS = ("gptq", "awq", "compressed-tensors")
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # column (within 8) held by nibble 0, 1, ..., 7
+# why a QuIP layer (y = Uᵀ Q(W̃) V x, kvant.nn.quip_linear) is refused by every layout here
+QUIP_REFUSAL = (
+    "QuIP layers compute Uᵀ·Q(W̃)·V·x with kvant's randomized Hadamard transforms (stored sign "
+    "vectors, Kronecker factors and output order, kvant.core.hadamard). GPTQ and AWQ have no "
+    "place for transforms. compressed-tensors' transform_config names a transform type whose "
+    "matrix its own code rebuilds (its deterministic Hadamard construction, or one drawn from "
+    "its own seeded generator), not kvant's sign vectors and factors, and transformers 5.24 "
+    "does not apply a transform_config at all, so such a file would run the rotated weights "
+    "unrotated (silently wrong). Use kvant.save_quantized for QuIP models")
 
 
 class ExportError(KvantError):
@@ -75,6 +92,8 @@ def _with_bias(m: QuantLinear, tensors: dict) -> dict:
 
 
 def _check_layer(name: str, m: nn.Module, fmt: str) -> None:
+    if getattr(m, "kind", None) == "quip":
+        raise ExportError(f"{name}: {QUIP_REFUSAL}")
     if type(m) is not QuantLinear:
         raise ExportError(f"{name}: {type(m).__name__} layers ({getattr(m, 'kind', '?')}) "
                           f"carry data the {fmt.upper()} layout has no place for")
@@ -102,8 +121,9 @@ def _check_layer(name: str, m: nn.Module, fmt: str) -> None:
                               f"({m.in_features}x{m.out_features})")
 
 
-def gptq_tensors(m: QuantLinear) -> dict[str, torch.Tensor]:
-    """The GPTQ (v1) tensors of one layer: qweight, qzeros, scales, g_idx (and bias)."""
+def gptq_tensors(m: QuantLinear, v2: bool = False) -> dict[str, torch.Tensor]:
+    """The GPTQ tensors of one layer: qweight, qzeros, scales, g_idx (and bias). ``v2``:
+    gptqmodel's layout, ``qzeros`` holding z; else the v1 layout, ``qzeros`` holding z - 1."""
     q, (z, s) = _codes(m), _zeros_scales(m)
     k, gs = m.in_features, m.group_size
     if m.g_idx is not None:
@@ -112,10 +132,11 @@ def gptq_tensors(m: QuantLinear) -> dict[str, torch.Tensor]:
         g_idx = torch.arange(k, dtype=torch.int32) // gs
     else:
         g_idx = torch.zeros(k, dtype=torch.int32)
-    if int(z.min()) < 1:
+    if not v2 and int(z.min()) < 1:
         q, z = _lift_zero_points(q, z, g_idx.long(), m.bits)
+    stored = z if v2 else z - 1
     out = {"qweight": pack(q, m.bits).t().contiguous(),        # (K·bits/32, N)
-           "qzeros": pack((z - 1).t().contiguous(), m.bits),   # (G, N·bits/32)
+           "qzeros": pack(stored.t().contiguous(), m.bits),    # (G, N·bits/32)
            "scales": s.t().contiguous(),                        # (G, N)
            "g_idx": g_idx}
     return _with_bias(m, out)
@@ -217,6 +238,13 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str, tokenizer=
     if fused:
         raise ExportError(f"fused sibling layers ({fused[0]}, ...) are an inference-time "
                           "transform; export the model before kvant.nn.fuse.fuse_siblings")
+    from kvant.nn.experts import ExpertStack
+
+    stacks = [name for name, m in model.named_modules() if isinstance(m, ExpertStack)]
+    if stacks:
+        raise ExportError(f"stacked mixture-of-experts layers ({stacks[0]}, ...) have no place "
+                          f"in the {fmt} layout kvant writes yet; save with "
+                          "kvant.save_quantized (kvant format)")
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not layers:
         raise ExportError("the model has no quantized layers")
@@ -233,7 +261,8 @@ def export_hf(model: nn.Module, out_dir: str | os.PathLike, fmt: str, tokenizer=
     bits, group_size = kinds.pop()
     symmetric = _symmetric(layers.values(), bits)
     if fmt == "gptq":
-        convert = gptq_tensors
+        def convert(m):
+            return gptq_tensors(m, v2=not symmetric)
     elif fmt == "awq":
         convert = awq_tensors
     else:
@@ -279,13 +308,17 @@ def _quantization_config(fmt: str, model: nn.Module, layers: dict, bits: int,
         return {"quant_method": "gptq", "bits": bits,
                 "group_size": group_size if group_size > 0 else -1,
                 "desc_act": any(m.g_idx is not None for m in layers.values()),
-                "sym": symmetric, "checkpoint_format": "gptq", "static_groups": False,
-                "true_sequential": True, "damp_percent": 0.01, "quantizer": "kvant"}
+                "sym": symmetric, "checkpoint_format": "gptq" if symmetric else "gptq_v2",
+                "static_groups": False, "true_sequential": True, "damp_percent": 0.01,
+                "quantizer": "kvant"}
     if fmt == "awq":
         return {"quant_method": "awq", "bits": bits, "group_size": group_size,
                 "zero_point": True, "version": "gemm", "modules_to_not_convert": None}
     float_linears = [n for n, mod in model.named_modules() if type(mod) is nn.Linear]
-    return _ct_config(bits, group_size, symmetric, float_linears)
+    qc = _ct_config(bits, group_size, symmetric, float_linears)
+    if not symmetric:  # see the module docstring: the only path that reads packed zero points
+        qc["dequantize"] = True
+    return qc
 
 
 def _symmetric(layers, bits: int) -> bool:

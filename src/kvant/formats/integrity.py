@@ -141,6 +141,11 @@ def check_layer(name: str, m) -> None:
     """Check the values of one quantized layer (``QuantLinear`` or a subclass) whose tensors
     are loaded. Buffers are found by their names, the checkpoint contract."""
     buf = dict(m.named_buffers(recurse=False))
+    if hasattr(m, "stored_problem"):  # layers with their own layout (GGUFLinear)
+        problem = m.stored_problem()
+        if problem:
+            _fail(name, "blocks", problem)
+        return
     k, n, bits = m.in_features, m.out_features, m.bits
     if not _padding_clear(buf["qweight"], k, bits):
         _fail(name, "qweight", f"has bits set beyond its {k} {bits}-bit codes")

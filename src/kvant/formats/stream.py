@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from kvant.errors import OutputError
 from kvant.formats import integrity, outdir
+from kvant.formats.checkpoint import write_index
 
 PROGRESS_VERSION = 1
 
@@ -195,9 +196,12 @@ class StreamWriter:
     # ---- end ------------------------------------------------------------------------
     def finish(self, rest: dict[str, torch.Tensor], aliases: dict, model_type: str,
                model_config: dict, quantization_config: dict,
-               extra_files: dict[str, bytes] | None = None) -> Path:
+               extra_files: dict[str, bytes] | None = None,
+               layer_losses: dict | None = None) -> Path:
         """Write the last shard, the extra files and config.json (with the checksums of
-        every tensor and extra file), then move the checkpoint into place."""
+        every tensor and extra file), then move the checkpoint into place.
+        ``quantization_config["modules"]``, if given, adds entries for quantized layers
+        outside the blocks (lm_head); ``layer_losses`` is kept as save_checkpoint keeps it."""
         self._wait()
         if self.record["done"] != self.n_blocks - 1:
             raise StreamError(f"only {self.record['done'] + 1} of {self.n_blocks} blocks are "
@@ -208,13 +212,17 @@ class StreamWriter:
         rest = {n: t.detach().contiguous().cpu() for n, t in rest.items()}
         files[name] = {"bytes": _save_tensors(rest, self.work / name), "tensors": sorted(rest)}
         qc = dict(quantization_config)
-        qc["modules"] = dict(sorted(self.record["modules"].items()))
+        qc["modules"] = dict(sorted({**self.record["modules"],
+                                     **qc.get("modules", {})}.items()))
         meta = {"model_type": model_type, "model_config": model_config,
                 "quantization_config": qc, "files": dict(sorted(files.items())),
                 "tied": aliases}
+        if layer_losses:
+            meta["layer_losses"] = dict(layer_losses)
         meta["integrity"] = integrity.seal(meta, rest, extra_files, self.record["digests"])
         for fname, data in extra_files.items():
             (self.work / fname).write_bytes(data)
+        write_index(meta["files"], self.work)  # how transformers finds the shards
         _fsync_write(self.work / "config.json",
                      json.dumps(meta, indent=1, sort_keys=True).encode())
         for leftover in ("inputs.safetensors", "progress.json"):

@@ -60,10 +60,15 @@ def find_linears(block: nn.Module, ignore: tuple[str, ...] = (), prefix: str = "
     """name (relative to ``block``) -> linear layer, in registration order.
 
     ``ignore`` matches the full dotted name (``prefix + name``) exactly or by suffix.
+    The routers and scalar gates of mixture-of-experts layers are never returned: they stay
+    float (:func:`kvant.model.moe.router_names` says how they are recognised).
     """
+    from kvant.model.moe import router_names
+
+    routers = router_names(block)
     out = {}
     for name, mod in block.named_modules():
-        if not name or not is_linear(mod):
+        if not name or not is_linear(mod) or name in routers:
             continue
         full = f"{prefix}{name}"
         if any(matches_ignore(full, ig) for ig in ignore):

@@ -64,7 +64,7 @@ def check_not_foreign_quantized(meta: dict, path: str | os.PathLike) -> None:
     packed integers as float weights."""
     qc = meta.get("quantization_config") or {}
     qm = qc.get("quant_method") if isinstance(qc, dict) else None
-    if qm is None:
+    if qm is None or qm == "kvant":  # kvant's save_pretrained layout: kvant.formats.hf_integration
         return
     raise CheckpointError(
         f"{str(path)!r} is a {qm} checkpoint (config.json quantization_config.quant_method="

@@ -40,7 +40,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     check_device(args.device)
     check_positive_flags(args, "max_new_tokens", "batch", "prompt_len", "ctx")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tok = kvant.load_model(args.model, device=device, verify=not args.no_verify)
+    # serving: each packed weight once on the GPU (the kernels' layout), the stored copy on
+    # the host (KernelOptions.stored_on_host)
+    model, tok = kvant.load_model(args.model, device=device, verify=not args.no_verify,
+                                  kernel_options=kvant.KernelOptions(stored_on_host=True))
     if args.prompt is not None:
         if tok is None:
             raise InputError(f"{args.model} has no tokenizer: use --prompt-len N for a random "

@@ -15,21 +15,22 @@ graphs.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 import triton
 
+from kvant.kernels.triton import prefill
 from kvant.kernels.triton import repack as rp
 from kvant.kernels.triton.gemm import dequant_kernel, wq_dot_kernel
 from kvant.kernels.triton.gemv import wq_gemv_kernel
-from kvant.kernels.triton.pairs import dequant_pairs_kernel, wq_dot_pairs_kernel
+from kvant.kernels.triton.pairs import wq_dot_pairs_kernel
 
 log = logging.getLogger(__name__)
 
 GEMV_MAX_M = 4  # rows of x the CUDA-core kernel takes (2/3/8 bits; 4 bits use tl.dot)
-DOT_MAX_M = 64  # above: dequantize + cuBLAS (the H200 tuning run chose it at 128 everywhere)
+DOT_MAX_M = 64  # 2/3/8 bits above: dequantize + cuBLAS (H200 tuning: dequant at 128)
 _COUNTER_SLOTS = 1 << 16  # split-K tile counters per device
 _SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles a program may keep in shared memory
 MAGIC = 0x4B000000  # float bits of 2**23, passed at run time (see planes.py)
@@ -37,12 +38,14 @@ MAGIC = 0x4B000000  # float bits of 2**23, passed at run time (see planes.py)
 
 @dataclass(frozen=True)
 class Config:
-    """One launch: ``kernel`` in {"gemv", "dot", "dequant"}; BN output channels and BM rows
-    of x per program; ``split`` programs along K; Triton's warps and pipeline stages;
+    """One launch: ``kernel`` in {"gemv", "dot", "mma", "dequant"} ("mma": the large-batch
+    GEMM of prefill.py, 4-bit pairs layout); BN output channels and BM rows of x per
+    program; ``split`` programs along K; Triton's warps and pipeline stages;
     ``cpi`` chunks loaded per loop iteration (gemv; the 4-bit pairs kernel takes one);
     ``prefetch``: the 4-bit kernel loads the next chunk's group scales and zero points ahead
     (H200: +4-20 % at BM 16, most on large shapes; slower at BM 64, where registers are
-    short); the gemv kernel has no prefetch (tried: kernel_prefetch_w2/w3.md)."""
+    short); the gemv kernel has no prefetch (tried: kernel_prefetch_w2/w3.md); ``kd``:
+    columns a ``tl.dot`` in the mma kernel (32: one per plane, 128: a chunk's planes joined)."""
 
     kernel: str
     bn: int = 64
@@ -52,6 +55,7 @@ class Config:
     stages: int = 2
     cpi: int = 2
     prefetch: bool = True
+    kd: int = 128
 
 
 def _sms(device: torch.device) -> int:
@@ -88,12 +92,56 @@ def _split_for(tiles: int, n_chunks: int, sms: int, min_chunks: int = 2) -> int:
     return split
 
 
+# The 4-bit (pairs layout) path by batch: the first row whose bound is >= M applies;
+# (largest M, kernel, BN, BM, warps, stages, KD), "dot" rows leave M to the decode heuristic
+# below. PROVISIONAL, not yet measured: the bounds come from arithmetic (dequantize + cuBLAS
+# costs ~45 us of extra traffic at 8192x8192, under 5 % of the fp16 GEMM only from M ~ 4096;
+# the decode kernel measured 0.72-1.44x fp16 at M 64, kernels.md 2026-11-27) and the tile
+# from the register budget (a 128x128 fp32 accumulator is 64 registers a thread at 8 warps).
+# benchmarks/prefill.py times every candidate at each batch and prints the measured table in
+# this format (prefill.md, "Dispatch table"); replace these rows with it.
+PAIRS_BY_BATCH: tuple[tuple[Optional[int], str, int, int, int, int, int], ...] = (
+    (64, "dot", 0, 0, 0, 0, 0),
+    (4096, "mma", 128, 128, 8, 3, 128),
+    (None, "dequant", 64, 0, 4, 0, 0),
+)
+# tiles of the mma kernel the tuner and the benchmark time: (BN, BM, warps, stages, KD); all
+# compile for sm_90 without spills (ptxas via scripts/kernel_ir.py, fp16, g128) except the
+# 256-wide ones at KD 128 (16-32 bytes), which are therefore timed at KD 32 only
+MMA_TILES = ((128, 64, 4, 4, 128), (128, 128, 8, 3, 128), (128, 128, 8, 4, 128),
+             (128, 128, 8, 3, 32), (256, 128, 8, 3, 32), (128, 256, 8, 3, 32))
+
+
+def pairs_row(m: int) -> tuple:
+    """The :data:`PAIRS_BY_BATCH` row for batch ``m``."""
+    return next(r for r in PAIRS_BY_BATCH if r[0] is None or m <= r[0])
+
+
+def mma_config(m: int, n: int, n_chunks: int, sms: int, bn: int, bm: int, warps: int,
+               stages: int, kd: int = 128) -> Config:
+    """An mma launch with BM no larger than the batch needs and K splits (at most 8, each at
+    least 8 chunks) while the tiles alone leave half the SMs idle."""
+    bm = min(bm, max(16, _pow2(m)))
+    tiles = -(-n // bn) * -(-m // bm)
+    split = 1
+    while tiles * split * 2 <= sms and n_chunks // (split * 2) >= 8 and split < 8:
+        split *= 2
+    return Config("mma", bn=bn, bm=bm, split=split, warps=warps, stages=stages, cpi=1,
+                  prefetch=True, kd=kd)
+
+
 def heuristic(m: int, n: int, k: int, bits: int, device: torch.device,
               pairs: bool = False) -> Config:
     """The default configuration for x (m, k) times an (n, k) weight of ``bits`` bits."""
     n_chunks = -(-k // rp.chunk_k(bits, pairs))
     sms = _sms(device)
-    if m > DOT_MAX_M:
+    if pairs:
+        _, kernel, bn, bm, warps, stages, kd = pairs_row(m)
+        if kernel == "mma":
+            return mma_config(m, n, n_chunks, sms, bn, bm, warps, stages, kd)
+        if kernel == "dequant":
+            return Config("dequant", bn=bn, bm=0, warps=warps)
+    elif m > DOT_MAX_M:
         return Config("dequant", bn=32, bm=0)
     if m <= GEMV_MAX_M and not pairs:
         bn = 32
@@ -120,7 +168,7 @@ _COUNTERS: dict[int, torch.Tensor] = {}
 
 
 def _bucket(m: int) -> int:
-    return _pow2(m) if m <= DOT_MAX_M else DOT_MAX_M * 2
+    return min(_pow2(m), 1 << 14)
 
 
 def _tune_key(m: int, p: rp.PackedWeight, dtype: torch.dtype) -> tuple:
@@ -145,10 +193,15 @@ def launch(x2: torch.Tensor, p: rp.PackedWeight, cfg: Config,
         out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0:
         return out
-    if cfg.kernel == "dequant":
-        w = dequantize(p, x2.dtype)[:, :k]
+    if cfg.kernel == "dequant":  # into the device's reusable buffer, then cuBLAS
+        buf = prefill.weight_buffer(x2.device, x2.dtype, n, p.k_padded)
+        w = dequantize(p, x2.dtype, bn=cfg.bn, out=buf)[:, :k]
         xp = x2 if p.perm is None else x2.index_select(1, p.perm.long())
         return torch.matmul(xp, w.t(), out=out)
+    if cfg.kernel == "mma":
+        return prefill.launch_mma(x2, p, cfg.bn, cfg.bm, cfg.split, cfg.warps,
+                                  _stages(cfg, p.bits, p.pairs, cfg.bm), out,
+                                  _counters(x2.device), kd=cfg.kd)
     if p.pairs and cfg.kernel == "gemv":  # the pairs layout has only the tensor-core kernel
         cfg = Config("dot", bn=cfg.bn, bm=16, split=cfg.split, warps=4, stages=3, cpi=1)
     ck = rp.chunk_k(p.bits, p.pairs)
@@ -186,17 +239,18 @@ def launch(x2: torch.Tensor, p: rp.PackedWeight, cfg: Config,
     return out
 
 
-def dequantize(p: rp.PackedWeight, dtype: torch.dtype, bn: int = 32) -> torch.Tensor:
-    """(N, Kp) weight in ``dtype`` (rounded through fp16 like the reference), columns in the
-    repacked (act-order sorted) order; the padding columns past K are garbage."""
+def dequantize(p: rp.PackedWeight, dtype: torch.dtype, bn: int = 32,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N, Kp) weight in ``dtype`` (rounded through fp16 like the reference; 4-bit pairs in
+    bf16: one bf16 rounding of ``(q - z) * bf16(s)``, prefill.py), columns in the repacked
+    (act-order sorted) order, written into ``out`` when given; the padding columns past K are
+    garbage."""
     n, kp = p.out_features, p.k_padded
-    out = torch.empty((n, kp), dtype=dtype, device=p.qweight.device)
+    if out is None:
+        out = torch.empty((n, kp), dtype=dtype, device=p.qweight.device)
     n_chunks = kp // rp.chunk_k(p.bits, p.pairs)
-    if p.pairs:
-        dequant_pairs_kernel[(-(-n // bn), n_chunks)](
-            p.qweight, p.scales, p.zeros, out, n, p.in_features, p.qweight.shape[1], n_chunks,
-            out.stride(0), GS=p.group_size, BN=bn, TH=p.tile, num_warps=4)
-        return out
+    if p.pairs:  # packed 16-bit arithmetic, no float conversions (prefill.py)
+        return prefill.dequantize_pairs(p, dtype, out=out, bn=max(bn, 16))
     dequant_kernel[(-(-n // bn), n_chunks)](
         p.qweight, p.scales, p.zeros, out, n, p.in_features, p.qweight.shape[1], n_chunks,
         out.stride(0), MAGIC,
@@ -208,8 +262,16 @@ def candidates(m: int, p: rp.PackedWeight, device: torch.device) -> list[Config]
     """The configurations :func:`tune` times for batch ``m``."""
     base = heuristic(m, p.out_features, p.in_features, p.bits, device, p.pairs)
     out = {base}
+    if p.pairs and m >= 32:  # the large-batch GEMM, with and without K splits
+        n_chunks = p.k_padded // rp.chunk_k(p.bits, p.pairs)
+        for bn, bm, warps, stages, kd in MMA_TILES:
+            if bm <= max(64, _pow2(m)):
+                auto = mma_config(m, p.out_features, n_chunks, _sms(device), bn, bm, warps,
+                                  stages, kd)
+                out.update({auto, replace(auto, split=1)})
+        out.add(Config("dequant", bn=64, bm=0))
     if m > DOT_MAX_M:
-        return [base]
+        return sorted(out, key=repr)
     splits = (1, 2, 4, 8)
     if m <= GEMV_MAX_M and not p.pairs:
         for bn in (16, 32, 64):

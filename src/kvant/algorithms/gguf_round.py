@@ -1,0 +1,124 @@
+"""Rounding on llama.cpp's grids (``grid="gguf:TYPE"``): RTN, and GPTQ's column walk.
+
+A layer of input width K gets the config's type, or llama.cpp's fallback type where K is not
+a multiple of the type's block (:func:`kvant.core.gguf_grid.type_for_width`). The result is
+the layer's GGUF blocks themselves (``extras["gguf_blocks"]``, uint8 (N, K/block*nbytes)),
+stored by :class:`kvant.nn.gguf_linear.GGUFLinear` and written unchanged by the GGUF export.
+
+GPTQ on a GGUF grid walks the columns in order (act-order would scatter a block's columns,
+so it is refused by the config) with :class:`~kvant.algorithms.gptq_walk.WalkHooks`: entering
+a block of columns, the block's fields (fp16 scales, sub-scales, mins) are fitted on the
+current, error-corrected columns, weighted by the Hessian diagonal; each column is then
+rounded to the nearest level of its sub-block and its error spread as in plain GPTQ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvant.config import MethodConfig, QuantArgs
+from kvant.core import gguf_grid as gg
+from kvant.core.gguf_layout import encode
+from kvant.core.result import LayerResult
+from kvant.nn import gguf_linear  # noqa: F401  (registers the "gguf" layer kind)
+
+
+def layer_type(config: MethodConfig, k: int, layer: str = "") -> gg.GGUFType:
+    """The GGUF type a layer of input width ``k`` is rounded on under ``config.grid``."""
+    return gg.type_for_grid(config.grid, k, layer)
+
+
+def _result(t: gg.GGUFType, codes: torch.Tensor, fields: dict, weight: torch.Tensor,
+            loss: float | None = None, info: dict | None = None, layer: str = ""
+            ) -> LayerResult:
+    """LayerResult of kind "gguf" from codes (N, K) and fields (leading dims (N, K/block))."""
+    n, k = codes.shape
+    nb = k // t.block
+    flat = {key: v.reshape(n * nb, *v.shape[2:]) for key, v in fields.items()}
+    blocks = encode(t, codes.reshape(n * nb, t.block), flat).view(n, nb * t.nbytes)
+    a, b = gg.affine(t, flat)  # (N*nb, n_sub): the scale/offset of every sub-block
+    deq = gg.dequantize_blocks(t, codes.reshape(n * nb, t.block), flat).view(n, k)
+    if not bool(torch.isfinite(deq).all()):  # fp16 scales overflow past 65504
+        raise ValueError(f"GGUF {t.name} cannot hold the weights of layer {layer!r}: its "
+                         "fp16 scales overflow (weights too large)")
+    if loss is None:
+        loss = float((weight.float().to(deq.device) - deq).square().sum())
+    zeros = torch.zeros_like(a) if b is None else b
+    return LayerResult(codes.to(torch.int32), a.reshape(n, -1), zeros.reshape(n, -1),
+                       t.bits, t.sub, loss=loss, info=dict(info or {}, gguf_type=t.name),
+                       extras={"gguf_blocks": blocks.cpu(), "gguf_type": t.name},
+                       layer_kind="gguf")
+
+
+def gguf_rtn(weight: torch.Tensor, config: MethodConfig, layer: str = "",
+             imp: torch.Tensor | None = None) -> LayerResult:
+    """Round-to-nearest of ``weight`` (N, K) on the config's GGUF grid; ``imp`` (K,) weights
+    each input column's error when fitting the scales (None: equal)."""
+    t = layer_type(config, weight.shape[1], layer)
+    codes, fields, _ = gg.rtn_fit(weight, t, imp)
+    return _result(t, codes, fields, weight, layer=layer)
+
+
+class _GGUFWalk:
+    """The walk hooks of GPTQ on a GGUF grid; records codes and fields as it goes."""
+
+    def __init__(self, t: gg.GGUFType, n: int, k: int, imp: torch.Tensor, device):
+        self.t, self.imp = t, imp
+        self.codes = torch.zeros(n, k, dtype=torch.long, device=device)
+        self.fields: list[dict] = []
+        self.a = self.b = None
+        self.col = 0
+        self.levels = t.levels(device)
+
+    def group_params(self, vals: torch.Tensor):
+        """vals (N, block): the current columns of the next block -> its fields."""
+        g = len(self.fields)
+        imp = self.imp[g * self.t.block:(g + 1) * self.t.block]
+        codes, f = gg.fit_blocks(self.t, vals, imp)
+        self.fields.append(f)
+        self.a, self.b = gg.affine(self.t, f)
+        ones = torch.ones(vals.shape[0], 1, device=vals.device)
+        return ones, torch.zeros_like(ones)  # unused: quantize_column does the rounding
+
+    def quantize_column(self, w: torch.Tensor, s, z, d: float) -> torch.Tensor:
+        """w (N,): one column, rounded on its sub-block's grid -> dequantized (N,)."""
+        j = (self.col % self.t.block) // self.t.sub
+        a = self.a[:, j:j + 1]
+        b = None if self.b is None else self.b[:, j:j + 1]
+        y = w if b is None else w - b[:, 0]
+        y = torch.where(a[:, 0] == 0, torch.zeros_like(y), y / torch.where(
+            a[:, 0] == 0, torch.ones_like(y), a[:, 0]))
+        c = gg.codes_of(self.t, y)
+        self.codes[:, self.col] = c
+        self.col += 1
+        y = a[:, 0] * self.levels[c]
+        return y if b is None else y + b[:, 0]
+
+
+def gguf_gptq(W: torch.Tensor, H: torch.Tensor, config: MethodConfig, layer: str = "",
+              block_size: int = 128, damp_percent: float = 0.01) -> LayerResult:
+    """GPTQ of ``W`` (N, K) with Hessian ``H`` (K, K) on the config's GGUF grid."""
+    from kvant.algorithms.gptq import gptq_quantize
+    from kvant.algorithms.gptq_walk import WalkHooks
+
+    n, k = W.shape
+    t = layer_type(config, k, layer)
+    imp = H.diagonal().float().clone().clamp(min=0)
+    state = _GGUFWalk(t, n, k, imp.to(H.device), H.device)
+    hooks = WalkHooks(group_params=state.group_params, quantize_column=state.quantize_column)
+    # bits/sym of the args are unused by the hooks; group_size makes the walk fit each block
+    args = QuantArgs(bits=8, group_size=t.block, sym=False)
+    res = gptq_quantize(W, H, args, block_size=block_size, damp_percent=damp_percent,
+                        layer=layer, hooks=hooks, cuda_graph=False)
+    fields = {key: torch.stack([f[key] for f in state.fields], 1) for key in state.fields[0]}
+    info = {key: v for key, v in res.info.items() if key != "dequantized"}
+    return _result(t, state.codes, fields, W, loss=res.loss, info=info, layer=layer)
+
+
+def round_layer(weight: torch.Tensor, H: torch.Tensor | None, config, layer: str = "",
+                ) -> LayerResult:
+    """GPTQ (when ``H`` is given) or RTN of one Linear on ``config.grid`` (a GGUF grid)."""
+    if H is None:
+        return gguf_rtn(weight, config, layer)
+    return gguf_gptq(weight, H, config, layer, block_size=config.block_size,
+                     damp_percent=config.damp_percent)
