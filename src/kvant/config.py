@@ -70,6 +70,7 @@ class QuantArgs:
 _NO_GGUF = {
     "quip": "QuIP rounds W in a rotated basis (U W V^T) that a GGUF file cannot undo",
     "spqr": "SpQR keeps fp16 outliers and quantized statistics that no GGUF type holds",
+    "quipsharp": "QuIP# stores lattice codes in a rotated basis, which no GGUF type holds",
 }
 
 
@@ -353,6 +354,59 @@ class QuIPConfig(WalkConfig):
 
 
 @dataclass(frozen=True)
+class QuIPSharpConfig(WalkConfig):
+    """QuIP# (Tseng et al., 2024) without fine-tuning: QuIP's randomized Hadamard rotation,
+    then the E8P lattice codebook (kvant.core.e8p) on groups of 8 rotated weights of a row,
+    rounded with block LDLQ; ``y = Uᵀ Q(W̃) V x`` (kvant.algorithms.quipsharp).
+
+    bits: 2 (one E8P code per 8 weights), 3 (plus a 1-bit E8P residual stage) or 4 (plus a
+        second E8P stage): residual vector quantization, each stage with its own scale.
+    group_size: must stay -1: the scale is per output row or per layer (``scale``).
+    scale: "row" (one float16 scale per rotated output row and stage) or "layer" (one per
+        stage, as QuIP#).
+    seed: derives the per-layer sign vectors (with the layer name), as QuIP's.
+    rounding: "ldlq" (block LDLQ: GPTQ's walk over blocks of 8 columns, each block rounded
+        jointly and its error fed back through the inverse Hessian) or "rtn" (nearest code,
+        no feedback; needs no calibration).
+    scale_search: with "ldlq", search a common factor on the scales fitted to nearest
+        rounding by the walk's proxy loss (a few walks per layer); False keeps them.
+    damp_percent, block_size (lazy-batch columns, a multiple of 8), true_sequential:
+        :class:`WalkConfig`; act_order is not supported.
+    """
+
+    method: ClassVar[str] = "quipsharp"
+
+    bits: int = 2
+    group_size: int = -1
+    scale: str = "row"
+    seed: int = 0
+    rounding: str = "ldlq"
+    scale_search: bool = True
+
+    def validate(self) -> None:
+        if self.bits not in (2, 3, 4):
+            raise ConfigError(f"quipsharp stores 2, 3 or 4 bits per weight, got {self.bits!r}")
+        if self.group_size != -1:
+            raise ConfigError(f"quipsharp scales whole rows or the whole layer (scale=...); "
+                              f"group_size must be -1, got {self.group_size!r}")
+        if self.scale not in ("row", "layer"):
+            raise ConfigError(f"scale must be 'row' or 'layer', got {self.scale!r}")
+        if self.rounding not in ("ldlq", "rtn"):
+            raise ConfigError(f"rounding must be 'ldlq' or 'rtn', got {self.rounding!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
+        if not isinstance(self.scale_search, bool):
+            raise ConfigError(f"scale_search must be a bool, got {self.scale_search!r}")
+        if self.block_size % 8:
+            raise ConfigError(f"block_size must be a multiple of 8 (the codebook's dimension), "
+                              f"got {self.block_size!r}")
+        for name in ("act_order", "sym", "clip"):
+            if getattr(self, name):
+                raise ConfigError(f"{name}=True does not apply to quipsharp (a lattice "
+                                  "codebook, walked in column order)")
+
+
+@dataclass(frozen=True)
 class AWQConfig(WalkConfig):
     """AWQ (Lin et al., 2024): activation-aware per-input-channel scaling, then rounding.
 
@@ -425,6 +479,8 @@ class EngineOptions:
     batch_size: calibration samples per forward call.
     expert_min_tokens: a mixture-of-experts layer routed fewer calibration tokens than this
         is quantized without data (kvant.model.moe, docs/MOE.md); None = its input width.
+    finetune: a :class:`kvant.TuneConfig`: after each block is packed, tune its scales, norms
+        and biases to the float block's outputs (kvant.tune.blockwise); None = no tuning.
     """
 
     device: str | None = None
@@ -432,9 +488,16 @@ class EngineOptions:
     batch_size: int = 8
     show_progress: bool = True
     expert_min_tokens: int | None = None
+    finetune: Any = None  # kvant.tune.TuneConfig | None
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        if self.finetune is not None:
+            from kvant.tune.config import TuneConfig
+
+            if not isinstance(self.finetune, TuneConfig):
+                raise ConfigError("finetune must be a kvant.TuneConfig or None, got "
+                                  f"{type(self.finetune).__name__}")
         if self.propagate not in ("quantized", "float"):
             raise ConfigError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
         if not isinstance(self.batch_size, int) or self.batch_size <= 0:

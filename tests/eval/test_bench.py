@@ -1,4 +1,4 @@
-"""``kvant bench`` (kvant.bench, kvant.bench_output, kvant.bench_cli): the grid, the
+"""``kvant bench`` (kvant.bench, kvant.bench_run, kvant.bench_output, kvant.bench_cli): the grid, the
 records against independent measurements, the table, the plot, resuming and refusing."""
 
 import json
@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 
 import kvant
 import kvant.bench as kb
+import kvant.bench_run as kr
 from kvant import cli
 from kvant.bench_output import bench
 from kvant.errors import InputError, OutputError
@@ -87,7 +88,7 @@ def test_records_match_independent_measurements(first_run, model_dir):
     assert {r["group_size"] for r in errors} == {48}
     assert all("48" in r["error"] for r in errors)  # the engine's group-size check, as text
     base, tok = kvant.load_model(str(model_dir))
-    inputs = kb.prepare(str(model_dir), settings)
+    inputs = kr.prepare(str(model_dir), settings)
     nll = windows_nll(base, inputs.windows, show_progress=False)
     float_ppl = math.exp(float(nll.sum()) / inputs.eval_desc["tokens"])
     assert recs[0]["ppl"] == pytest.approx(float_ppl, rel=1e-6) and recs[0]["kl"] == 0.0
@@ -156,8 +157,8 @@ def test_table_json_and_plot_files(first_run):
 
 def test_resume_measures_only_new_and_failed_configs(model_dir, tmp_path, monkeypatch):
     calls = []
-    real = kb.measure_config
-    monkeypatch.setattr(kb, "measure_config",
+    real = kr.measure_config
+    monkeypatch.setattr(kr, "measure_config",
                         lambda inputs, cfg, ref: calls.append(cfg.method) or real(inputs, cfg, ref))
     out = tmp_path / "b"
     s1 = kb.BenchSettings(methods=("rtn",), bits=(4,), group_sizes=(32, 48), **FAST)
@@ -174,7 +175,7 @@ def test_resume_measures_only_new_and_failed_configs(model_dir, tmp_path, monkey
                                            "rtn:bits=4,group_size=48",
                                            "gptq:bits=4,group_size=32",
                                            "gptq:bits=4,group_size=48"]
-    monkeypatch.setattr(kb, "float_reference", lambda *a, **k: pytest.fail("reran the float"))
+    monkeypatch.setattr(kr, "float_reference", lambda *a, **k: pytest.fail("reran the float"))
     r3 = bench(str(model_dir), kb.BenchSettings(methods=("rtn", "gptq"), bits=(4,),
                                                 group_sizes=(32,), **FAST),
                out, show_progress=False)
@@ -225,7 +226,9 @@ def test_cli_bad_method_is_one_line_exit_2(capsys, tmp_path):
     assert "--bits" in capsys.readouterr().err
 
 
-def test_cli_on_the_embedded_model(tmp_path, capsys):
+def test_cli_on_the_embedded_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("KVANT_COMMIT", "abc1234")  # the code's name comes from the caller
+    monkeypatch.setenv("KVANT_DIRTY", "1")
     out = tmp_path / "b"
     rc = cli.main(["bench", "--methods", "rtn", "--bits", "4", "--max-windows", "2",
                    "--out", str(out)])
@@ -238,6 +241,7 @@ def test_cli_on_the_embedded_model(tmp_path, capsys):
                                            rel=1e-6)
     assert recs[0]["model"] == "nanogpt-shakespeare" and recs[0]["eval"]["windows"] == 2
     assert "| rtn | `rtn:bits=4` | 4 | g128 |" in text
+    assert {(r["commit"], r["dirty"]) for r in recs} == {("abc1234", True)}
     assert cli.main(["bench", "embedded", "--methods", "rtn", "--bits", "4",
                      "--max-windows", "2", "--out", str(out)]) == 0
     assert "0 configs measured, 1 already in" in capsys.readouterr().err
@@ -259,3 +263,73 @@ def test_hf_llama_with_text_files(tmp_path):
     assert res.failed == 0 and res.records[0]["eval"]["dataset"] == "file eval.txt"
     assert res.records[2]["calib"]["source"] == str(tmp_path / "calib.txt")
     assert all(r["kl"] > 0 for r in res.records[1:])
+
+
+def test_annotate_adds_fields_and_its_failure_is_the_rows_error(model_dir):
+    from kvant.nn.qlinear import QuantLinear
+
+    s = kb.BenchSettings(methods=("rtn", "gptq"), bits=(4,), group_sizes=(32,), **FAST)
+    inputs = kr.prepare(str(model_dir), s)
+
+    def annotate(cfg, model, report):
+        if cfg.method == "gptq":
+            raise RuntimeError("no extras for gptq")
+        return {"quant_layers": sum(isinstance(m, QuantLinear) for m in model.modules()),
+                "report_layers": len(report.layers)}
+
+    recs = kr.run_grid(inputs, {"commit": "c0ffee0", "dirty": False}, annotate=annotate,
+                       show_progress=False)
+    rtn, gptq = recs[1:]
+    # 2 blocks x (2 heads x key/query/value + proj + 2 feed-forward) = 18 Linears
+    assert rtn["quant_layers"] == rtn["report_layers"] == 18 and "error" not in rtn
+    assert gptq["error"] == "RuntimeError: no extras for gptq"
+    assert all((r["commit"], r["dirty"]) == ("c0ffee0", False) for r in recs)
+
+
+def test_the_library_runs_no_git():
+    """/work/shared/DESIGN.md: the library runs no git; the stamp is passed in."""
+    src = Path(kvant.__file__).parent
+    offenders = [str(p.relative_to(src)) for p in src.rglob("*.py")
+                 if "import subprocess" in p.read_text(encoding="utf-8")]
+    assert offenders == []
+
+
+def test_nanogpt_tables_script_is_kvant_bench_in_the_tables_format(tmp_path, monkeypatch):
+    """benchmarks/nanogpt_tables.py measures through kvant bench and keeps the tables' record
+    format (RTN rows only: no calibration, so cheap)."""
+    import sys
+
+    bench_dir = Path(__file__).resolve().parents[2] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench_dir))
+    import record
+    import nanogpt_tables
+
+    monkeypatch.setattr(record, "provenance",
+                        lambda allow_dirty=False: {"commit": "abc1234", "dirty": False})
+    argv = ["--methods", "gptq", "--rows", "rtn", "--grids", "4:128", "3:128",
+            "--max-windows", "2", "--threads", str(torch.get_num_threads()),
+            "--out", str(tmp_path)]
+    assert nanogpt_tables.main(argv) == 0
+    recs = json.loads((tmp_path / "gptq_nanogpt.json").read_text())
+    assert [(r["method"], r["spec"]) for r in recs] == [
+        ("float", None), ("rtn", "rtn:bits=4,group_size=128"), ("rtn", "rtn:bits=3,group_size=128")]
+    assert {r["eval"] for r in recs} == {"validation split, seq_len 256, 510 chars, 2 windows"}
+    assert all(r["commit"] == "abc1234" and r["device"].startswith("cpu-") for r in recs)
+    model, tok = kvant.load_model("nanogpt")
+    assert recs[0]["ppl"] == pytest.approx(kvant.evaluate(model, tok, max_windows=2)["ppl"],
+                                           rel=1e-6)
+    kvant.quantize(model, kvant.RTNConfig(bits=3, group_size=128), None,
+                   kvant.EngineOptions(device="cpu", show_progress=False))
+    ev = kvant.evaluate(model, tok, max_windows=2)
+    w3 = recs[2]
+    assert w3["ppl"] == pytest.approx(ev["ppl"], rel=1e-6)
+    assert w3["bpc"] == pytest.approx(ev["bpc"], rel=1e-6) and w3["kl"] > 0
+    assert (w3["calib"], w3["calib_seed"], w3["bits"], w3["group_size"]) == (None, 0, 3, 128)
+    md = (tmp_path / "gptq_nanogpt.md").read_text()
+    assert f"| 3 | g128 | {w3['ppl']:.4f} |" in md and "abc1234 cpu-" in md
+    # a second seed reruns only calibrated rows: RTN rows are not measured again
+    assert nanogpt_tables.main(argv + ["--seeds", "0", "1"]) == 0
+    again = json.loads((tmp_path / "gptq_nanogpt.json").read_text())
+    assert len(again) == 3 and again[1:] != recs[1:]  # replaced (timings differ), not added
+    assert [r["ppl"] for r in again] == pytest.approx([r["ppl"] for r in recs], rel=1e-6)
+    sys.modules.pop("nanogpt_tables", None)

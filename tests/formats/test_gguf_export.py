@@ -267,6 +267,24 @@ def test_checkpoint_round_trip_keeps_blocks(tmp_path):
     _check_file_matches(m2, f, {"Q4_K"})
 
 
+def test_public_export_gguf_from_checkpoint_or_model(tmp_path):
+    """kvant.export_gguf takes a model or a checkpoint directory (its tokenizer comes along)."""
+    m = _llama()
+    kvant.quantize(m, GPTQConfig(grid="gguf:Q4_K"), CALIB)
+    tok = _tokenizer()
+    kvant.save_quantized(m, tmp_path / "ck", tok)
+    a = kvant.export_gguf(tmp_path / "ck", tmp_path / "a.gguf", type="Q4_K")
+    b = kvant.export_gguf(m, tmp_path / "b.gguf", type="q4_k", tokenizer=tok)
+    ra, rb = _check_file_matches(m, a, {"Q4_K"}), _check_file_matches(m, b, {"Q4_K"})
+    key = "tokenizer.ggml.tokens"
+    assert ra.fields[key].contents() == rb.fields[key].contents()
+    with pytest.raises(GGUFExportError, match="gguf:Q3_K"):
+        kvant.export_gguf(str(tmp_path / "ck"), tmp_path / "c.gguf", type="Q3_K")
+    with pytest.raises(GGUFExportError, match="exists"):
+        kvant.export_gguf(m, a, type="Q4_K", tokenizer=tok)
+    assert not (tmp_path / "c.gguf").exists()
+
+
 # -- refusals --------------------------------------------------------------------------------
 def test_export_refusals(tmp_path):
     m = _llama()

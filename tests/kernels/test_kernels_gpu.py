@@ -196,7 +196,9 @@ def test_stored_on_host_keeps_one_copy_on_the_gpu():
     assert m.qweight.device.type == "cpu" and m.g_idx.device.type == "cpu"
     assert m.kernel_qweight.is_cuda and m.bias.is_cuda and m.compute_device().type == "cuda"
     layout = m.kernel_layout
-    torch.testing.assert_close(m(x), y, rtol=0, atol=0)
+    # y came from a layout built with the stored tensors on the GPU; the kernel may pick
+    # another tile (autotune) for the rebuilt one, so equal up to fp16 rounding
+    assert _rel_err(m(x), y.double()) < 1e-3
     assert m.prepare("cuda") is True and m.kernel_layout is layout  # nothing moved or rebuilt
     m.half()
     assert m.kernel_layout is layout and m.qweight.device.type == "cpu"
@@ -209,7 +211,7 @@ def test_stored_on_host_keeps_one_copy_on_the_gpu():
     assert m.kernel_layout is None and m.bias.device.type == "cpu"
     m.cuda()
     assert m.kernel_layout is not None and m.qweight.device.type == "cpu"
-    torch.testing.assert_close(m(x), y2, rtol=0, atol=0)
+    assert _rel_err(m(x), y2.double()) < 1e-3
     m.prepare(options=KernelOptions(stored_on_host=True, gpu_kernels=False))
     assert m.kernel_layout is None and m.qweight.is_cuda  # the reference needs them there
     torch.testing.assert_close(m(x), y2, rtol=2e-3, atol=2e-3)

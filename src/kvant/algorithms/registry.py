@@ -8,7 +8,7 @@ from kvant.config import ConfigError, MethodConfig
 
 _METHODS: dict[str, tuple[type, type]] = {}
 # modules that register methods when imported
-_MODULES = ("rtn", "gptq", "awq", "quip", "spqr")
+_MODULES = ("rtn", "gptq", "awq", "quip", "spqr", "quipsharp")
 
 
 def register(config_cls: type):

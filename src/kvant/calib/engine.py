@@ -201,6 +201,11 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
     check_calibration(model, blocks, method, calib, options)  # token ids valid, memory fits
     if method.needs_calibration and (calib is None or len(calib) == 0):
         raise ValueError(f"method {config.method!r} needs calibration data; none was given")
+    tuned = options.finetune is not None  # block-wise fine-tuning (kvant.tune.blockwise)
+    if tuned:
+        from kvant.tune.blockwise import BlockTuning
+
+        BlockTuning.check(options.finetune, calib, kdist.active())
     stacks = moe.prepare_model(model, prefix, blocks, config.ignore,  # stacked experts ->
                                calib[:1] if calib is not None and len(calib) else None)
     if stacks:  # one Linear per expert now: check their group sizes too
@@ -224,7 +229,7 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
 
     inputs: list[BlockInput] = []
     homes: dict[int, torch.device] = {}  # where a block goes back to, if moved before its turn
-    if method.needs_calibration:
+    if method.needs_calibration or tuned:
         report.n_calib = len(calib)
         batches = torch.split(kdist.shard_calibration(calib), options.batch_size)  # this rank's
         if lazy is not None:
@@ -243,6 +248,7 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
             del saved  # the host copy (GBs at 70B scale) is not needed once on the device
             lazy.release(blocks[0])
 
+    tuning = BlockTuning(options.finetune, inputs, resumed=start > 0) if tuned else None
     todo = list(enumerate(blocks))[start:]
     bar = tqdm(todo, desc=f"{config.method} blocks",  # disable None: only on a terminal
                disable=None if options.show_progress else True,
@@ -254,7 +260,10 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
         home = homes.pop(i, None) or next(block.parameters()).device
         block.to(device)
         bprefix = f"{prefix}.{i}."
-        layers, extra, outs = _quantize_block(block, bprefix, config, method, inputs, options)
+        if tuning is not None:
+            tuning.advance(block, inputs)  # the float model's states, before rounding
+        layers, extra, outs = _quantize_block(block, bprefix, config, method, inputs, options,
+                                              tuning)
         if outs is not None:
             inputs = [inp.with_hidden(o) for inp, o in zip(inputs, outs)]
         entry = {"block": i, "seconds": time.perf_counter() - tb, **extra}
@@ -293,17 +302,20 @@ def _stored_bpw(model: nn.Module, plan) -> float:
     return bits / sum(c.weights for c in plan.layers.values())
 
 
-def _quantize_block(block, bprefix, config, method, inputs, options):
+def _quantize_block(block, bprefix, config, method, inputs, options, tuning=None):
     """Quantize one block in place -> (per-layer report, block extras, next inputs or None).
 
     A block with nothing to quantize (every Linear ignored) still runs, so the next block is
-    calibrated on this block's real outputs."""
+    calibrated on this block's real outputs. ``tuning``: a
+    :class:`kvant.tune.blockwise.BlockTuning`, which tunes the block once it is packed."""
     linears = find_linears(block, config.ignore, bprefix)
     experts = moe.expert_layers(block, linears)  # name -> (role, expert index)
     layers, extra, counts, few = {}, {}, {}, set()
+    tuning = tuning if linears else None
+    local = tuning is not None and tuning.local  # target: the float block on these inputs
     if linears and method.needs_calibration:
         groups = sequential_groups(block, linears, inputs[0])
-        float_out = run_block(block, inputs) if options.propagate == "float" else None
+        float_out = run_block(block, inputs) if options.propagate == "float" or local else None
         if experts:
             counts, few = _routed(block, experts, linears, inputs, options)
         ready = {n: lin for n, lin in linears.items() if n not in few}
@@ -312,7 +324,7 @@ def _quantize_block(block, bprefix, config, method, inputs, options):
                                      inputs, BlockRunner(block, inputs, bprefix))
         linears = find_linears(block, config.ignore, bprefix)  # prepare may swap modules
     else:
-        groups, float_out = [list(linears)], None
+        groups, float_out = [list(linears)], run_block(block, inputs) if local else None
     if experts:  # all experts' gate/up layers in one pass, then all down layers
         groups = moe.merge_groups(groups, experts)
     if not config.true_sequential:
@@ -326,9 +338,12 @@ def _quantize_block(block, bprefix, config, method, inputs, options):
              if n in few else "routed tokens"} if counts else {}))
     if experts:
         extra = {**extra, "expert_layers": len(experts), "expert_layers_few_tokens": len(few)}
-    if not method.needs_calibration:
+    if tuning is not None:
+        extra = {**extra, "finetune": tuning.tune(block, inputs, float_out)}
+    if not inputs:  # a method without calibration, untuned: nothing to propagate
         return layers, extra, None
-    return layers, extra, float_out if float_out is not None else run_block(block, inputs)
+    return layers, extra, (float_out if options.propagate == "float" and float_out is not None
+                           else run_block(block, inputs))
 
 
 def _routed(block, experts, linears, inputs, options) -> tuple[dict, set]:
@@ -378,15 +393,28 @@ class _on_device_except_blocks:
 
     def __enter__(self):
         for m, dev in self._outside():
-            if dev != self.device:
+            if not _same_device(dev, self.device):
                 self.moved.append((m, dev))
                 m.to(self.device) if not list(m.children()) else _move_own(m, self.device)
         return self
 
     def __exit__(self, *exc):
-        for m, dev in self.moved:
+        # last moved first: a tied weight (lm_head = embed_tokens) was seen a second time
+        # already on the device, so its first owner's record must win and be applied last
+        for m, dev in reversed(self.moved):
             m.to(dev) if not list(m.children()) else _move_own(m, dev)
         return False
+
+
+def _same_device(a: torch.device, b: torch.device | str) -> bool:
+    # "cuda" and "cuda:0" name one device; a tensor always reports its index
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return True
+    cur = torch.cuda.current_device()
+    return (cur if a.index is None else a.index) == (cur if b.index is None else b.index)
 
 
 def _move_own(m: nn.Module, device: torch.device) -> None:

@@ -33,7 +33,9 @@ def run_identity(model: nn.Module, config: MethodConfig, calib, options: EngineO
             "dtype": str(lazy.dtype),
             "calib": None if calib is None else integrity.tensor_digest(calib),
             "engine": {"propagate": options.propagate, "batch_size": options.batch_size,
-                       "device": resolve_device(options.device).type},
+                       "device": resolve_device(options.device).type,
+                       **({"finetune": options.finetune.to_dict()} if options.finetune
+                          else {})},
             "format_version": ckpt.FORMAT_VERSION}
 
 

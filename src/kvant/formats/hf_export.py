@@ -84,6 +84,17 @@ def _codes(m: QuantLinear) -> torch.Tensor:
     return unpack(m.qweight.cpu(), m.bits, m.in_features)
 
 
+def exact_weight(m: QuantLinear) -> torch.Tensor:
+    """(N, K) float32 ``(q - z) * s`` of a layer, with ``s`` the fp16 scale every export
+    stores: the weight a float32 reader of the export computes, unrounded (kvant's own
+    ``dequantized_weight`` rounds it to the scales' dtype)."""
+    from kvant.kernels import ops
+
+    return ops.dequantize_weight(m.qweight.cpu(), m.scales.cpu().to(torch.float16).float(),
+                                 m.qzeros.cpu(), None if m.g_idx is None else m.g_idx.cpu(),
+                                 m.bits, m.group_size, m.in_features).contiguous()
+
+
 def _with_bias(m: QuantLinear, tensors: dict) -> dict:
     """``tensors`` plus the layer's bias in float16, when it has one."""
     if m.bias is not None:

@@ -1,7 +1,8 @@
 """transformers integration: ``AutoModelForCausalLM.from_pretrained`` reads kvant checkpoints
 and ``save_pretrained`` writes quantized models that load back.
 
-After ``import kvant`` (which calls :func:`register` when transformers is installed):
+After ``import kvant`` (which calls :func:`register` when transformers is imported, at
+once or later: kvant.formats.hf_hook):
 
 - ``AutoModelForCausalLM.from_pretrained(dir)`` of a kvant checkpoint (what
   ``kvant.save_quantized`` / ``kvant quantize`` write: config.json with ``model_type: "hf"``,
@@ -181,7 +182,7 @@ class KvantCheckpointConfig(PretrainedConfig):
 
 def register() -> None:
     """Register kvant's config, quantizer and AutoConfig entry with transformers (idempotent;
-    ``import kvant`` calls it when transformers is installed)."""
+    ``import kvant`` arranges the call for when transformers is imported)."""
     if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(QUANT_METHOD)(KvantHfConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:

@@ -302,7 +302,7 @@ def prepare_model(model: nn.Module, prefix: str, blocks, ignore=(), verify_ids=N
             if block.get_submodule(s.module).get_parameter(s.param).is_meta:
                 raise ExpertLayoutError(
                     f"{prefix}.{i}.{s.name}: stacked experts cannot be quantized from a lazily "
-                    "loaded model yet; load it without lazy=True (no --stream)")
+                    "loaded model yet; load it without lazy=True (kvant quantize --no-stream)")
             todo.append(FusedStack(f"{prefix}.{i}.{s.module}".rstrip("."), s.param,
                                    s.experts, s.out_features, s.in_features))
     if not todo:

@@ -94,15 +94,14 @@ def _split_for(tiles: int, n_chunks: int, sms: int, min_chunks: int = 2) -> int:
 
 # The 4-bit (pairs layout) path by batch: the first row whose bound is >= M applies;
 # (largest M, kernel, BN, BM, warps, stages, KD), "dot" rows leave M to the decode heuristic
-# below. PROVISIONAL, not yet measured: the bounds come from arithmetic (dequantize + cuBLAS
-# costs ~45 us of extra traffic at 8192x8192, under 5 % of the fp16 GEMM only from M ~ 4096;
-# the decode kernel measured 0.72-1.44x fp16 at M 64, kernels.md 2026-11-27) and the tile
-# from the register budget (a 128x128 fp32 accumulator is 64 registers a thread at 8 warps).
-# benchmarks/prefill.py times every candidate at each batch and prints the measured table in
-# this format (prefill.md, "Dispatch table"); replace these rows with it.
+# below. Measured: benchmarks/prefill.py on one H200 at 126ba69 (results/prefill.md,
+# "Dispatch table": the best geometric-mean speed-up over fp16 across the four shapes at each
+# batch). The mma kernel reaches only 0.6-0.7x of cuBLAS fp16 from batch 128 on, and dequantize
+# + cuBLAS 0.7-1.0x: prefill is still slower than fp16 from batch 64 (issue 14).
 PAIRS_BY_BATCH: tuple[tuple[Optional[int], str, int, int, int, int, int], ...] = (
     (64, "dot", 0, 0, 0, 0, 0),
-    (4096, "mma", 128, 128, 8, 3, 128),
+    (128, "mma", 128, 128, 8, 4, 128),
+    (256, "mma", 256, 128, 8, 3, 32),
     (None, "dequant", 64, 0, 4, 0, 0),
 )
 # tiles of the mma kernel the tuner and the benchmark time: (BN, BM, warps, stages, KD); all
