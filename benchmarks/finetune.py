@@ -47,16 +47,19 @@ def _config(method: str, bits: int):
     return cls(bits=bits, group_size=GROUP)
 
 
-def run_config(model, calib, ref, method, bits, block_cfg, e2e_cfg, stamp, device) -> list:
-    """The four rows of one (method, bits): none, block, e2e, both."""
+def run_config(model, calib, ref, method, bits, block_cfg, e2e_cfg, stamp, device,
+               compute="cpu", with_block=True) -> list:
+    """The four rows of one (method, bits): none, block, e2e, both (the first two only
+    without ``with_block``)."""
     config = _config(method, bits)
     rows = []
-    for block in (False, True):
+    for block in (False, True) if with_block else (False,):
         q = copy.deepcopy(model)
-        opts = kvant.EngineOptions(device="cpu", show_progress=False,
+        opts = kvant.EngineOptions(device=compute, show_progress=False,
                                    finetune=block_cfg if block else None)
         t0 = time.perf_counter()
         report = kvant.quantize(q, config, calib, opts)
+        q.to(compute)
         quant_s = time.perf_counter() - t0
         block_s = sum(b["finetune"]["seconds"] for b in report.blocks if "finetune" in b)
         q2 = copy.deepcopy(q)
@@ -130,12 +133,20 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--tokens", type=int, default=2 * N_CALIB * SEQ_LEN)
     ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--holdout", type=float, default=0.0,
+                    help="e2e: fraction of calibration windows held out to stop early")
+    ap.add_argument("--device", default="cpu", help="compute device (cpu or cuda)")
+    ap.add_argument("--no-block", action="store_true", help="only the none and e2e rows")
+    ap.add_argument("--name", default="finetune", help="results/NAME.{json,md}")
     ap.add_argument("--allow-dirty", action="store_true")
     args = ap.parse_args()
     stamp = rec.provenance_or_exit(args.allow_dirty)
+    global OUT
+    OUT = rec.RESULTS / args.name
     torch.manual_seed(0)
-    device = rec.device_name("cpu")
+    device = rec.device_name(args.device)
     model, tok = load_embedded()
+    model.to(args.device)
     calib = kvant.calibration_for(model, tok, n_samples=N_CALIB, seq_len=SEQ_LEN, seed=0)
     ids = torch.tensor(tok.encode(validation_text()), dtype=torch.long)
     n_w = ids.numel() // SEQ_LEN
@@ -143,7 +154,7 @@ def main() -> None:
     ref = FloatReference(model, ids[: n_w * SEQ_LEN].view(n_w, SEQ_LEN), batch_size=16,
                          store="full", show_progress=False)
     block_cfg = TuneConfig(steps=args.block_steps, lr=args.lr)
-    e2e_cfg = TuneConfig(tokens=args.tokens, lr=args.lr, batch_size=8)
+    e2e_cfg = TuneConfig(tokens=args.tokens, lr=args.lr, batch_size=8, holdout=args.holdout)
     flt = {"model": MODEL, "method": "float", "bits": 16, "ppl": ref.ppl, "kl": 0.0,
            "calib": f"training split, {N_CALIB} x {SEQ_LEN} chars, seed 0",
            "eval": f"validation split, seq_len {SEQ_LEN}, {ref.tokens} chars, {n_w} windows",
@@ -151,7 +162,7 @@ def main() -> None:
     for spec in args.configs:
         method, bits = spec.split(":")
         rows = run_config(model, calib, ref, method, int(bits), block_cfg, e2e_cfg, stamp,
-                          device)
+                          device, args.device, not args.no_block)
         store(flt, rows)  # after every config: a killed run keeps what it made
 
 

@@ -189,7 +189,10 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=40)
     p.add_argument("--chunk", type=int, default=2, help="windows per llama.cpp call")
     p.add_argument("--until", default=None, help="stop scoring at this UTC time (HH:MM)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="llama.cpp threads (1 on a loaded machine: its threads wait on each other)")
+    p.add_argument("--shard", default="0/1", help="K/N: score only files K, K+N, ... (runs side "
+                                                  "by side)")
     p.add_argument("--n-calib", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--calib-file", default="../shared/data/c4-sample/"
@@ -199,6 +202,11 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/kvant-gguf-quality", help="files and cached steps")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--files-only", action="store_true", help="make the files, score nothing")
+    p.add_argument("--no-imatrix", action="store_true", help="no llama.cpp imatrix files")
+    p.add_argument("--imatrix-refs-only", action="store_true",
+                   help="of llama.cpp's files, only those with an imatrix")
+    p.add_argument("--prior", default=None, help="an earlier run's gguf_quality.json: its "
+                   "kvant rows join the table when scored on as many windows")
     p.add_argument("--no-float", action="store_true", help="leave the F32 file unscored")
     p.add_argument("--allow-dirty", action="store_true")
     args = p.parse_args()
@@ -239,12 +247,14 @@ def main() -> None:
     cal = f"{args.n_calib}x{args.seq_len}"
     calib = f"c4 {cal} seed 0"
     imat = work / f"imatrix-{cal}.npz"
-    step(f"imatrix:{cal}", lambda: write_imatrix(f32, imat, args))
+    if not args.no_imatrix:
+        step(f"imatrix:{cal}", lambda: write_imatrix(f32, imat, args))
 
     files = []  # in the order ties are broken when scoring: the float file last
     for gtype in args.types.split(","):
         name, ftype = LLAMA_FTYPES[gtype]
-        for tag, im in (("", None), ("+imatrix", imat)):
+        variants = (("", None),) + ((("+imatrix", imat),) if not args.no_imatrix else ())
+        for tag, im in variants[1:] if args.imatrix_refs_only else variants:
             ref = work / f"llamacpp{tag.replace('+', '-')}-{gtype}.gguf"
             info = step(f"ref:{gtype}{tag}", lambda: call_worker(
                 args.llama_python, "quantize", src=str(f32), dst=str(ref), ftype=ftype,
@@ -253,8 +263,8 @@ def main() -> None:
                 gguf_type=gtype, method=f"llama.cpp{tag}", quantizer="llama.cpp",
                 engine_version=info["version"], reference=f"llama_model_quantize {name}" + (
                     f", imatrix from {calib}" if im else ", no imatrix"))))
-        embed_type = tensor_types(work / f"llamacpp-{gtype}.gguf")["token_embd.weight"]
         for method in [m for m in args.methods.split(",") if m]:
+            embed_type = tensor_types(work / f"llamacpp-{gtype}.gguf")["token_embd.weight"]
             kv = work / f"kvant-{method}-{gtype}.gguf"
             key = f"kvant:{method}:{gtype}:{cal}"
             if args.files_only:
@@ -294,8 +304,9 @@ def score(args, files, step, rec, prov, work, cal) -> None:
         ready = [(f, x) for f, x in files if f.exists() and
                  (x["quantizer"] != "kvant" or step(f"kvant:{x['method']}:{x['gguf_type']}:{cal}"))]
         _write(_records(ready, done, args, rec, prov, work, cal), Path(args.out))
+        k, n_shards = map(int, args.shard.split("/"))
         todo = [(len(done(f)), i, f) for i, (f, _) in enumerate(ready)
-                if len(done(f)) * args.chunk < args.windows]
+                if len(done(f)) * args.chunk < args.windows and i % n_shards == k]
         if not todo or (stop and dt.datetime.now(dt.timezone.utc) >= stop):
             return
         n, _, f = min(todo)
@@ -306,6 +317,7 @@ def score(args, files, step, rec, prov, work, cal) -> None:
 
 def _records(ready, done, args, rec, prov, work, cal) -> list:
     """One record per file, each over the windows every file has."""
+    ready = [(f, x) for f, x in ready if done(f)]  # a file not scored yet is left out
     common = min((len(done(f)) for f, _ in ready), default=0)
     if common == 0:
         return []
@@ -322,6 +334,22 @@ def _records(ready, done, args, rec, prov, work, cal) -> list:
             "eval": f"wikitext2 test, llama.cpp tokens, {CTX}-token windows, "
                     f"{count // (CTX - 1)} windows ({count} scored tokens), llama.cpp logits",
             "device": rec.device_name("cpu"), "date": rec.today(), **prov})
+    return out + _prior(args.prior, common * args.chunk) if args.prior else out
+
+
+def _prior(path: str, windows: int) -> list:
+    """kvant's rows of an earlier run's gguf_quality.json scored on the same ``windows``
+    windows (same scorer, same text), kept with that run's commit, date and device."""
+    out = []
+    for r in json.loads(Path(path).read_text()):
+        m = re.search(r"(\d+) windows", r.get("eval", ""))
+        if r.get("quantizer", "kvant") != "kvant" or not m or int(m.group(1)) != windows:
+            continue
+        keep = ("model", "format", "engine", "engine_version", "loads", "key", "gguf_type",
+                "method", "ppl", "bytes", "tensor_types", "calib", "quant_seconds", "eval",
+                "device", "date", "commit", "dirty")
+        out.append({**{k: r[k] for k in keep if k in r}, "quantizer": "kvant",
+                    "earlier_run": True, "earlier_ppl_reference": r.get("ppl_reference")})
     return out
 
 
@@ -354,10 +382,18 @@ def _write(records: list, out: Path) -> None:
     for r in records:
         who = "float (F32)" if r["method"] == "float" else (
             f"kvant {r['method'].upper()}" if r["quantizer"] == "kvant" else r["method"])
+        if r.get("earlier_run"):
+            who += f" (earlier run: {r['commit']}{'+dirty' if r['dirty'] else ''}, {r['date']})"
         lines.append(f"| {r['gguf_type']} | {who} | {r['ppl']:.4f} | {mb(r['bytes'])} | "
                      f"{_fmt_types(r['tensor_types'])} |")
-    r0 = records[0]
+    old = [f"{r['gguf_type']} {r['earlier_ppl_reference']:.4f}" for r in records
+           if r.get("earlier_run") and r.get("earlier_ppl_reference") is not None]
+    if old:
+        lines += ["", "The earlier run scored llama.cpp's own files (no imatrix) on the same "
+                  "windows at: " + ", ".join(old) + "."]
     cal = next((r["calib"] for r in records if "calib" in r), "c4")
+    records = [r for r in records if not r.get("earlier_run")] or records
+    r0 = records[0]
     lines += ["", f"Eval: {r0['eval']}. Calibration (kvant and the imatrix): {cal}. Engine: "
               f"llama-cpp-python {r0['engine_version']}. Code and device: {r0['commit']}"
               f"{'+dirty' if r0['dirty'] else ''} {r0['device']}, {r0['date']}."]

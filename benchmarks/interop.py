@@ -14,8 +14,10 @@ Each engine then runs in a subprocess of the Python that has it
   per-layer weights;
 - gptqmodel (``--gptqmodel-python``; its TORCH backend, bf16 only on the CPU): the same
   numbers, and beside them kvant's own model run in bf16 (the floor that bf16 alone sets);
-- vLLM (``--vllm-python``; CPU build): load, then one greedy generation (on a CPU without
-  AVX-512 its int4 GEMM is missing: the record keeps the message).
+- vLLM (``--vllm-python``; CPU build, bf16): load, greedy tokens and the window tokens'
+  log-probabilities (on a CPU without AVX-512 its int4 GEMM is missing and the forward
+  fails after loading: the record keeps the message). Only the RTN grids: for loading, the
+  layout decides, not the rounding.
 
 Writes ``interop.{json,md}`` (records per /work/shared/BENCHMARKS.md, interop schema).
 Exports, references and each engine's answer live in ``--work`` (outside the repository;
@@ -39,7 +41,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import kvant
 from kvant.eval.perplexity import eval_windows
@@ -48,6 +50,7 @@ from kvant.formats.hf_export import exact_weight
 from kvant.nn.qlinear import QuantLinear
 
 import record as rec  # benchmarks/: commit, dirty flag, device
+from interop_engines import logit_agreement
 from smollm2 import smollm2_gguf_path
 
 HERE = Path(__file__).resolve().parent
@@ -95,9 +98,10 @@ def write_reference(model, ids: torch.Tensor, out: Path) -> None:
     save_file(weights, str(out / "weights.safetensors"))
 
 
-def prepare(args, float_model, tok, calib, ids) -> dict:
+def prepare(args, load) -> dict:
     """Quantize every grid and write its exports and reference into ``--work`` (kept when
-    present). Returns grid name -> {"error": ...} or {"dir": Path, "exports": {fmt: path or
+    present; ``load()`` gives (float model, tokenizer, calib, eval ids) when needed). Returns
+    grid name -> {"error": ...} or {"dir": Path, "exports": {fmt: path or
     error}}."""
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -111,6 +115,7 @@ def prepare(args, float_model, tok, calib, ids) -> dict:
                 if done.is_file():
                     grids[name] = json.loads(done.read_text())
                     continue
+                float_model, tok, calib, ids = load()
                 print(f"[interop] quantizing {name}", file=sys.stderr, flush=True)
                 model = copy.deepcopy(float_model)
                 try:
@@ -151,12 +156,29 @@ def run_engine(python: str, engine: str, export: str, ref_dir: Path, timeout: in
         if line.startswith("{"):
             ans = json.loads(line)
             kernels = sorted(set(re.findall(r"Using (\w+) for mixed-precision linear",
-                                            p.stderr)))
+                                            p.stdout + p.stderr)))
             if kernels:  # vLLM logs the linear kernel it picked
                 ans["note"] = f"{ans.get('note', '')}, kernel {', '.join(kernels)}".lstrip(", ")
             return ans
     tail = " ".join((p.stderr or p.stdout).strip().splitlines()[-3:])
     return {"loads": False, "error": f"worker exit {p.returncode}: {tail[-600:]}"}
+
+
+def bf16_floor(ref_file: Path) -> dict:
+    """What bf16 alone does to kvant's own model (its bf16 logits against its float32
+    ones): the yardstick of the bf16-only engines' numbers."""
+    ref = load_file(str(ref_file))
+    if "logits_bf16" not in ref:
+        return {}
+    low = logit_agreement(ref["logits_bf16"], ref)
+    # the first greedy token is the argmax after the prompt, the window's first tokens
+    at = ref["prompt"].shape[1] - 1
+    top2 = ref["logits"][0, at].float().topk(2).values
+    return {"kvant_bf16_max_abs_logit_diff": low["max_abs_logit_diff"],
+            "kvant_bf16_kl": low["kl"], "kvant_bf16_top1_agreement": low["top1_agreement"],
+            "kvant_bf16_first_token_same": bool(
+                ref["logits_bf16"][0, at].argmax() == ref["greedy"][0, 0]),
+            "first_token_margin": float(top2[0] - top2[1])}
 
 
 def check(args, grids: dict, base: dict) -> list[dict]:
@@ -172,6 +194,7 @@ def check(args, grids: dict, base: dict) -> list[dict]:
             records.append(dict(common, engine="kvant", engine_version=kvant.__version__,
                                 format="all", loads=False, error=info["error"]))
             continue
+        floor = bf16_floor(Path(args.work) / name / "ref.safetensors")
         for engine in args.engines:
             python = pythons[engine]
             if engine == "vllm" and method != "rtn":
@@ -193,7 +216,8 @@ def check(args, grids: dict, base: dict) -> list[dict]:
                     ans = run_engine(python, engine, export, Path(export).parent,
                                      args.timeout)
                     cache.write_text(json.dumps(ans))
-                records.append(dict(row, **ans))
+                ans.pop("max_abs_logit_diff_kvant_bf16", None)  # older answers; see floor
+                records.append(dict(row, **ans, **floor))
     return records
 
 
@@ -208,19 +232,30 @@ def md_table(records: list[dict], settings: str) -> str:
              settings, note, "",
              "Layers: how many quantized layers' weights, as the engine dequantizes them, "
              "equal kvant's exact float32 weight / equal it rounded to fp16 (kvant's "
-             "`dequantized_weight`) / lie within bf16 rounding of it. bf16 floor: max |logit "
-             "diff| of kvant's own model run in bf16. vLLM exposes no logits: its column holds "
-             "the max |diff| of the window tokens' log-probabilities (NLL in the message).", "",
-             "| engine | version | format | grid | loads | dtype | greedy 20 same | KL | "
-             "max abs logit diff | bf16 floor | layers exact / fp16 / bf16 | message |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "`dequantized_weight`) / lie within bf16 rounding of it. Top-1, KL, max |logit "
+             "diff|: against kvant's float32 logits on the window; \"kvant bf16\": the same "
+             "three for kvant's own model run in bf16, the floor for the bf16-only engines. "
+             "vLLM exposes no logits: its diff column holds the max |diff| of the window "
+             "tokens' log-probabilities (first 448 tokens; NLL in the message).", "",
+             "| engine | version | format | grid | loads | dtype | greedy 20 same | top-1 | KL | "
+             "max abs logit diff | kvant bf16: top-1 / KL / diff | layers exact / fp16 / bf16 "
+             "| message |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         grid = f"{r['method']} W{r['bits']} g{r['group_size']} {'sym' if r['sym'] else 'asym'}"
         same = r.get("greedy_identical")
         same = "" if same is None else ("yes" if same else f"no ({r.get('greedy_same')}/20)")
+        if same.startswith("no (0/") and "first_token_margin" in r:
+            same += (f"; kvant fp32's first token leads by {r['first_token_margin']:.3g} "
+                     "logits, kvant in bf16 picks " +
+                     ("the same" if r["kvant_bf16_first_token_same"] else "another one too"))
         diff = _num(r.get("max_abs_logit_diff"), ".3g")
         if r.get("max_abs_token_logprob_diff") is not None:
             diff = f"{r['max_abs_token_logprob_diff']:.3g} (token logprob)"
+        floor = ""
+        if r.get("dtype") == "bfloat16" and "kvant_bf16_kl" in r:
+            floor = (f"{r['kvant_bf16_top1_agreement']:.3f} / {r['kvant_bf16_kl']:.2e} / "
+                     f"{r['kvant_bf16_max_abs_logit_diff']:.3g}")
         layers = ""
         if r.get("layers_compared"):
             layers = (f"{r['layers_exact']} / {r['layers_exact_fp16']} / "
@@ -230,10 +265,18 @@ def md_table(records: list[dict], settings: str) -> str:
             r.get("note"), r.get("error")])).replace("|", "/")
         lines.append(f"| {r['engine']} | {r.get('engine_version') or ''} | {r['format']} | "
                      f"{grid} | {'yes' if r['loads'] else 'no'} | {r.get('dtype', '')} | "
-                     f"{same} | {_num(r.get('kl'), '.2e')} | {diff} | "
-                     f"{_num(r.get('max_abs_logit_diff_kvant_bf16'), '.3g')} | {layers} | "
+                     f"{same} | {_num(r.get('top1_agreement'), '.3f')} | "
+                     f"{_num(r.get('kl'), '.2e')} | {diff} | {floor} | {layers} | "
                      f"{msg[:400]} |")
     return "\n".join(lines) + "\n"
+
+
+def avx512() -> bool:
+    """Whether this CPU has AVX-512 (vLLM's CPU int4 GEMM needs it)."""
+    try:
+        return "avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def main() -> None:
@@ -257,26 +300,40 @@ def main() -> None:
                     help="quantize and export into --work, run no engine")
     args = ap.parse_args()
     prov = rec.provenance_or_exit(args.allow_dirty)
-    torch.manual_seed(0)
-    model, tok = kvant.load_model(args.gguf or smollm2_gguf_path(), dtype=torch.float32)
-    model.eval()
-    calib = kvant.calibration_data(tok, "c4", n_samples=args.n_calib, seq_len=args.seq_len,
-                                   seed=0, calib_file=args.calib_file)
-    ids = eval_windows(tok, "wikitext2", args.eval_len, args.eval_file, max_windows=1)
+    loaded = []
+
+    def load():
+        if not loaded:
+            torch.manual_seed(0)
+            model, tok = kvant.load_model(args.gguf or smollm2_gguf_path(),
+                                          dtype=torch.float32)
+            calib = kvant.calibration_data(tok, "c4", n_samples=args.n_calib,
+                                           seq_len=args.seq_len, seed=0,
+                                           calib_file=args.calib_file)
+            ids = eval_windows(tok, "wikitext2", args.eval_len, args.eval_file,
+                               max_windows=1)
+            loaded.append((model.eval(), tok, calib, ids))
+        return loaded[0]
+
     calib_s = f"c4-sample {args.n_calib} x {args.seq_len}, seed 0 (GPTQ; RTN uses none)"
     eval_s = (f"wikitext2 test, window 0 of {args.eval_len} tokens; greedy {NEW_TOKENS} "
               f"tokens after its first {PROMPT_TOKENS}")
     base = {"model": MODEL, "device": rec.device_name("cpu"), "date": rec.today(),
-            "calib": calib_s, "eval": eval_s, **prov}
-    grids = prepare(args, model, tok, calib, ids)
+            "cpu_avx512": avx512(), "calib": calib_s, "eval": eval_s, **prov}
+    grids = prepare(args, load)
     if args.prepare_only:
         return
     records = check(args, grids, base)
     out = Path(args.out)
     write_json(records, out / "interop.json")
-    settings = (f"{rec.today()}, {base['device']}. Calibration: {calib_s}. Compared on: "
+    settings = (f"{rec.today()}, {base['device']} (AVX-512: "
+                f"{'yes' if base['cpu_avx512'] else 'no'}). Calibration: {calib_s}. Compared on: "
                 f"{eval_s}. Reference: kvant's own model (float32; float tensors kept in "
-                "float32, the exports hold them in float16). GPTQ without act-order.")
+                "float32, the exports hold them in float16). GPTQ without act-order. Where the fp32 "
+                "reader differs from kvant: the float tensors (embeddings, norms) are stored in "
+                "fp16, and kvant computes with its weight rounded to fp16 (the symmetric export "
+                "decompresses to the unrounded float32 one; the asymmetric one, dequantized at "
+                "load in fp16, to kvant's exactly).")
     (out / "interop.md").write_text(md_table(records, settings))
     print(f"wrote {out / 'interop.json'} ({len(records)} records), interop.md")
 

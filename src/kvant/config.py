@@ -66,51 +66,6 @@ class QuantArgs:
         _validate_grid(self)
 
 
-# why a method cannot round on llama.cpp's grids
-_NO_GGUF = {
-    "quip": "QuIP rounds W in a rotated basis (U W V^T) that a GGUF file cannot undo",
-    "spqr": "SpQR keeps fp16 outliers and quantized statistics that no GGUF type holds",
-    "quipsharp": "QuIP# stores lattice codes in a rotated basis, which no GGUF type holds",
-}
-
-
-def _check_gguf_grid(cfg: Any):
-    """Validate ``cfg.grid``; for "gguf:TYPE" fix bits / group_size to the type's and return
-    the type, for "int" return None."""
-    g = cfg.grid
-    if not isinstance(g, str) or not (g == "int" or g.lower().startswith("gguf:")):
-        raise ConfigError(f"grid must be 'int' or 'gguf:TYPE', got {g!r}")
-    if g == "int":
-        return None
-    from kvant.core.gguf_grid import EXPORT_TYPES, TYPES
-
-    name = g.split(":", 1)[1].upper()
-    if name not in EXPORT_TYPES:
-        raise ConfigError(f"grid {g!r}: unknown GGUF type {name!r}; one of {list(EXPORT_TYPES)}")
-    t = TYPES[name]
-    if cfg.method in _NO_GGUF or not cfg.method:
-        raise ConfigError(f"grid {g!r} is not supported by method {cfg.method!r}: "
-                          f"{_NO_GGUF.get(cfg.method, 'no GGUF rounding')}")
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
-    for field, want in (("bits", t.bits), ("group_size", t.block)):
-        v = getattr(cfg, field)
-        if v != want and v != defaults[field]:
-            raise ConfigError(f"{field}={v!r} conflicts with grid {g!r} ({t.bits}-bit codes in "
-                              f"blocks of {t.block}); leave {field} unset")
-    for field in ("sym", "clip", "act_order", "static_groups"):
-        if getattr(cfg, field, False) is True:
-            raise ConfigError(f"{field}=True does not apply to grid {g!r}: llama.cpp's blocks "
-                              "fix the grid and keep columns in order")
-    if cfg.method == "awq" and (not cfg.fold or cfg.scale_unfoldable
-                                or cfg.outlier_budget > 0):
-        raise ConfigError(f"AWQ on grid {g!r} needs fold=True, scale_unfoldable=False and no "
-                          "outlier_budget: a GGUF file has no input_scale or outliers")
-    object.__setattr__(cfg, "grid", "gguf:" + name)
-    object.__setattr__(cfg, "bits", t.bits)
-    object.__setattr__(cfg, "group_size", t.block)
-    return t
-
-
 def _validate_grid(cfg: Any) -> None:
     if not isinstance(cfg.bits, int) or isinstance(cfg.bits, bool) or cfg.bits not in VALID_BITS:
         raise ConfigError(f"bits must be one of {VALID_BITS}, got {cfg.bits!r}")
@@ -156,7 +111,7 @@ class MethodConfig:
     true_sequential: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if _check_gguf_grid(self) is None:
+        if check_gguf_grid(self) is None:
             _validate_grid(self)
         object.__setattr__(self, "ignore", _as_patterns(self.ignore))
         if not isinstance(self.quantize_head, bool):
@@ -469,67 +424,6 @@ class AWQConfig(WalkConfig):
                               "tensor); use -1 (per channel) or a positive group")
 
 
-@dataclass(frozen=True)
-class EngineOptions:
-    """How the block-by-block engine runs (not part of any method's math).
-
-    device: compute device for one block at a time ("cpu", "cuda", or None = cuda if present).
-    propagate: "quantized" feeds each block the outputs of the already quantized previous
-        block; "float" feeds it the float model's outputs.
-    batch_size: calibration samples per forward call.
-    expert_min_tokens: a mixture-of-experts layer routed fewer calibration tokens than this
-        is quantized without data (kvant.model.moe, docs/MOE.md); None = its input width.
-    finetune: a :class:`kvant.TuneConfig`: after each block is packed, tune its scales, norms
-        and biases to the float block's outputs (kvant.tune.blockwise); None = no tuning.
-    """
-
-    device: str | None = None
-    propagate: str = "quantized"
-    batch_size: int = 8
-    show_progress: bool = True
-    expert_min_tokens: int | None = None
-    finetune: Any = None  # kvant.tune.TuneConfig | None
-
-    def __post_init__(self) -> None:
-        check_device(self.device)
-        if self.finetune is not None:
-            from kvant.tune.config import TuneConfig
-
-            if not isinstance(self.finetune, TuneConfig):
-                raise ConfigError("finetune must be a kvant.TuneConfig or None, got "
-                                  f"{type(self.finetune).__name__}")
-        if self.propagate not in ("quantized", "float"):
-            raise ConfigError(f"propagate must be 'quantized' or 'float', got {self.propagate!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
-            raise ConfigError(f"batch_size must be positive, got {self.batch_size!r}")
-        if self.expert_min_tokens is not None and (
-                isinstance(self.expert_min_tokens, bool)
-                or not isinstance(self.expert_min_tokens, int) or self.expert_min_tokens < 0):
-            raise ConfigError("expert_min_tokens must be a whole number >= 0 or None, got "
-                              f"{self.expert_min_tokens!r}")
-
-
-def check_device(device) -> None:
-    """Raise :class:`ConfigError` unless ``device`` (None = cuda if present, "cpu", "cuda",
-    "cuda:1", a ``torch.device``) names a device this machine has. Called before any model
-    is loaded, so a typo costs nothing."""
-    if device is None:
-        return
-    import torch
-
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise ConfigError(f"unknown device {str(device)!r}: expected 'cpu', 'cuda' or "
-                          "'cuda:N'") from None
-    if dev.type == "cpu":
-        return
-    if dev.type != "cuda":
-        raise ConfigError(f"device {str(device)!r} is not supported: kvant computes on 'cpu' "
-                          "or 'cuda'")
-    if not torch.cuda.is_available():
-        raise ConfigError(f"device {str(device)!r} was asked for but CUDA is not available "
-                          "on this machine (torch.cuda.is_available() is False); use --device cpu")
-    if dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ConfigError(f"device {str(device)!r} does not exist: this machine has "
-                          f"{torch.cuda.device_count()} CUDA device(s)")
+# the engine's options live in kvant.options (imported here last: it needs ConfigError)
+from kvant.config_gguf import check_gguf_grid  # noqa: E402
+from kvant.options import EngineOptions, check_device  # noqa: E402,F401

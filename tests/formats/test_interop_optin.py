@@ -4,8 +4,8 @@
 transformers + compressed-tensors runs always (the test extra has it). gptqmodel and vLLM are
 opt-in: their tests skip unless ``KVANT_GPTQMODEL_PYTHON`` / ``KVANT_VLLM_PYTHON`` names a
 Python where the engine imports (the recipes: benchmarks/README.md, "interop"). vLLM's CPU
-build is checked for loading only: on a CPU without AVX-512 it has no int4 GEMM, so its
-first forward may fail, and the test accepts that failure only with its own message.
+build runs where its int4 GEMM does (seen here: AVX-512 with BF16); on a CPU without
+AVX-512 its first forward may fail after loading, which the test accepts.
 """
 
 from __future__ import annotations
@@ -117,10 +117,14 @@ def test_gptqmodel_reads_the_export(tmp_path, fmt, sym):
                                            ("awq", False, True)])
 def test_vllm_loads_the_export(tmp_path, fmt, sym, loads):
     """vLLM's CPU build loads each layout kvant writes, except asymmetric GPTQ, which vLLM
-    refuses in any layout; a forward either gives kvant's greedy tokens or fails for want of
-    its CPU kernel (the message must say so)."""
+    refuses in any layout. Where its CPU kernel runs (seen here, AVX-512 with BF16), the
+    window's log-likelihood is kvant's within bf16; else the failure comes after loading."""
     python = _engine_python("KVANT_VLLM_PYTHON")
     res = _run(python, "vllm", tmp_path, fmt, sym)
     assert res["loads"] is loads, res
-    if loads and "greedy_identical" in res:
-        assert res["greedy_same"] >= 1, res
+    if loads and "error" not in res:
+        assert abs(res["nll"] - res["nll_kvant"]) < 0.02 and res["greedy_same"] >= 1, res
+    elif loads:
+        assert res["error"].startswith("forward: "), res
+    else:
+        assert "unsupported quantization config" in res["error"].lower(), res  # sym=False

@@ -175,3 +175,16 @@ def test_cli_finetune_both(tmp_path, capsys):
     assert main(["quantize", "nanogpt", "--finetune-steps", "2", "--out",
                  str(tmp_path / "x")]) == 2
     assert "only apply with --finetune" in capsys.readouterr().err
+
+
+def test_e2e_holdout_stops_early_on_held_out_windows(small):
+    model, _, calib = small
+    q, _ = _quantized(model, kvant.RTNConfig(bits=2, group_size=64), calib)
+    report = finetune(q, model, calib, TuneConfig(tokens=12 * 64 * 4, batch_size=4, lr=1e-2,
+                                                  holdout=0.25))
+    assert report["holdout_windows"] == 4 and report["steps"] == 12
+    assert report["best_step"] in (3, 6, 9, 12) and not report["reverted"]
+    assert report["holdout_kl_after"] < report["holdout_kl_before"]
+    assert report["kl_after"] == pytest.approx(calibration_kl(q, model, calib))
+    with pytest.raises(ConfigError, match="holdout"):
+        TuneConfig(holdout=1.0)

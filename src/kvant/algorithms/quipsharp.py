@@ -130,24 +130,25 @@ def ldlq_with_scale_search(Wr: torch.Tensor, Hr: torch.Tensor, names: tuple[str,
     :data:`FACTOR_RANGE`); else f = 1. Returns (codes, deq, loss, f) of the best walk.
     """
     U = inverse_factor(Hr, Wr.clone(), cfg.damp_percent, layer)
-    walks: dict[float, tuple] = {}
+    losses: dict[float, float] = {}
+    best: list = [None, None]  # [f, (codes, deq, loss)]: only the best walk is kept
 
-    def walk(f: float):
-        if f not in walks:
+    def walk(f: float) -> float:
+        if f not in losses:
             q = StageQuantizer(names, [(s * f).half().float() for s in scales], Wr.device)
-            walks[f] = block_ldlq(Wr, Hr, q, DIM, chunk=cfg.block_size, U=U, layer=layer)
-        return walks[f][2]
+            res = block_ldlq(Wr, Hr, q, DIM, chunk=cfg.block_size, U=U, layer=layer)
+            losses[f] = res[2]
+            if best[0] is None or res[2] < losses[best[0]]:
+                best[:] = [f, res]
+        return losses[f]
 
-    if not cfg.scale_search:
-        return (*walks.setdefault(1.0, block_ldlq(
-            Wr, Hr, StageQuantizer(names, scales, Wr.device), DIM, chunk=cfg.block_size,
-            U=U, layer=layer)), 1.0)
-    f = FACTOR_START
-    for step in (FACTOR_STEP, -FACTOR_STEP):
+    f = FACTOR_START if cfg.scale_search else 1.0
+    walk(f)
+    for step in (FACTOR_STEP, -FACTOR_STEP) if cfg.scale_search else ():
         while FACTOR_RANGE[0] <= round(f + step, 6) <= FACTOR_RANGE[1] and \
                 walk(round(f + step, 6)) < walk(f):
             f = round(f + step, 6)
-    return (*walks[f], f)
+    return (*best[1], best[0])
 
 
 class _QuIPSharpLayer(_QuIPLayer):
@@ -187,7 +188,7 @@ class _QuIPSharpLayer(_QuIPLayer):
             parts = [quant(blocks[b]) for b in range(k // DIM)]
             codes = torch.stack([c for _, c in parts])
             deq = torch.stack([q for q, _ in parts], 1).reshape(n, k)
-            loss = float((Wr - deq).square().sum())
+            loss = float((Wr - deq).square().sum())  # no Hessian: the plain squared error
         codes = codes.permute(2, 1, 0)  # (stages, N, K/8)
         extras = dict(sign_in=V.signs, sign_out=U.signs, scale_mode=cfg.scale)
         if len(names) > 1:
@@ -201,7 +202,8 @@ class _QuIPSharpLayer(_QuIPLayer):
                           torch.zeros(0), cfg.bits, -1, extras=extras, loss=loss,
                           layer_kind="quipsharp")
         res.info.update(mu_before=incoherence(W), mu_after=incoherence(Wr),
-                        rotated_mse=float((Wr - deq).square().mean()))
+                        rotated_mse=float((Wr - deq).square().mean()),
+                        scale_factor=factor if cfg.rounding == "ldlq" else 1.0)
         return res
 
 

@@ -33,7 +33,8 @@ dequantized weight ``(q - z) * s``:
   compressed model, then loads the files into it) creates ``weight_zero_point`` unpacked,
   (N, G), and refuses every packed asymmetric file with a size mismatch, whoever wrote it;
   with ``dequantize`` transformers decompresses each layer from the file as it loads (the
-  same dense weights). Whether vLLM accepts the extra key is not checked here.
+  same dense weights). vLLM 0.32 (CPU build) loads and runs such a file
+(benchmarks/results/interop.md).
 
 Layers the formats cannot express are refused with the reason (QuIP's rotations, see
 :data:`QUIP_REFUSAL`; SpQR's outliers; an AWQ input scale that nothing absorbed; mixed bit

@@ -124,8 +124,11 @@ class QuipSharpLinear(QuipLinear):
         dev = self.qweight.device
         w = torch.zeros(self.out_features, self.in_features // DIM, DIM, device=dev)
         for i, (name, codes) in enumerate(zip(names, stored)):
-            table = codebook(name).table.to(dev)  # (size, 8)
-            w += table[from_stored(codes)] * self.scales[i].float().view(-1, 1, 1)
+            cb, c = codebook(name), from_stored(codes)
+            # the host keeps the whole table (size, 8); elsewhere decode from the 256 rows of
+            # absolute values rather than copy the table to the device on every call
+            pts = cb.table[c] if dev.type == "cpu" else cb.decode(c)
+            w += pts * self.scales[i].float().view(-1, 1, 1)
         return w.view(self.out_features, self.in_features)
 
     def reference_product(self, x: torch.Tensor) -> torch.Tensor:

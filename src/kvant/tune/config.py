@@ -41,6 +41,9 @@ class TuneConfig:
     tokens: end to end: the token budget, i.e. optimizer steps x batch_size x seq_len (rounded
         up to whole steps).
     batch_size: end to end: calibration samples per step.
+    holdout: end to end: the fraction of calibration windows kept out of training to stop
+        early on (kvant.tune.e2e); 0 = train on all and keep the end if the calibration KL
+        fell.
     seed: end to end: the order in which calibration samples are drawn.
     """
 
@@ -50,6 +53,7 @@ class TuneConfig:
     params: tuple[str, ...] = PARAM_KINDS
     tokens: int = 262144
     batch_size: int = 8
+    holdout: float = 0.0
     seed: int = 0
     version: ClassVar[int] = 1
 
@@ -63,6 +67,10 @@ class TuneConfig:
         if (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
                 or not math.isfinite(self.lr) or self.lr <= 0):
             raise ConfigError(f"lr must be a positive finite number, got {self.lr!r}")
+        if (isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float))
+                or not 0 <= self.holdout < 1):
+            raise ConfigError(f"holdout must be a fraction in [0, 1), got {self.holdout!r}")
+        object.__setattr__(self, "holdout", float(self.holdout))
         if self.target not in TARGETS:
             raise ConfigError(f"target must be one of {TARGETS}, got {self.target!r}")
         params = (self.params,) if isinstance(self.params, str) else self.params

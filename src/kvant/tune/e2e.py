@@ -46,6 +46,16 @@ def calibration_kl(qmodel: nn.Module, float_model: nn.Module, calib: torch.Tenso
     return total / max(count, 1)
 
 
+def _split(calib: torch.Tensor, holdout: float, gen: torch.Generator):
+    """(training windows, held-out windows or None): ``holdout`` of the windows, at least
+    one, chosen at random by ``gen``; at least one window is always trained on."""
+    if holdout <= 0 or len(calib) < 2:
+        return calib, None
+    perm = torch.randperm(len(calib), generator=gen)
+    n = min(max(1, round(holdout * len(calib))), len(calib) - 1)
+    return calib[perm[n:]], calib[perm[:n]]
+
+
 def finetune(qmodel: nn.Module, float_model: nn.Module, calib: torch.Tensor,
              config: TuneConfig | None = None, *, show_progress: bool = False) -> dict:
     """Tune the quantized ``qmodel`` in place toward ``float_model``'s next-token
@@ -53,8 +63,14 @@ def finetune(qmodel: nn.Module, float_model: nn.Module, calib: torch.Tensor,
     ceil(tokens / (batch_size * seq_len)) steps, over the calibration windows in a seeded
     order. Only scales, norms and biases move (``config.params``); packed codes never.
 
-    Returns a report: ``kl_before``, ``kl_after`` (calibration KL), ``steps``, ``tokens``,
-    ``values`` (scalars moved per kind), ``reverted``, ``seconds``.
+    ``config.holdout`` > 0: that fraction of the windows (chosen by ``config.seed``) is
+    not trained on; its KL is measured at a quarter, half, three quarters and the end of the
+    steps, and the values at the best of these points are kept (early stopping against
+    overfitting a small calibration set), or the old ones if none is better.
+
+    Returns a report: ``kl_before``, ``kl_after`` (KL on all calibration windows),
+    ``holdout_kl_before`` / ``holdout_kl_after`` / ``best_step`` (with a holdout), ``steps``,
+    ``tokens``, ``values`` (scalars moved per kind), ``reverted``, ``seconds``.
     """
     config = config or TuneConfig()
     if not isinstance(config, TuneConfig):
@@ -81,17 +97,22 @@ def finetune(qmodel: nn.Module, float_model: nn.Module, calib: torch.Tensor,
         report.update(kl_before=before, kl_after=before)
         if not tunables.entries:
             return {**report, "seconds": time.perf_counter() - t0}
-        opt = torch.optim.Adam(tunables.parameters(), lr=config.lr)
         gen = torch.Generator().manual_seed(config.seed)
+        train, held = _split(calib, config.holdout, gen)
+        judge = calib if held is None else held  # the KL that decides what is kept
+        held_before = before if held is None else calibration_kl(qmodel, float_model, held, bs)
+        checks = {math.ceil(steps * k / 4) for k in (1, 2, 3, 4)} if held is not None else ()
+        best = (held_before, None, 0)  # (holdout KL, masters, step); None: the old values
+        opt = torch.optim.Adam(tunables.parameters(), lr=config.lr)
         order = torch.empty(0, dtype=torch.long)
         qdev, fdev = model_device(qmodel), model_device(float_model)
         with torch.enable_grad(), tunables.applied(qmodel) as feed:
-            for _ in tqdm(range(steps), desc="fine-tuning end to end",
-                          disable=None if show_progress else True):
+            for step in tqdm(range(1, steps + 1), desc="fine-tuning end to end",
+                             disable=None if show_progress else True):
                 if len(order) < bs:  # a new pass over the windows, in a fresh order
-                    order = torch.cat([order, torch.randperm(len(calib), generator=gen)])
+                    order = torch.cat([order, torch.randperm(len(train), generator=gen)])
                 idx, order = order[:bs], order[bs:]
-                batch = calib[idx]
+                batch = train[idx]
                 with torch.no_grad():
                     p = lm_logits(float_model, batch.to(fdev)).to(qdev)
                 feed.refresh()
@@ -99,12 +120,28 @@ def finetune(qmodel: nn.Module, float_model: nn.Module, calib: torch.Tensor,
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if step in checks:
+                    with torch.no_grad():
+                        feed.refresh()
+                        h = calibration_kl(qmodel, float_model, held, bs)
+                    if h < best[0]:
+                        best = (h, [t.detach().clone() for t in tunables.parameters()], step)
+        if held is not None and best[1] is not None:
+            with torch.no_grad():
+                for t, v in zip(tunables.parameters(), best[1]):
+                    t.copy_(v)
         tunables.write_back()
-        after = calibration_kl(qmodel, float_model, calib, bs)
-        if not after < before:
+        judged = calibration_kl(qmodel, float_model, judge, bs)
+        if (held is not None and best[1] is None) or not judged < held_before:
             tunables.revert()
-            after, report["reverted"] = before, True
+            judged, report["reverted"] = held_before, True
+        after = calibration_kl(qmodel, float_model, calib, bs) if held is not None else judged
+        if report["reverted"]:
+            after = before
         report.update(kl_after=after, steps=steps, tokens=steps * bs * calib.shape[1])
+        if held is not None:
+            report.update(holdout_kl_before=held_before, holdout_kl_after=judged,
+                          holdout_windows=len(held), best_step=best[2])
     finally:
         qmodel.train(modes[0])
         float_model.train(modes[1])
