@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kvant import cli
+from kvant import cli, cli_quantize
 from kvant.model.nanogpt import GPTConfig, GPTLanguageModel, embedded_text
 
 TINY = GPTConfig(vocab_size=65, n_embd=32, n_head=2, n_layer=2, block_size=32, dropout=0.0)
@@ -104,14 +104,14 @@ def test_device_is_checked_before_the_model_is_loaded(work, capsys, monkeypatch)
 
 def test_unset_flags_keep_the_method_defaults():
     p = cli.build_parser()
-    spqr = cli._config_from_args(p.parse_args(["quantize", "m", "--out", "o", "--method", "spqr"]))
+    spqr = cli_quantize.config_from_args(p.parse_args(["quantize", "m", "--out", "o", "--method", "spqr"]))
     assert (spqr.bits, spqr.group_size, spqr.act_order) == (3, 16, True)
-    gptq = cli._config_from_args(p.parse_args(["quantize", "m", "--out", "o", "--method", "gptq"]))
+    gptq = cli_quantize.config_from_args(p.parse_args(["quantize", "m", "--out", "o", "--method", "gptq"]))
     assert (gptq.bits, gptq.group_size, gptq.sym) == (4, 128, False)
-    set_ = cli._config_from_args(p.parse_args(["quantize", "m", "--out", "o", "--method", "spqr",
+    set_ = cli_quantize.config_from_args(p.parse_args(["quantize", "m", "--out", "o", "--method", "spqr",
                                                "--bits", "4", "--group-size", "32"]))
     assert (set_.bits, set_.group_size) == (4, 32)
-    ig = cli._config_from_args(p.parse_args(["quantize", "m", "--out", "o", "--option",
+    ig = cli_quantize.config_from_args(p.parse_args(["quantize", "m", "--out", "o", "--option",
                                              "ignore=proj", "--option", "ignore=net.0"]))
     assert ig.ignore == ("proj", "net.0")
 

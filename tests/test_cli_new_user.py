@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import kvant
-from kvant import cli
+from kvant import cli, cli_quantize
 from kvant.model.nanogpt import GPTConfig, GPTLanguageModel, embedded_text
 
 TINY = GPTConfig(vocab_size=65, n_embd=32, n_head=2, n_layer=2, block_size=32, dropout=0.0)
@@ -209,9 +209,9 @@ def test_method_choices_in_help_and_defaults_from_the_method(capsys):
     assert "{" + ",".join(available()) + "}" in sub.format_help()
     for method in available():  # no flag given: exactly the method's own defaults
         args = p.parse_args(["quantize", "m", "--out", "o", "--method", method])
-        assert cli._config_from_args(args) == config_class(method)(), method
+        assert cli_quantize.config_from_args(args) == config_class(method)(), method
     args = p.parse_args(["quantize", "m", "--out", "o", "--method", "spqr", "--quantize-head"])
-    cfg = cli._config_from_args(args)
+    cfg = cli_quantize.config_from_args(args)
     assert (cfg.bits, cfg.group_size, cfg.quantize_head) == (3, 16, True)
     with pytest.raises(SystemExit) as e:
         p.parse_args(["quantize", "m", "--out", "o", "--method", "gtpq"])

@@ -11,7 +11,7 @@ import sys
 import time
 
 
-def _config_from_args(args):
+def config_from_args(args):
     """The method config from the flags the user gave; a flag left unset keeps the method's
     own default (SpQR's bits=3, group_size=16, not the flags' usual 4 and 128)."""
     from kvant.algorithms.registry import parse_value, add_field, config_class
@@ -58,7 +58,7 @@ def cmd_quantize(args) -> int:
     from kvant.model.lazy import streamable
 
     # everything that can be checked without the model, before loading it
-    config = _config_from_args(args)
+    config = config_from_args(args)
     mixed = _mixed_from_args(args)  # --target-bpw: kvant.calib.plan.MixedConfig or None
     tune = _tune_from_args(args)  # --finetune: kvant.TuneConfig or None
     block_tune = tune if args.finetune in ("block", "both") else None
