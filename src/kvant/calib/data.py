@@ -76,20 +76,26 @@ def wikitext_rows(path: str | os.PathLike) -> list[str]:
     return text.splitlines(keepends=True)
 
 
-def read_jsonl(path: str | os.PathLike, field: str = "text") -> list[str]:
-    """The ``field`` of every JSON line of ``path`` (C4's layout: text, timestamp, url)."""
-    docs = []
+def json_lines(path: str | os.PathLike):
+    """(line number, parsed object) for every non-blank line of a JSONL file; a line that is
+    not JSON raises :class:`CalibrationDataError` naming the file and line."""
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield i, json.loads(line)
             except json.JSONDecodeError as e:
                 raise CalibrationDataError(f"{path}:{i} is not valid JSON: {e}") from None
-            if not isinstance(row, dict) or field not in row:
-                raise CalibrationDataError(f"{path}:{i} has no {field!r} field")
-            docs.append(str(row[field]))
+
+
+def read_jsonl(path: str | os.PathLike, field: str = "text") -> list[str]:
+    """The ``field`` of every JSON line of ``path`` (C4's layout: text, timestamp, url)."""
+    docs = []
+    for i, row in json_lines(path):
+        if not isinstance(row, dict) or field not in row:
+            raise CalibrationDataError(f"{path}:{i} has no {field!r} field")
+        docs.append(str(row[field]))
     return docs
 
 
@@ -238,24 +244,17 @@ def read_chat_jsonl(path: str | os.PathLike) -> list[tuple[int, list[dict]]]:
     if not path.is_file():
         raise CalibrationDataError(f"chat calibration file {str(path)!r} does not exist")
     chats = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CalibrationDataError(f"{path}:{i} is not valid JSON: {e}") from None
-            msgs = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(msgs, list) or not msgs:
-                raise CalibrationDataError(f"{path}:{i} has no 'messages' list (expected "
-                                           '{"messages": [{"role": ..., "content": ...}]})')
-            for j, m in enumerate(msgs):
-                if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                        and isinstance(m.get("content"), str)):
-                    raise CalibrationDataError(f"{path}:{i}: message {j} is not an object "
-                                               "with string 'role' and 'content'")
-            chats.append((i, msgs))
+    for i, row in json_lines(path):
+        msgs = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(msgs, list) or not msgs:
+            raise CalibrationDataError(f"{path}:{i} has no 'messages' list (expected "
+                                       '{"messages": [{"role": ..., "content": ...}]})')
+        for j, m in enumerate(msgs):
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and isinstance(m.get("content"), str)):
+                raise CalibrationDataError(f"{path}:{i}: message {j} is not an object "
+                                           "with string 'role' and 'content'")
+        chats.append((i, msgs))
     if not chats:
         raise CalibrationDataError(f"chat calibration file {str(path)!r} holds no conversation")
     return chats
