@@ -91,7 +91,8 @@ def test_q4_0_golden_bytes():
 
 def test_fallback_types_and_refusal():
     assert gg.type_for_width(gg.TYPES["Q4_K"], 576).name == "Q5_0"
-    assert gg.type_for_width(gg.TYPES["Q3_K"], 576).name == "IQ4_NL"
+    assert gg.type_for_width(gg.TYPES["Q3_K"], 576).name == "Q4_0"
+    assert gg.type_for_width(gg.TYPES["Q2_K"], 576).name == "Q4_0"
     assert gg.type_for_width(gg.TYPES["Q6_K"], 576).name == "Q8_0"
     assert gg.type_for_width(gg.TYPES["Q4_K"], 512).name == "Q4_K"
     with pytest.raises(ValueError, match="multiple of 32"):
@@ -346,7 +347,7 @@ def _llama_python():
 @pytest.mark.skipif(_llama_python() is None,
                     reason="llama_cpp not importable (set KVANT_LLAMA_PYTHON to a Python with "
                            "llama-cpp-python)")
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_K"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q3_K"])
 def test_llama_cpp_logits_agree_with_kvant(tmp_path, name):
     """llama.cpp's logits of kvant's file vs kvant's: they differ only by llama.cpp's 8-bit
     activation rounding in its dot products, ~1% of the logit range here."""

@@ -87,12 +87,13 @@ TYPES: dict[str, GGUFType] = {t.name: t for t in (
     GGUFType("Q5_0", 32, 22, 32, 32, 16, False, 5),
     GGUFType("Q8_0", 32, 34, 32, 256, 128, False, 8),
     GGUFType("IQ4_NL", 32, 18, 32, 16, 0, False, 4, table=IQ4NL_VALUES),
-    GGUFType("Q2_K", QK_K, 84, 16, 4, 0, True, 2, (0, 15), fallback="IQ4_NL"),
-    GGUFType("Q3_K", QK_K, 110, 16, 8, 4, False, 3, (-32, 31), fallback="IQ4_NL"),
+    GGUFType("Q2_K", QK_K, 84, 16, 4, 0, True, 2, (0, 15), fallback="Q4_0"),
+    GGUFType("Q3_K", QK_K, 110, 16, 8, 4, False, 3, (-32, 31), fallback="Q4_0"),
     GGUFType("Q4_K", QK_K, 144, 32, 16, 0, True, 4, (0, 63), fallback="Q5_0"),
     GGUFType("Q6_K", QK_K, 210, 16, 64, 32, False, 6, (-128, 127), fallback="Q8_0"),
 )}
-# the types a user may ask for (IQ4_NL and Q5_0 appear as llama.cpp's fallbacks)
+# the types a user may ask for (Q5_0 appears only as a fallback; IQ4_NL stays a grid kvant
+# reads and rounds on)
 EXPORT_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q3_K", "Q2_K", "Q6_K")
 
 
