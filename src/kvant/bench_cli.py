@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from kvant.errors import InputError
@@ -20,13 +19,11 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
                          f"got {text!r}") from None
 
 
-def env_stamp() -> dict:
-    """``{"commit", "dirty"}`` of the code from ``KVANT_COMMIT`` / ``KVANT_DIRTY`` (``0`` or
-    ``1``), None each when unset: kvant runs no git; whoever knows the code says it (the
-    benchmark scripts in ``benchmarks/`` pass git's answer in)."""
-    flag = os.environ.get("KVANT_DIRTY")
-    return {"commit": os.environ.get("KVANT_COMMIT") or None,
-            "dirty": None if flag is None else flag not in ("0", "false", "")}
+def _flag01(text: str, flag: str) -> bool:
+    """'0' / '1' -> False / True; anything else is one clear error naming the flag."""
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"{flag} takes 0 or 1, got {text!r}")
+    return text == "1"
 
 
 def _row_line(r: dict, base: float | None) -> str:
@@ -62,7 +59,7 @@ def cmd_bench(args) -> int:
         if not args.json:
             tqdm.write(_row_line(r, state["base"]))
 
-    res = bench(args.model, settings, args.out, stamp=env_stamp(), on_record=show)
+    res = bench(args.model, settings, args.out, stamp={"commit": args.commit, "dirty": args.dirty}, on_record=show)
     if args.json:
         print(json.dumps(res.records, indent=1))
         return 0
@@ -90,7 +87,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "computed once. Writes bench.json, bench.md and bench.png into --out; "
                     "run again with the same --out to skip the configurations already there. "
                     "Every record names kvant's version, and the code's commit and dirty flag "
-                    "when the environment gives them (KVANT_COMMIT, KVANT_DIRTY=0/1).")
+                    "when --commit / --dirty give them (kvant runs no git).")
     b.add_argument("model", nargs="?", default="embedded",
                    help="'embedded' (the default: the embedded nanoGPT), a Hugging Face "
                         "directory or hub id, or a .gguf file")
@@ -127,6 +124,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--out", default="kvant-bench",
                    help="results directory (default ./kvant-bench); an earlier run's "
                         "directory resumes it")
+    b.add_argument("--commit", default=None,
+                   help="the commit of the code that runs, recorded with every row (e.g. "
+                        "$(git rev-parse --short HEAD)); default: not recorded")
+    b.add_argument("--dirty", default=None, type=lambda v: _flag01(v, "--dirty"),
+                   help="1 when that code has uncommitted changes, 0 when not; recorded with "
+                        "every row")
     b.add_argument("--json", action="store_true", help="print the records as JSON")
     b.set_defaults(fn=cmd_bench)
     return b

@@ -157,7 +157,7 @@ def bench(model_source: str | os.PathLike | None, settings: BenchSettings,
     ``out_dir`` (see the module docstring), skipping configurations already there.
 
     stamp: ``commit`` / ``dirty`` recorded with every row, as the caller knows them (the
-        library runs no git; the CLI reads ``KVANT_COMMIT`` / ``KVANT_DIRTY``).
+        library runs no git; the CLI takes ``--commit`` / ``--dirty``).
     on_record(record): called after each newly measured record (float row included).
     """
     out = check_bench_output(out_dir)

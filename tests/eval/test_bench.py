@@ -227,11 +227,9 @@ def test_cli_bad_method_is_one_line_exit_2(capsys, tmp_path):
 
 
 def test_cli_on_the_embedded_model(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("KVANT_COMMIT", "abc1234")  # the code's name comes from the caller
-    monkeypatch.setenv("KVANT_DIRTY", "1")
-    out = tmp_path / "b"
+    out = tmp_path / "b"  # the code's name comes from the caller
     rc = cli.main(["bench", "--methods", "rtn", "--bits", "4", "--max-windows", "2",
-                   "--out", str(out)])
+                   "--commit", "abc1234", "--dirty", "1", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
     recs = json.loads((out / "bench.json").read_text())
