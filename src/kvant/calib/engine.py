@@ -29,6 +29,7 @@ from kvant.calib.budget import check_calibration
 from kvant.calib import dist as kdist
 from kvant.calib.capture import BlockInput, capture_block_inputs, run_block
 from kvant.calib.head import plan_head, quantize_head
+from kvant.calib.placement import on_device_except_blocks
 from kvant.calib.runner import BlockRunner
 from kvant.config import EngineOptions, MethodConfig
 from kvant.core.gguf_grid import type_for_grid
@@ -235,7 +236,7 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
         if lazy is not None:
             lazy.load(0, blocks[0])
         homes[0] = next(blocks[0].parameters()).device
-        with _on_device_except_blocks(model, blocks, device):
+        with on_device_except_blocks(model, blocks, device):
             blocks[0].to(device)
             inputs = capture_block_inputs(model, blocks[0], batches, device,
                                           options.show_progress)
@@ -373,55 +374,3 @@ def _moe_summary(stacks: dict, layers: dict, options) -> dict:
             "expert_layers_few_tokens": len(few), "few_token_layers": few,
             "min_tokens": options.expert_min_tokens if options.expert_min_tokens is not None
             else "input width"}
-
-
-class _on_device_except_blocks:
-    """Context: move every parameter/buffer outside the blocks to ``device``, then back."""
-
-    def __init__(self, model: nn.Module, blocks: nn.Module, device: torch.device):
-        self.model, self.blocks, self.device = model, blocks, device
-        self.moved: list[tuple[nn.Module, torch.device]] = []
-
-    def _outside(self):
-        inside = {id(m) for m in self.blocks.modules()}
-        for m in self.model.modules():
-            if id(m) in inside:
-                continue
-            tensors = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
-            if tensors:
-                yield m, tensors[0].device
-
-    def __enter__(self):
-        for m, dev in self._outside():
-            if not _same_device(dev, self.device):
-                self.moved.append((m, dev))
-                m.to(self.device) if not list(m.children()) else _move_own(m, self.device)
-        return self
-
-    def __exit__(self, *exc):
-        # last moved first: a tied weight (lm_head = embed_tokens) was seen a second time
-        # already on the device, so its first owner's record must win and be applied last
-        for m, dev in reversed(self.moved):
-            m.to(dev) if not list(m.children()) else _move_own(m, dev)
-        return False
-
-
-def _same_device(a: torch.device, b: torch.device | str) -> bool:
-    # "cuda" and "cuda:0" name one device; a tensor always reports its index
-    a, b = torch.device(a), torch.device(b)
-    if a.type != b.type:
-        return False
-    if a.type != "cuda":
-        return True
-    cur = torch.cuda.current_device()
-    return (cur if a.index is None else a.index) == (cur if b.index is None else b.index)
-
-
-def _move_own(m: nn.Module, device: torch.device) -> None:
-    # move only the module's own parameters and buffers, not its children
-    for name, p in list(m._parameters.items()):
-        if p is not None:
-            p.data = p.data.to(device)
-    for name, b in list(m._buffers.items()):
-        if b is not None:
-            m._buffers[name] = b.to(device)

@@ -268,7 +268,8 @@ def measure(model: nn.Module, config: MethodConfig, calib: torch.Tensor,
             mixed: MixedConfig, options: EngineOptions | None = None) -> Measurement:
     """Pass 1: every quantized layer's exact stored bits and predicted loss at every
     candidate of ``mixed`` (see the module docstring). The model is left unchanged."""
-    from kvant.calib.engine import _on_device_except_blocks, resolve_device
+    from kvant.calib.engine import resolve_device
+    from kvant.calib.placement import on_device_except_blocks
 
     options = options or EngineOptions()
     t0 = time.perf_counter()
@@ -286,7 +287,7 @@ def measure(model: nn.Module, config: MethodConfig, calib: torch.Tensor,
         fisher = (output_fisher(model, names, calib, options.batch_size)
                   if mixed.sensitivity == "fisher" else None)  # None: KL measured below
         keep = {} if mixed.sensitivity == "kl" else None
-        with _on_device_except_blocks(model, blocks, device):
+        with on_device_except_blocks(model, blocks, device):
             blocks[0].to(device)
             inputs = capture_block_inputs(model, blocks[0], torch.split(calib,
                                           options.batch_size), device)
