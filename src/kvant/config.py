@@ -275,6 +275,14 @@ class SpQRConfig(WalkConfig):
                               "sym=True and clip=True are not supported")
 
 
+def check_seed_and_rounding(cfg: Any) -> None:
+    """The fields QuIP and QuIP# share: ``seed`` (of the sign vectors) and ``rounding``."""
+    if cfg.rounding not in ("ldlq", "rtn"):
+        raise ConfigError(f"rounding must be 'ldlq' or 'rtn', got {cfg.rounding!r}")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool) or cfg.seed < 0:
+        raise ConfigError(f"seed must be a non-negative int, got {cfg.seed!r}")
+
+
 @dataclass(frozen=True)
 class QuIPConfig(WalkConfig):
     """QuIP (Chee et al., 2023) with QuIP#'s randomized Hadamard transforms: round
@@ -295,10 +303,7 @@ class QuIPConfig(WalkConfig):
     rescale: bool = False
 
     def validate(self) -> None:
-        if self.rounding not in ("ldlq", "rtn"):
-            raise ConfigError(f"rounding must be 'ldlq' or 'rtn', got {self.rounding!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
+        check_seed_and_rounding(self)
         if not isinstance(self.rescale, bool):
             raise ConfigError(f"rescale must be a bool, got {self.rescale!r}")
         if self.act_order and self.rounding != "ldlq":
@@ -306,59 +311,6 @@ class QuIPConfig(WalkConfig):
         if self.group_size == 0 and self.rounding == "ldlq":
             raise ConfigError("group_size=0 (one scale per tensor) is not supported with "
                               "rounding='ldlq'; use -1 (per channel) or a positive group")
-
-
-@dataclass(frozen=True)
-class QuIPSharpConfig(WalkConfig):
-    """QuIP# (Tseng et al., 2024) without fine-tuning: QuIP's randomized Hadamard rotation,
-    then the E8P lattice codebook (kvant.core.e8p) on groups of 8 rotated weights of a row,
-    rounded with block LDLQ; ``y = Uᵀ Q(W̃) V x`` (kvant.algorithms.quipsharp).
-
-    bits: 2 (one E8P code per 8 weights), 3 (plus a 1-bit E8P residual stage) or 4 (plus a
-        second E8P stage): residual vector quantization, each stage with its own scale.
-    group_size: must stay -1: the scale is per output row or per layer (``scale``).
-    scale: "row" (one float16 scale per rotated output row and stage) or "layer" (one per
-        stage, as QuIP#).
-    seed: derives the per-layer sign vectors (with the layer name), as QuIP's.
-    rounding: "ldlq" (block LDLQ: GPTQ's walk over blocks of 8 columns, each block rounded
-        jointly and its error fed back through the inverse Hessian) or "rtn" (nearest code,
-        no feedback; needs no calibration).
-    scale_search: with "ldlq", search a common factor on the scales fitted to nearest
-        rounding by the walk's proxy loss (a few walks per layer); False keeps them.
-    damp_percent, block_size (lazy-batch columns, a multiple of 8), true_sequential:
-        :class:`WalkConfig`; act_order is not supported.
-    """
-
-    method: ClassVar[str] = "quipsharp"
-
-    bits: int = 2
-    group_size: int = -1
-    scale: str = "row"
-    seed: int = 0
-    rounding: str = "ldlq"
-    scale_search: bool = True
-
-    def validate(self) -> None:
-        if self.bits not in (2, 3, 4):
-            raise ConfigError(f"quipsharp stores 2, 3 or 4 bits per weight, got {self.bits!r}")
-        if self.group_size != -1:
-            raise ConfigError(f"quipsharp scales whole rows or the whole layer (scale=...); "
-                              f"group_size must be -1, got {self.group_size!r}")
-        if self.scale not in ("row", "layer"):
-            raise ConfigError(f"scale must be 'row' or 'layer', got {self.scale!r}")
-        if self.rounding not in ("ldlq", "rtn"):
-            raise ConfigError(f"rounding must be 'ldlq' or 'rtn', got {self.rounding!r}")
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
-            raise ConfigError(f"seed must be a non-negative int, got {self.seed!r}")
-        if not isinstance(self.scale_search, bool):
-            raise ConfigError(f"scale_search must be a bool, got {self.scale_search!r}")
-        if self.block_size % 8:
-            raise ConfigError(f"block_size must be a multiple of 8 (the codebook's dimension), "
-                              f"got {self.block_size!r}")
-        for name in ("act_order", "sym", "clip"):
-            if getattr(self, name):
-                raise ConfigError(f"{name}=True does not apply to quipsharp (a lattice "
-                                  "codebook, walked in column order)")
 
 
 @dataclass(frozen=True)
@@ -424,6 +376,8 @@ class AWQConfig(WalkConfig):
                               "tensor); use -1 (per channel) or a positive group")
 
 
-# the engine's options live in kvant.options (imported here last: it needs ConfigError)
+# imported last, as they need the names above: the GGUF grid check, the quipsharp config and
+# the engine's options (kvant.options), re-exported here
 from kvant.config_gguf import check_gguf_grid  # noqa: E402
+from kvant.config_quipsharp import QuIPSharpConfig  # noqa: E402,F401
 from kvant.options import EngineOptions, check_device  # noqa: E402,F401
