@@ -19,8 +19,14 @@ No ``qzeros``, ``g_idx`` or ``input_scale``. Stored bits per weight (:meth:`bits
 every buffer but the bias counted): ``2·stages`` (3 bits: 2 + 1) plus
 ``16·stages·rows / (N·K)`` for the scales plus ``(⌈N/8⌉ + ⌈K/8⌉)·8 / (N·K)`` for the signs
 (plus the dense factors where a size has no Hadamard construction).
-There is no GPU kernel for the codes yet: every device computes through the reference
-(decode the whole weight, one matmul).
+Compute (:meth:`QuipSharpLinear._product`, the rotated-basis product between the two
+transforms): on CUDA, for at most ``kernels.codebook.KERNEL_MAX_M`` (16) rows of fp16/bf16
+activations, with ``KernelOptions.gpu_kernels`` and Triton importable, the Triton kernel
+``kvant::e8p_linear`` (kernels/triton/e8p.py) decodes the codes on the fly; everything else
+(the CPU, larger batches such as prefill, fp32 activations) takes the reference: decode the
+whole weight, one matmul. The codes are the kernel's layout as stored: no repacking; the
+only derived tensor is ``kernel_tables`` (non-persistent, never saved or counted): the 10 KB
+of word tables both paths of the op decode from (core/e8p_words.py), moved with the layer.
 """
 
 from __future__ import annotations
@@ -28,8 +34,10 @@ from __future__ import annotations
 import torch
 
 from kvant.core.e8p import DIM, codebook
+from kvant.core.e8p_words import kernel_tables
 from kvant.core.hadamard import pack_signs
 from kvant.core.result import LayerResult, register_kind
+from kvant.kernels import codebook as cbk
 from kvant.nn.quip_linear import QuipLinear
 
 # the codebooks of each stage, by stored bits per weight
@@ -81,6 +89,8 @@ class QuipSharpLinear(QuipLinear):
         self.register_buffer("scales", torch.ones(len(names), rows, dtype=torch.float16))
         self.register_buffer("qweight_resid", torch.zeros(
             out_features, blocks, dtype=_CODE_DTYPE[names[1]]) if len(names) > 1 else None)
+        # derived, not stored: the op's decode tables (module docstring)
+        self.register_buffer("kernel_tables", kernel_tables(), persistent=False)
         kw = self._init_kwargs
         for key in ("act_order", "input_scale"):
             kw.pop(key)
@@ -136,8 +146,29 @@ class QuipSharpLinear(QuipLinear):
         return x @ self.rotated_weight().to(device=x.device, dtype=x.dtype).t()
 
     def kernel_source(self) -> tuple:
-        raise NotImplementedError("E8P codes have no GPU kernel layout yet; the torch "
-                                  "reference computes this layer")
+        raise NotImplementedError("E8P codes need no repacked layout: the codebook kernel "
+                                  "reads them as stored (kvant::e8p_linear)")
+
+    def _prepare_on(self, dev: torch.device) -> bool:
+        """No layout to build (the codes are the kernel's input; the tables move with the
+        layer); on CUDA the kernel's split-K counters are made now so that a CUDA-graph
+        capture finds them. Returns whether the kernel computes this layer's decode-size
+        batches."""
+        super()._prepare_on(dev)
+        return self.kernel_options.gpu_kernels and cbk.prepare(dev)
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ Ŵᵀ`` for x (..., K) already rotated: the codebook kernel where it applies
+        (module docstring), else :meth:`reference_product`."""
+        if (self.kernel_options.gpu_kernels and cbk.kernel_applies(x)
+                and self.qweight.device == x.device):
+            return cbk.e8p_linear(x, self.qweight, self.qweight_resid, self.scales,
+                                  self.kernel_tables, self.bits, self.kernel_options.autotune)
+        return self.reference_product(x)
+
+    def storage_bytes(self) -> int:
+        """Bytes of the stored tensors (the derived ``kernel_tables`` not counted)."""
+        return super().storage_bytes() - self.kernel_tables.numel() * 4
 
     def stored_problem(self) -> str | None:
         """Why the stored tensors are invalid, or None (kvant.formats.integrity)."""
