@@ -76,7 +76,7 @@ def test_k_tails(bits):
     # K = 8 * 200: masked last iterations at BKB 16 and 32, uneven splits
     e8p = _e8p()
     _check(200, 200, bits, [1, 5], lambda m: [
-        e8p.heuristic(m), e8p.Config(dot=0, bn=32, bkb=16, split=3),
+        e8p.heuristic(m, bits), e8p.Config(dot=0, bn=32, bkb=16, split=3),
         e8p.Config(dot=1, bn=64, bkb=32, unpack=1, split=2),
         e8p.Config(dot=2, bn=64, bkb=16, unpack=2, split=5)][:4 if m == 1 else 1] + [
         e8p.Config(dot=2, bn=64, bkb=32, unpack=0, sign_table=False, split=2)])
@@ -87,7 +87,8 @@ def test_k_tails(bits):
 def test_bf16_and_layer_scales(bits, layer):
     e8p = _e8p()
     _check(136, 256, bits, [1, 3, 8, 16],
-           lambda m: [e8p.heuristic(m), e8p.Config(dot=2, bn=64, bkb=16, unpack=1, split=3),
+           lambda m: [e8p.heuristic(m, bits), e8p.Config(dot=2, bn=64, bkb=16, unpack=1,
+                                                          split=3),
                       e8p.Config(dot=0, bn=32, bkb=16, split=2)][:3 if m <= 2 else 2],
            dtype=torch.bfloat16, layer=layer)
 

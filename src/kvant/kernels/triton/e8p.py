@@ -306,12 +306,15 @@ def auto_split(tiles: int, iters: int, sms: int) -> int:
     return split
 
 
-def heuristic(m: int) -> Config:
-    """The default launch for ``m`` rows of x (before any H200 measurement: CUDA cores for one
-    row, tensor cores above)."""
-    if m == 1:
-        return Config(dot=0, bn=64, bkb=16)
-    return Config(dot=2, bn=64, bkb=16, unpack=1, stages=2)
+def heuristic(m: int, bits: int = 2) -> Config:
+    """The default launch for ``m`` rows of x and ``bits`` (1-16 rows share one tile of 16).
+    Not yet measured on a GPU: chosen by the offline compile (fewest instructions a weight in
+    the main loop: the weights as the A operand of the tensor cores, 5.5 a weight at BN 128 /
+    8 warps against 9.3 for the CUDA-core form; 3-4 bits at BN 64 to halve the shared
+    memory of the pipelined table gathers)."""
+    if bits == 2:
+        return Config(dot=2, bn=128, bkb=16, unpack=1, warps=8, stages=2)
+    return Config(dot=2, bn=64, bkb=16, unpack=1, warps=4, stages=2)
 
 
 # (dot, BN, BKB, unpack, sign table, warps, stages): what tune() and the benchmark time. The
@@ -421,7 +424,7 @@ def linear(x: torch.Tensor, qweight: torch.Tensor, qweight_resid: Optional[torch
         if autotune and not torch.cuda.is_current_stream_capturing():
             cfg = tune(x2, qweight, qweight_resid, scales, tables, bits)
         else:
-            cfg = heuristic(x2.shape[0])
+            cfg = heuristic(x2.shape[0], bits)
     y = launch(x2, qweight, qweight_resid, scales.contiguous(), tables, bits, cfg)
     return y.reshape(*lead, qweight.shape[0])
 
