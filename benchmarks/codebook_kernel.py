@@ -119,7 +119,7 @@ def bench(n, k, bits, batches, log) -> list:
         out = torch.empty(m, n, device="cuda", dtype=torch.float16)
         times = {}
         t0 = time.time()
-        for cfg in e8p.candidates(m):
+        for cfg in e8p.candidates(m, bits):
             calls = [lambda w=w, c=cfg: e8p.launch(x, *w, tables, bits, c, out) for w in ws]
             try:
                 times[cfg] = graph_time_us(calls, reps=3, rounds=3)
@@ -220,7 +220,7 @@ def main() -> None:
     from dataclasses import asdict
 
     tasks = sorted({(b, tuple(sorted(asdict(replace_split(c, s)).items())))
-                    for b in bits_list for m in batches for c in e8p.candidates(m)
+                    for b in bits_list for m in batches for c in e8p.candidates(m, b)
                     for s in (1, 2)})
     failed = precompile([(b, dict(c)) for b, c in tasks], args.workers)
     log(f"precompiled {len(tasks)} kernels in {time.time() - t0:.0f}s; {len(failed)} failed: "

@@ -68,7 +68,7 @@ def _check(n, kb, bits, ms, configs, dtype=torch.float16, layer=False):
 def test_every_candidate_fp16(bits):
     # N = 208: a tail in every BN > 16 (sizes that specialise like the benchmark's, so its
     # compiled kernels are reused)
-    _check(208, 256, bits, [1, 2, 16], lambda m: _e8p().candidates(m))
+    _check(208, 256, bits, [1, 2, 16], lambda m: _e8p().candidates(m, bits))
 
 
 @pytest.mark.parametrize("bits", [2, 3])

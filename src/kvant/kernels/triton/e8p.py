@@ -326,19 +326,31 @@ def heuristic(m: int, bits: int = 2) -> Config:
 GEMV_TILES = ((32, 16, 0, True, 4, 2), (64, 16, 0, True, 4, 2), (64, 16, 2, True, 4, 2),
               (32, 16, 0, False, 4, 2))
 DOT_TILES = ((2, 64, 16, 1, True, 4, 1), (2, 64, 16, 1, True, 4, 2), (2, 64, 16, 2, True, 4, 2),
-             (2, 128, 16, 1, True, 4, 2), (2, 128, 16, 1, True, 8, 2),
+             (2, 128, 16, 1, True, 4, 2), (2, 128, 16, 1, True, 8, 2), (2, 256, 16, 1, True, 8, 2),
              (2, 64, 32, 1, True, 4, 1), (2, 64, 16, 1, False, 4, 2),
              (2, 128, 32, 2, True, 8, 1), (1, 64, 16, 2, True, 4, 2), (1, 64, 32, 1, True, 4, 1))
 
 
-def candidates(m: int) -> list[Config]:
-    """The launches :func:`tune` (and benchmarks/codebook_kernel.py) time for ``m`` rows."""
+def smem_estimate(cfg: Config, bits: int) -> int:
+    """Shared memory (bytes) of a tensor-core launch: the pipelined table gathers, 32 bytes a
+    code and stage for each E8P stage (16 for E8P1, sign table only), plus 16 KB for x and
+    the shift's operands: within 20 % of the offline sm_90 compiles (above them but for the
+    computed-sign tiles, which are small)."""
+    per_code = {2: 32, 3: 48, 4: 64}[bits] if cfg.sign_table else {2: 16, 3: 16, 4: 32}[bits]
+    return (cfg.stages - 1) * cfg.bn * cfg.bkb * per_code + 16384
+
+
+def candidates(m: int, bits: int = 2) -> list[Config]:
+    """The launches :func:`tune` (and benchmarks/codebook_kernel.py) time for ``m`` rows of
+    x and ``bits``: tensor-core tiles whose shared memory (:func:`smem_estimate`) fits."""
     out = []
     if m <= 2:
         out += [Config(dot=0, bn=bn, bkb=bkb, unpack=u, sign_table=st, warps=w, stages=sg)
                 for bn, bkb, u, st, w, sg in GEMV_TILES]
-    out += [Config(dot=d, bn=bn, bkb=bkb, unpack=u, sign_table=st, warps=w, stages=sg)
-            for d, bn, bkb, u, st, w, sg in DOT_TILES]
+    for d, bn, bkb, u, st, w, sg in DOT_TILES:
+        cfg = Config(dot=d, bn=bn, bkb=bkb, unpack=u, sign_table=st, warps=w, stages=sg)
+        if smem_estimate(cfg, bits) <= 200 * 1024:
+            out.append(cfg)
     return out
 
 
@@ -397,7 +409,7 @@ def tune(x2, qweight, qweight_resid, scales, tables, bits, reps_ms: int = 20) ->
     """Time every candidate for this call's shape (triton.testing.do_bench), remember the
     fastest and return it."""
     times = {}
-    for cfg in candidates(x2.shape[0]):
+    for cfg in candidates(x2.shape[0], bits):
         try:
             times[cfg] = triton.testing.do_bench(
                 lambda c=cfg: launch(x2, qweight, qweight_resid, scales, tables, bits, c),
