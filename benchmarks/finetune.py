@@ -30,7 +30,7 @@ import torch
 
 import kvant
 from kvant.eval.kl import FloatReference
-from kvant.eval.table import quantized_bits_per_weight, write_json
+from kvant.eval.table import group_label, quantized_bits_per_weight, write_json
 from kvant.model.nanogpt import load_embedded, validation_text
 from kvant.tune import TuneConfig
 
@@ -47,11 +47,19 @@ def _config(method: str, bits: int):
     return cls(bits=bits, group_size=GROUP)
 
 
-def run_config(model, calib, ref, method, bits, block_cfg, e2e_cfg, stamp, device,
-               compute="cpu", with_block=True) -> list:
-    """The four rows of one (method, bits): none, block, e2e, both (the first two only
-    without ``with_block``)."""
-    config = _config(method, bits)
+def nanogpt_meta(method: str) -> dict:
+    """The fields of a nanoGPT row that say what was measured, besides the scores."""
+    return {"model": MODEL, "method": method,
+            "calib": f"training split, {N_CALIB} x {SEQ_LEN} chars, seed 0"}
+
+
+def run_config(model, calib, ref, config, block_cfg, e2e_cfg, stamp, device, meta: dict,
+               compute="cpu", with_block=True, eval_desc=None) -> list:
+    """The four rows of one method config: none, block, e2e, both (the first two only
+    without ``with_block``). ``meta`` holds the row's model, method label and calibration
+    description; ``eval_desc(ev)`` describes the scored text (default: nanoGPT's split)."""
+    eval_desc = eval_desc or (lambda ev: f"validation split, seq_len {SEQ_LEN}, "
+                                         f"{ev['tokens']} chars, {ev['windows']} windows")
     rows = []
     for block in (False, True) if with_block else (False,):
         q = copy.deepcopy(model)
@@ -68,8 +76,8 @@ def run_config(model, calib, ref, method, bits, block_cfg, e2e_cfg, stamp, devic
                     ("both" if block else "e2e", q2, e2e, e2e["kl_after"])]
         for variant, m, e2e_report, calib_kl in variants:
             ev = ref.compare(m, show_progress=False)
-            r = {"model": MODEL, "method": method, "bits": bits, "group_size": GROUP,
-                 "sym": config.sym, "finetune": variant,
+            r = {**meta, "bits": config.bits, "group_size": config.group_size,
+                 "sym": getattr(config, "sym", None), "finetune": variant,
                  "bits_per_weight": quantized_bits_per_weight(m), "ppl": ev["ppl"],
                  "kl": ev["kl"], "calib_kl": calib_kl,
                  "quant_seconds": quant_s - block_s,
@@ -80,19 +88,23 @@ def run_config(model, calib, ref, method, bits, block_cfg, e2e_cfg, stamp, devic
                  "block_mse": [[b["finetune"]["mse_before"], b["finetune"]["mse_after"]]
                                for b in report.blocks] if block else None,
                  "e2e_reverted": e2e_report["reverted"] if e2e_report else None,
-                 "calib": f"training split, {N_CALIB} x {SEQ_LEN} chars, seed 0",
-                 "eval": f"validation split, seq_len {SEQ_LEN}, {ev['tokens']} chars, "
-                         f"{ev['windows']} windows",
+                 "eval": eval_desc(ev),
                  "device": device, "threads": torch.get_num_threads(), "date": rec.today(),
                  **stamp}
             rows.append(r)
-            print(f"{method} W{bits} g{GROUP} {variant:5s} ppl {r['ppl']:.4f} kl {r['kl']:.4f} "
+            print(f"{meta['method']} W{config.bits} {group_label(config.group_size)} "
+                  f"{variant:5s} ppl {r['ppl']:.4f} kl {r['kl']:.4f} "
                   f"calib_kl {r['calib_kl']:.4f} tune {r['tune_seconds_block']:.0f}+"
                   f"{r['tune_seconds_e2e']:.0f}s", flush=True)
     return rows
 
 
-def markdown(records: list[dict]) -> str:
+CPU_NOTE = ("Tuning seconds are wall time on a shared 2-core machine (one thread), so they "
+            "are upper bounds that other jobs inflate.")
+
+
+def markdown(records: list[dict], title: str = "Fine-tuning after rounding on the embedded "
+             "nanoGPT", footer: str = CPU_NOTE) -> str:
     """The Markdown page of the records."""
     note, _ = rec.provenance_note(records)
     flt = next(r for r in records if r["method"] == "float")
@@ -100,7 +112,7 @@ def markdown(records: list[dict]) -> str:
     b = next((r["tune_block"] for r in q if r["tune_block"]), None)
     e = next((r["tune_e2e"] for r in q if r["tune_e2e"]), None)
     lines = [
-        "# Fine-tuning after rounding on the embedded nanoGPT", "",
+        f"# {title}", "",
         note, f"Dates: {', '.join(sorted({r['date'] for r in records}))}. "
         f"Calibration: {flt['calib']}. Eval: {flt['eval']}. The validation text is never "
         "used for tuning.", "",
@@ -117,12 +129,12 @@ def markdown(records: list[dict]) -> str:
     order = {v: i for i, v in enumerate(VARIANTS)}
     for r in sorted(q, key=lambda r: (r["method"], -r["bits"], order[r["finetune"]])):
         lines.append(
-            f"| {r['method']} | {r['bits']} | g{r['group_size']} | {r['bits_per_weight']:.3f} "
+            f"| {r['method']} | {r['bits']} | {group_label(r['group_size'])} "
+            f"| {r['bits_per_weight']:.3f} "
             f"| {r['finetune']} | {r['ppl']:.4f} | {100 * (r['ppl'] / flt['ppl'] - 1):+.1f} "
             f"| {r['kl']:.4f} | {r['calib_kl']:.4f} | "
             f"{r['tune_seconds_block']:.0f} + {r['tune_seconds_e2e']:.0f} |")
-    lines += ["", "Tuning seconds are wall time on a shared 2-core machine (one thread), "
-              "so they are upper bounds that other jobs inflate."]
+    lines += ["", footer]
     return "\n".join(lines) + "\n"
 
 
@@ -161,8 +173,8 @@ def main() -> None:
            "device": device, "date": rec.today(), **stamp}
     for spec in args.configs:
         method, bits = spec.split(":")
-        rows = run_config(model, calib, ref, method, int(bits), block_cfg, e2e_cfg, stamp,
-                          device, args.device, not args.no_block)
+        rows = run_config(model, calib, ref, _config(method, int(bits)), block_cfg, e2e_cfg,
+                          stamp, device, nanogpt_meta(method), args.device, not args.no_block)
         store(flt, rows)  # after every config: a killed run keeps what it made
 
 
