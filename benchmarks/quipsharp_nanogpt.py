@@ -7,6 +7,11 @@ merges into the JSON by spec, so specs may run in several processes one after an
 
     python benchmarks/quipsharp_nanogpt.py --allow-dirty \
         --specs quip:bits=2,group_size=-1 quipsharp:bits=2
+
+A spec ending in ``@T`` is mixed precision to T stored bits per weight (``kvant.quantize(...,
+target_bpw=T)``: each layer's width among the method's own, 2/3/4 bits for quipsharp, Fisher
+sensitivity on the same calibration windows); its record carries the plan's share of weights
+per width and the seconds spent measuring.
 """
 
 from __future__ import annotations
@@ -35,23 +40,32 @@ def run_spec(spec: str, calib: torch.Tensor, prov: dict) -> dict:
     """One record: quantize (unless float), evaluate, with provenance."""
     model, tok = load_embedded()
     t0 = time.perf_counter()
-    cfg = None
+    cfg, plan = None, None
     if spec != "float":
-        cfg = config_from_spec(spec)
-        kvant.quantize(model, cfg, calib, kvant.EngineOptions(device="cpu",
-                                                              show_progress=False))
+        body, _, target = spec.partition("@")
+        cfg = config_from_spec(body)
+        rep = kvant.quantize(model, cfg, calib, kvant.EngineOptions(device="cpu",
+                                                                    show_progress=False),
+                             target_bpw=float(target) if target else None)
+        plan = rep.plan
     seconds = time.perf_counter() - t0
     ev = kvant.evaluate(model, tok, show_progress=False)
     label = "float" if cfg is None else config_label(cfg)
     if cfg is not None and cfg.method == "quipsharp":
         label += f"-{cfg.scale}" + ("-rtn" if cfg.rounding == "rtn" else "") + (
             "-nosearch" if cfg.rounding == "ldlq" and not cfg.scale_search else "")
+    if plan is not None:
+        label += f"-mixed@{plan.mixed.target_bpw:g}"
     return {"model": "nanogpt-shakespeare", "spec": spec, "method": label,
             "bits": None if cfg is None else cfg.bits,
             "group_size": None if cfg is None else cfg.group_size,
             "bits_per_weight": quantized_bits_per_weight(model),
             "size_mb": model_bytes(model) / 1e6, "ppl": ev["ppl"], "quant_seconds": seconds,
             "config": None if cfg is None else cfg.to_dict(),
+            **({} if plan is None else {
+                "target_bpw": plan.mixed.target_bpw, "plan_share": plan.histogram(),
+                "plan_measure_seconds": plan.measure_seconds,
+                "plan_sensitivity": plan.mixed.sensitivity}),
             "calib": {"source": "embedded training split", "n_samples": len(calib),
                       "seq_len": calib.shape[1], "seed": 0},
             "eval": {"dataset": "embedded validation split", "seq_len": ev["seq_len"],

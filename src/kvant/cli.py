@@ -233,7 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "bits per weight (scales and zeros counted) stay at or under this, "
                         "with the least predicted loss; the plan is printed and saved")
     q.add_argument("--widths", default=None,
-                   help="with --target-bpw: candidate widths, e.g. 2,3,4,8 (the default)")
+                   help="with --target-bpw: candidate widths, e.g. 2,3,4 (default: every "
+                        "width each method stores: 2,3,4,8; quipsharp 2,3,4)")
+    q.add_argument("--mixed-methods", default=None,
+                   help="with --target-bpw: other methods a layer may take besides --method, "
+                        "e.g. gptq,rtn (each at its default settings)")
     q.add_argument("--mixed-group-sizes", default=None,
                    help="with --target-bpw: candidate group sizes, e.g. 64,128 (default: "
                         "the method's group size)")

@@ -60,6 +60,8 @@ def cmd_quantize(args) -> int:
     # everything that can be checked without the model, before loading it
     config = config_from_args(args)
     mixed = _mixed_from_args(args)  # --target-bpw: kvant.calib.plan.MixedConfig or None
+    if mixed is not None:
+        mixed.candidates(config)  # a width or method no candidate takes: refused before loading
     tune = _tune_from_args(args)  # --finetune: kvant.TuneConfig or None
     block_tune = tune if args.finetune in ("block", "both") else None
     options = EngineOptions(device=args.device, show_progress=not args.json,  # checks device
@@ -201,13 +203,14 @@ def _finetune_e2e(model, float_model, calib, tune, options, args) -> dict | None
 
 
 def _mixed_from_args(args):
-    """The MixedConfig of --target-bpw / --widths / --mixed-group-sizes / --sensitivity, or
-    None without --target-bpw (the other three then must not be given)."""
+    """The MixedConfig of --target-bpw / --widths / --mixed-group-sizes / --sensitivity /
+    --mixed-methods, or None without --target-bpw (the others then must not be given)."""
     from kvant.calib.plan import MixedConfig
     from kvant.errors import InputError
 
     extra = [f for f, v in (("--widths", args.widths), ("--mixed-group-sizes",
-             args.mixed_group_sizes), ("--sensitivity", args.sensitivity)) if v is not None]
+             args.mixed_group_sizes), ("--sensitivity", args.sensitivity),
+             ("--mixed-methods", args.mixed_methods)) if v is not None]
     if args.target_bpw is None:
         if extra:
             raise InputError(f"{', '.join(extra)} only apply with --target-bpw")
@@ -227,6 +230,8 @@ def _mixed_from_args(args):
         fields["group_sizes"] = ints(args.mixed_group_sizes, "--mixed-group-sizes")
     if args.sensitivity is not None:
         fields["sensitivity"] = args.sensitivity
+    if args.mixed_methods is not None:
+        fields["methods"] = tuple(m.strip() for m in args.mixed_methods.split(",") if m.strip())
     return MixedConfig(**fields)
 
 

@@ -89,8 +89,10 @@ def test_mixed_config_validates_and_round_trips():
     m = MixedConfig(target_bpw=2.5, widths=(4, 2, 3), group_sizes=(128, 64))
     assert m.widths == (2, 3, 4) and m.group_sizes == (64, 128)
     assert MixedConfig.from_dict(m.to_dict()) == m
+    assert MixedConfig().widths == ()  # every width the method stores (calib/candidates)
     for bad in (dict(target_bpw=0), dict(target_bpw=float("nan")), dict(widths=(5,)),
-                dict(widths=()), dict(sensitivity="output"), dict(group_sizes=(-2,))):
+                dict(widths=None), dict(sensitivity="output"), dict(group_sizes=(-2,)),
+                dict(methods=("",)), dict(methods="gptq")):
         with pytest.raises(ConfigError):
             MixedConfig(**bad)
     with pytest.raises(ConfigError, match="unknown"):
@@ -112,8 +114,8 @@ def test_fisher_proxy_ranks_layers_like_the_kl_increase():
                       OPTS) for s in ("kl", "fisher")}
     names = list(res["kl"].options)
     assert len(names) == 42
-    kl = [res["kl"].options[n][(2, 64)][1] for n in names]
-    fisher = [res["fisher"].options[n][(2, 64)][1] for n in names]
+    kl = [res["kl"].options[n][("rtn", 2, 64)][1] for n in names]
+    fisher = [res["fisher"].options[n][("rtn", 2, 64)][1] for n in names]
     assert _spearman(kl, fisher) > 0.85
     assert all(k > 0 for k in kl)
 

@@ -135,3 +135,13 @@ class QuantMethod:
     def layer_quantizer(self, name: str, weight: torch.Tensor) -> LayerQuantizer:
         """A fresh quantizer for the Linear ``name`` with weight (N, K) (float32 copy)."""
         raise NotImplementedError
+
+    def least_stored_bits(self, n: int, k: int) -> int:
+        """Stored bits of an (N, K) Linear quantized with ``config``, counted before any
+        rounding (mixed precision refuses an impossible target with it): here a plain
+        packed layer's (codes, float16 scales, packed zeros), exact for the grids and a
+        lower bound for kinds that store more (sign vectors, outliers); a method whose
+        layer kind stores less overrides it."""
+        from kvant.nn.qlinear import QuantLinear
+
+        return 8 * QuantLinear(k, n, self.config.bits, self.config.group_size).storage_bytes()

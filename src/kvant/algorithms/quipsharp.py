@@ -219,3 +219,10 @@ class QuIPSharp(QuIP):
 
     def layer_quantizer(self, name: str, weight: torch.Tensor) -> LayerQuantizer:
         return _QuIPSharpLayer(self, name, weight, self._input_key(name))
+
+    def least_stored_bits(self, n: int, k: int) -> int:
+        """Exact: the packed layer's codes, per-stage scales and sign vectors (no zeros)."""
+        from kvant.nn.quipsharp_linear import QuipSharpLinear
+
+        return 8 * QuipSharpLinear(k, n, self.config.bits, -1,
+                                   scale=self.config.scale).storage_bytes()

@@ -189,16 +189,15 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
     block is handed to it and freed (streaming; the model's blocks must be lazily read), and
     blocks it reports as finished by an earlier run are skipped (resume).
     ``plan`` (a :class:`kvant.calib.plan.MixedPlan`, kvant.calib.mixed): quantize each
-    layer it names with its own bits / group size.
+    layer it names with its own method, bits and group size.
     Returns a :class:`QuantReport`. Raises before any work on bad input.
     """
     options = options or EngineOptions()
     t0 = time.perf_counter()
     prefix, blocks = validate_model(model, config)
-    method = build(config)
+    # a plan: each layer by its own planned method and width (kvant.calib.planned)
+    method = build(config) if plan is None else plan.build_method(config)
     method.check_model(model, blocks, config.ignore)  # refuse what it cannot do, up front
-    if plan is not None:
-        method.layer_configs = plan.layer_configs(config)
     check_calibration(model, blocks, method, calib, options)  # token ids valid, memory fits
     if method.needs_calibration and (calib is None or len(calib) == 0):
         raise ValueError(f"method {config.method!r} needs calibration data; none was given")

@@ -36,9 +36,10 @@ from tqdm.auto import tqdm
 from kvant.algorithms.registry import build
 from kvant.calib import dist as kdist
 from kvant.calib.allocate import BudgetError, allocate
+from kvant.calib.candidates import Cand
 from kvant.calib.capture import block_output, capture_block_inputs
 from kvant.calib.plan import LayerChoice, MixedConfig, MixedPlan
-from kvant.config import ConfigError, EngineOptions, MethodConfig
+from kvant.config import EngineOptions, MethodConfig
 from kvant.core.grid import check_group_size
 from kvant.core.result import quant_linear_class
 from kvant.errors import InputError
@@ -46,32 +47,22 @@ from kvant.eval.perplexity import lm_logits
 from kvant.model.discovery import find_blocks, find_linears, linear_weight, set_submodule
 from kvant.nn.qlinear import QuantLinear
 
-Cand = tuple[int, int]  # (bits, group_size)
 
 
 @dataclasses.dataclass
 class Measurement:
-    """Every layer's candidates: full name -> {(bits, group): (stored bits, loss)}, and the
-    layer's weight count."""
+    """Every layer's candidates: full name -> {(method, bits, group): (stored bits, loss)},
+    and the layer's weight count."""
 
     options: dict[str, dict[Cand, tuple[int, float]]]
     weights: dict[str, int]
     seconds: float = 0.0
 
 
-def _candidate_configs(config: MethodConfig, mixed: MixedConfig) -> dict[Cand, MethodConfig]:
-    out = {}
-    for b, g in mixed.candidates(config):
-        try:
-            out[(b, g)] = dataclasses.replace(config, bits=b, group_size=g)
-        except ConfigError as e:
-            raise ConfigError(f"candidate {b} bits, group {g} is not a valid "
-                              f"{config.method} config: {e}") from None
-    return out
-
-
-def _check_inputs(model: nn.Module, config: MethodConfig, mixed: MixedConfig, calib) -> dict:
-    """Refuse before any work; returns full layer name -> (N, K)."""
+def _check_inputs(model: nn.Module, config: MethodConfig, mixed: MixedConfig, calib,
+                  methods: dict) -> dict:
+    """Refuse before any work (``methods``: candidate -> built method); returns full layer
+    name -> (N, K)."""
     if getattr(model, "kvant_lazy_blocks", None) is not None:
         raise InputError("mixed precision does not stream blocks from disk yet: load the "
                          "model whole (kvant.load_model without lazy=True; CLI --no-stream)")
@@ -81,16 +72,15 @@ def _check_inputs(model: nn.Module, config: MethodConfig, mixed: MixedConfig, ca
         raise InputError("mixed precision measures each layer on calibration data; none "
                          "was given")
     prefix, blocks = find_blocks(model)
-    cands = mixed.candidates(config)
     shapes = {}
     for i, block in enumerate(blocks):
         for name, lin in find_linears(block, config.ignore, f"{prefix}.{i}.").items():
             n, k = linear_weight(lin).shape
             full = f"{prefix}.{i}.{name}"
-            for _, g in cands:
+            for g in sorted({c.group_size for c in methods}):
                 check_group_size(k, g, full)
             shapes[full] = (n, k)
-    lowest = min_bpw(shapes, cands)
+    lowest = min_bpw(shapes, methods)
     if mixed.target_bpw < lowest:
         raise InputError(f"target of {mixed.target_bpw} bits/weight is below the smallest "
                          f"candidate: every layer at its narrowest grid stores at least "
@@ -99,12 +89,14 @@ def _check_inputs(model: nn.Module, config: MethodConfig, mixed: MixedConfig, ca
     return shapes
 
 
-def min_bpw(shapes: dict[str, tuple[int, int]], cands: list[Cand]) -> float:
-    """Stored bits per weight with every layer on its cheapest candidate, counted on plain
-    packed layers (codes, fp16 scales, packed zeros): a lower bound for every layer kind."""
+def min_bpw(shapes: dict[str, tuple[int, int]], methods: dict) -> float:
+    """Stored bits per weight with every layer on its cheapest candidate (``methods``:
+    candidate -> built method), each counted by its method's
+    :meth:`~kvant.algorithms.base.QuantMethod.least_stored_bits` (exact for the grids and
+    codebooks, a lower bound where outliers depend on the data)."""
     bits = 0
     for n, k in shapes.values():
-        bits += min(8 * QuantLinear(k, n, b, g).storage_bytes() for b, g in cands)
+        bits += min(m.least_stored_bits(n, k) for m in methods.values())
     return bits / sum(n * k for n, k in shapes.values())
 
 
@@ -273,10 +265,10 @@ def measure(model: nn.Module, config: MethodConfig, calib: torch.Tensor,
 
     options = options or EngineOptions()
     t0 = time.perf_counter()
-    _check_inputs(model, config, mixed, calib)
+    methods = {c: build(cfg) for c, cfg in mixed.candidates(config).items()}
+    _check_inputs(model, config, mixed, calib, methods)
     device = resolve_device(options.device)
     prefix, blocks = find_blocks(model)
-    methods = {c: build(cfg) for c, cfg in _candidate_configs(config, mixed).items()}
     for m in methods.values():
         m.check_model(model, blocks, config.ignore)
     names = [f"{prefix}.{i}.{n}" for i, b in enumerate(blocks)
@@ -327,8 +319,9 @@ def choose(measurement: Measurement, mixed: MixedConfig) -> MixedPlan:
         raise InputError(f"target of {mixed.target_bpw} bits/weight is below the smallest "
                          f"candidate: every layer at its narrowest grid stores "
                          f"{lowest:.4f} bits/weight with this method") from None
-    layers = {n: LayerChoice(c[0], c[1], measurement.options[n][c][0], measurement.weights[n],
-                             measurement.options[n][c][1]) for n, c in pick.items()}
+    layers = {n: LayerChoice(c.bits, c.group_size, measurement.options[n][c][0],
+                             measurement.weights[n], measurement.options[n][c][1], c.method)
+              for n, c in pick.items()}
     return MixedPlan(mixed, layers, measure_seconds=measurement.seconds)
 
 

@@ -29,8 +29,12 @@ class MixedConfig:
     predicted loss (kvant.calib.mixed).
 
     target_bpw: the average stored bits per quantized weight to stay at or under.
-    widths: candidate bit widths of every layer (each of 2, 3, 4, 8).
-    group_sizes: candidate group sizes; () = the method config's own group size only.
+    widths: candidate bit widths of every layer (each of 2, 3, 4, 8); () (the default) =
+        every width each candidate method stores (quipsharp: 2, 3, 4; the grids: 2, 3, 4, 8).
+    group_sizes: candidate group sizes; () = each method's own group size only.
+    methods: other methods a layer may take besides the config's own (e.g. ("gptq",) beside
+        quipsharp), each with its default config at each candidate width it accepts
+        (kvant.calib.candidates); () = the config's method only.
     sensitivity: how a candidate's cost to the model is predicted:
         "fisher" (default): the layer's output error ``sum_n f_n ((W - Ŵ) H (W - Ŵ)ᵀ)_nn``,
             each output channel n weighted by the empirical Fisher ``f_n`` (mean squared
@@ -45,9 +49,10 @@ class MixedConfig:
     version: ClassVar[int] = 1
 
     target_bpw: float = 3.0
-    widths: tuple[int, ...] = (2, 3, 4, 8)
+    widths: tuple[int, ...] = ()
     group_sizes: tuple[int, ...] = ()
     sensitivity: str = "fisher"
+    methods: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         t = self.target_bpw
@@ -57,8 +62,8 @@ class MixedConfig:
                               f"got {t!r}")
         object.__setattr__(self, "target_bpw", float(t))
         widths = tuple(self.widths) if isinstance(self.widths, (list, tuple)) else None
-        if not widths or any(type(b) is not int or b not in VALID_BITS for b in widths):
-            raise ConfigError(f"widths must be a non-empty list of bit widths from "
+        if widths is None or any(type(b) is not int or b not in VALID_BITS for b in widths):
+            raise ConfigError(f"widths must be a list of bit widths from "
                               f"{VALID_BITS}, got {self.widths!r}")
         object.__setattr__(self, "widths", tuple(sorted(set(widths))))
         gs = tuple(self.group_sizes) if isinstance(self.group_sizes, (list, tuple)) else None
@@ -66,19 +71,26 @@ class MixedConfig:
             raise ConfigError(f"group_sizes must be a list of group sizes (-1 per channel, "
                               f"0 per tensor, or positive), got {self.group_sizes!r}")
         object.__setattr__(self, "group_sizes", tuple(sorted(set(gs))))
+        ms = tuple(self.methods) if isinstance(self.methods, (list, tuple)) else None
+        if ms is None or any(not isinstance(m, str) or not m for m in ms):
+            raise ConfigError(f"methods must be a list of method names, got {self.methods!r}")
+        object.__setattr__(self, "methods", tuple(dict.fromkeys(ms)))
         if self.sensitivity not in SENSITIVITIES:
             raise ConfigError(f"sensitivity must be one of {SENSITIVITIES}, "
                               f"got {self.sensitivity!r}")
 
-    def candidates(self, config: MethodConfig) -> list[tuple[int, int]]:
-        """The (bits, group_size) pairs every layer may take."""
-        groups = self.group_sizes or (config.group_size,)
-        return [(b, g) for g in groups for b in self.widths]
+    def candidates(self, config: MethodConfig) -> dict:
+        """Every candidate a layer may take: (method, bits, group_size) -> its config
+        (kvant.calib.candidates.candidate_configs)."""
+        from kvant.calib.candidates import candidate_configs
+
+        return candidate_configs(config, self)
 
     def to_dict(self) -> dict:
         """JSON-ready dict with ``version``."""
         d = dataclasses.asdict(self)
-        d.update(widths=list(self.widths), group_sizes=list(self.group_sizes))
+        d.update(widths=list(self.widths), group_sizes=list(self.group_sizes),
+                 methods=list(self.methods))
         return {"version": self.version, **d}
 
     @classmethod
@@ -97,13 +109,15 @@ class MixedConfig:
 
 @dataclass(frozen=True)
 class LayerChoice:
-    """One layer's chosen candidate: its grid, its exact stored size and predicted loss."""
+    """One layer's chosen candidate: its method and grid, its exact stored size and
+    predicted loss."""
 
     bits: int
     group_size: int
     stored_bits: int      # 8 * storage_bytes of the packed layer at this choice
     weights: int          # N * K
     predicted_loss: float  # the sensitivity measure at this choice
+    method: str = ""      # "" (plans written before methods could mix): the run's method
 
     @property
     def bits_per_weight(self) -> float:
@@ -143,7 +157,7 @@ class MixedPlan:
         total = sum(c.weights for c in self.layers.values()) or 1
         out: dict[str, float] = {}
         for c in self.layers.values():
-            key = f"{c.bits}b g{c.group_size}"
+            key = f"{c.method + ' ' if c.method else ''}{c.bits}b g{c.group_size}"
             out[key] = out.get(key, 0.0) + c.weights / total
         return dict(sorted(out.items()))
 
@@ -155,7 +169,8 @@ class MixedPlan:
                 f"measured in {self.measure_seconds:.1f}s)",
                 "  share of weights: " + ", ".join(f"{k} {100 * v:.1f}%"
                                                    for k, v in self.histogram().items())]
-        return head + [f"  {name}: {c.bits} bits g{c.group_size} "
+        return head + [f"  {name}: {c.method + ' ' if c.method else ''}{c.bits} bits "
+                       f"g{c.group_size} "
                        f"({c.bits_per_weight:.3f} bits/weight stored)"
                        for name, c in self.layers.items()]
 
@@ -184,12 +199,22 @@ class MixedPlan:
         return dataclasses.replace(self, achieved_bpw=bpw)
 
     def layer_configs(self, config: MethodConfig) -> dict[str, MethodConfig]:
-        """Full layer name -> ``config`` with that layer's bits and group size."""
-        cache: dict[tuple[int, int], MethodConfig] = {}
+        """Full layer name -> its config: ``config`` with that layer's bits and group size,
+        or the layer's own method's default config at them
+        (kvant.calib.candidates.candidate_config)."""
+        from kvant.calib.candidates import candidate_config
+
+        cache: dict[tuple[str, int, int], MethodConfig] = {}
         out = {}
         for name, c in self.layers.items():
-            key = (c.bits, c.group_size)
+            key = (c.method or config.method, c.bits, c.group_size)
             if key not in cache:
-                cache[key] = dataclasses.replace(config, bits=c.bits, group_size=c.group_size)
+                cache[key] = candidate_config(config, *key)
             out[name] = cache[key]
         return out
+
+    def build_method(self, config: MethodConfig):
+        """The method that quantizes a model along this plan (kvant.calib.planned)."""
+        from kvant.calib.planned import PlannedMethod
+
+        return PlannedMethod(config, self.layer_configs(config))
