@@ -11,7 +11,8 @@ are the float model, as in benchmarks/smollm2.py: no higher-precision SmolLM2 is
    float forward of kvant's calibration samples, handed to llama.cpp through
    ``llama_model_quantize_params.imatrix``;
 3. kvant quantizes the float model on the type's grid (``grid="gguf:TYPE"``, the same C4
-   samples) with GPTQ and with AWQ and exports it (``kvant.export_gguf``); the token
+   samples) with GPTQ, with AWQ, and with AWQ's scales rounded by GPTQ (``awq+gptq``; pick
+   with ``--methods``) and exports it (``kvant.export_gguf``); the token
    embedding gets the type llama.cpp's file gave it (rounded to nearest at export);
 4. llama.cpp's perplexity of every file: its own logits (``logits_all``) on WikiText-2 test,
    tokenized by llama.cpp, non-overlapping 2048-token windows (SmolLM2's context), every
@@ -43,7 +44,7 @@ from pathlib import Path
 LLAMA_FTYPES = {"Q4_0": ("MOSTLY_Q4_0", 2), "Q4_K": ("MOSTLY_Q4_K_S", 14),
                 "Q3_K": ("MOSTLY_Q3_K_S", 11)}
 CTX = 2048
-METHODS = ("gptq", "awq")
+METHODS = ("gptq", "awq", "awq+gptq")
 
 
 # -- llama.cpp side (runs under --llama-python; imports no torch / kvant) -------------------
@@ -168,9 +169,12 @@ def kvant_file(src_f32: Path, dst: Path, gtype: str, method: str, embed_type: st
     model, tok = kvant.load_model(str(src_f32))
     calib = _calib(tok, args)
     grid = f"gguf:{gtype}"
-    # AWQ on a GGUF grid folds every scale (a GGUF file has no input_scale), as AutoAWQ does
-    cfg = GPTQConfig(grid=grid) if method == "gptq" else AWQConfig(grid=grid,
-                                                                   scale_unfoldable=False)
+    # AWQ on a GGUF grid folds every scale (a GGUF file has no input_scale), as AutoAWQ does;
+    # "awq+gptq" rounds AWQ's scaled weights with GPTQ
+    if method not in METHODS:
+        raise SystemExit(f"unknown method {method!r}; one of {list(METHODS)}")
+    cfg = GPTQConfig(grid=grid) if method == "gptq" else AWQConfig(
+        grid=grid, scale_unfoldable=False, rounding="gptq" if method == "awq+gptq" else "rtn")
     t0 = time.time()
     kvant.quantize(model, cfg, calib, EngineOptions(device="cpu", show_progress=False))
     secs = time.time() - t0

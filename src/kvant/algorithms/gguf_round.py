@@ -10,6 +10,13 @@ so it is refused by the config) with :class:`~kvant.algorithms.gptq_walk.WalkHoo
 a block of columns, the block's fields (fp16 scales, sub-scales, mins) are fitted on the
 current, error-corrected columns, weighted by the Hessian diagonal; each column is then
 rounded to the nearest level of its sub-block and its error spread as in plain GPTQ.
+
+After the walk, the fp16 scale (and min) of every 32-weight block is refitted to the codes
+the walk chose (:func:`refit_blocks`): the walk fixed each block's scale before GPTQ's
+corrections of the block's later columns were known, so with the codes held, the scales that
+minimise the layer's output error ``(w - ŵ)ᵀ H (w - ŵ)`` of a row are a small least-squares
+problem (one or two unknowns per block). A row keeps its refitted fp16 scales only where they
+lower that error.
 """
 
 from __future__ import annotations
@@ -96,8 +103,10 @@ class _GGUFWalk:
 
 
 def gguf_gptq(W: torch.Tensor, H: torch.Tensor, config: MethodConfig, layer: str = "",
-              block_size: int = 128, damp_percent: float = 0.01) -> LayerResult:
-    """GPTQ of ``W`` (N, K) with Hessian ``H`` (K, K) on the config's GGUF grid."""
+              block_size: int = 128, damp_percent: float = 0.01, refit: bool = True
+              ) -> LayerResult:
+    """GPTQ of ``W`` (N, K) with Hessian ``H`` (K, K) on the config's GGUF grid; ``refit``:
+    refit the scales of 32-weight blocks to the chosen codes (:func:`refit_blocks`)."""
     from kvant.algorithms.gptq import gptq_quantize
     from kvant.algorithms.gptq_walk import WalkHooks
 
@@ -112,7 +121,65 @@ def gguf_gptq(W: torch.Tensor, H: torch.Tensor, config: MethodConfig, layer: str
                         layer=layer, hooks=hooks, cuda_graph=False)
     fields = {key: torch.stack([f[key] for f in state.fields], 1) for key in state.fields[0]}
     info = {key: v for key, v in res.info.items() if key != "dequantized"}
+    if refit and not t.k_quant:
+        fields, gain = refit_blocks(t, W, H, state.codes, fields, damp_percent)
+        info["refit_rows"], info["refit_gain"] = gain
     return _result(t, state.codes, fields, W, loss=res.loss, info=info, layer=layer)
+
+
+def refit_blocks(t: gg.GGUFType, W: torch.Tensor, H: torch.Tensor, codes: torch.Tensor,
+                 fields: dict, damp_percent: float = 0.01, rows: int = 128):
+    """Least-squares fp16 scales (and mins) of a 32-weight-block type for fixed codes.
+
+    W (N, K) float weights, H (K, K) their input Hessian (damped here by ``damp_percent`` of
+    its mean diagonal, as GPTQ's inverse is), codes (N, K), fields ``d`` (and ``m``) of shape
+    (N, K/32). Per row the dequantized weight is linear in its blocks' (scale, min), so
+    minimising ``(w - ŵ)ᵀ H (w - ŵ)`` is a (K/32·p)-unknown linear system (p = 1 or 2). The
+    solution is rounded to fp16 and kept for a row only where it lowers the row's error.
+    Returns (fields, (rows changed, relative drop of the layer's error)).
+    """
+    n, k = W.shape
+    b, p = t.block, 2 if t.has_min else 1
+    nb = k // b
+    Hd = H.double().clone()
+    Hd.diagonal().add_(damp_percent * Hd.diagonal().mean())
+    H3 = Hd.view(nb, b, k)  # rows of H grouped by block
+    lv = t.levels(W.device).double()
+    a0 = fields["d"].double()
+    b0 = fields["m"].double() if t.has_min else None
+    out_a, out_b = a0.clone(), None if b0 is None else b0.clone()
+    e_old = e_new = 0.0
+    changed = 0
+    for r0 in range(0, n, rows):  # a chunk of rows bounds the (rows, nb·p, K) product
+        w = W[r0:r0 + rows].double()
+        m = w.shape[0]
+        q = lv[codes[r0:r0 + rows]].view(m, nb, b)
+        D = torch.stack([q] + ([torch.ones_like(q)] if p == 2 else []), 2)  # (m, nb, p, b)
+        T = torch.einsum("nxpi,xik->nxpk", D, H3)  # (m, nb, p, K): D_block H
+        A = torch.einsum("nxpcj,ncqj->nxpcq", T.view(m, nb, p, nb, b), D).reshape(
+            m, nb * p, nb * p)
+        rhs = torch.einsum("nxpk,nk->nxp", T, w).reshape(m, nb * p)
+        A.diagonal(dim1=1, dim2=2).add_(1e-10 * A.diagonal(dim1=1, dim2=2).mean(1, keepdim=True))
+        sol = torch.linalg.solve(A, rhs).view(m, nb, p).to(torch.float16).double()
+
+        def err(a, off):  # (m,) output error of a row under scales a (and mins off)
+            e = w - (a[..., None] * q + (0 if off is None else off[..., None])).reshape(m, k)
+            return ((e @ Hd) * e).sum(1)
+
+        old = err(a0[r0:r0 + rows], None if b0 is None else b0[r0:r0 + rows])
+        a1, b1 = sol[..., 0], sol[..., 1] if p == 2 else None
+        new = err(a1, b1)
+        ok = torch.isfinite(sol).all(-1).all(-1) & (new < old)
+        out_a[r0:r0 + rows] = torch.where(ok[:, None], a1, a0[r0:r0 + rows])
+        if p == 2:
+            out_b[r0:r0 + rows] = torch.where(ok[:, None], b1, b0[r0:r0 + rows])
+        e_old += float(old.sum())
+        e_new += float(torch.where(ok, new, old).sum())
+        changed += int(ok.sum())
+    f = dict(fields, d=out_a.to(fields["d"].dtype))
+    if p == 2:
+        f["m"] = out_b.to(fields["m"].dtype)
+    return f, (changed, 1 - e_new / e_old if e_old > 0 else 0.0)
 
 
 def round_layer(weight: torch.Tensor, H: torch.Tensor | None, config, layer: str = "",
