@@ -141,8 +141,9 @@ class Codebook:
             d, i = d.addcmul_(fix, wrong, value=4).min(1)  # (M,)
             flip = wrong[rows, i]
             j = (ay * A[i]).argmin(1)  # the entry whose sign is flipped, where flip
-            negf = neg.clone()
-            negf[rows[flip], j[flip]] ^= True
+            # flip entry j where flip (no boolean indexing: it would sync a GPU every call)
+            at_j = j.unsqueeze(1) == torch.arange(DIM, device=x.device)  # (M, 8)
+            negf = neg ^ (flip.unsqueeze(1) & at_j)
             sign_bits = (negf[:, :7].long() << torch.arange(7, device=x.device)).sum(1)
             code = i | (sign_bits << self.index_bits) | (int(t < 0) << (self.index_bits + 7))
             if best_d is None:
