@@ -25,7 +25,6 @@ values. Which is fastest is measured (benchmarks/codebook_kernel.py), not assume
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -33,6 +32,8 @@ import triton
 import triton.language as tl
 
 from kvant.kernels.codebook import KERNEL_MAX_M, RESID, split_tables
+from kvant.kernels.triton.e8p_configs import (  # noqa: F401  (re-exported)
+    DOT_TILES, GEMV_TILES, Config, auto_split, candidates, heuristic, smem_estimate)
 from kvant.kernels.triton.planes import store_or_reduce
 
 log = logging.getLogger(__name__)
@@ -253,26 +254,6 @@ def e8p_kernel(x_ptr, q1_ptr, q2_ptr, s_ptr, absw_ptr, sgn_ptr, out_ptr, part_pt
                     tl.num_programs(2), M * N, SPLIT)
 
 
-@dataclass(frozen=True)
-class Config:
-    """One launch: ``dot`` 0 (CUDA cores, one row of x a program), 1 (x @ Wᵀ on tensor cores,
-    x padded to 16 rows) or 2 ((W @ xᵀ)ᵀ, the decoded weights as the A operand); BN output
-    rows a program; BKB codes (8·BKB columns) a row per loop iteration; ``split`` programs
-    along K (0: chosen from the SM count, :func:`auto_split`); ``sign_table``: the sign masks
-    from the 128-row table (else computed); ``unpack`` how table words become the product's
-    operand (0: even/odd halves, two products; 1: halves joined in column order; 2: the
-    tables read as 16-bit values, needs the sign table); Triton's warps and stages."""
-
-    dot: int
-    bn: int = 64
-    bkb: int = 32
-    split: int = 0
-    sign_table: bool = True
-    unpack: int = 0
-    warps: int = 4
-    stages: int = 2
-
-
 _COUNTERS: dict[tuple, torch.Tensor] = {}
 _TUNED: dict[tuple, Config] = {}
 
@@ -295,63 +276,6 @@ def counters(device: torch.device) -> Optional[torch.Tensor]:
     if cnt is None and not _capturing(device):
         cnt = _COUNTERS[idx] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
     return cnt
-
-
-def auto_split(tiles: int, iters: int, sms: int) -> int:
-    """K splits (a power of two, at most 16) that bring the programs near 4 per SM while each
-    split keeps at least 4 loop iterations."""
-    split = 1
-    while tiles * split * 2 <= 4 * sms and iters // (split * 2) >= 4 and split < 16:
-        split *= 2
-    return split
-
-
-def heuristic(m: int, bits: int = 2) -> Config:
-    """The default launch for ``m`` rows of x and ``bits`` (1-16 rows share one tile of 16).
-    Not yet measured on a GPU: chosen by the offline compile (fewest instructions a weight in
-    the main loop: the weights as the A operand of the tensor cores, 5.5 a weight at BN 128 /
-    8 warps against 9.3 for the CUDA-core form; 3-4 bits at BN 64 to halve the shared
-    memory of the pipelined table gathers)."""
-    if bits == 2:
-        return Config(dot=2, bn=128, bkb=16, unpack=1, warps=8, stages=2)
-    return Config(dot=2, bn=64, bkb=16, unpack=1, warps=4, stages=2)
-
-
-# (dot, BN, BKB, unpack, sign table, warps, stages): what tune() and the benchmark time. The
-# tensor-core forms pipeline the table gathers into shared memory (cp.async) at stages >= 2:
-# BN·BKB·32 bytes a stage and stage (74-140 KB at BN 128, BKB 16, 2-4 bits), so the large
-# tiles run at one stage. Offline compile for sm_90 (Triton 3.6's ptxas, as
-# scripts/kernel_ir.py does): every one fits in shared memory; at 3-4 bits BN 64 x BKB 32
-# and the 16-bit unpacking of the CUDA-core form spill a few hundred bytes.
-GEMV_TILES = ((32, 16, 0, True, 4, 2), (64, 16, 0, True, 4, 2), (64, 16, 2, True, 4, 2),
-              (32, 16, 0, False, 4, 2))
-DOT_TILES = ((2, 64, 16, 1, True, 4, 1), (2, 64, 16, 1, True, 4, 2), (2, 64, 16, 2, True, 4, 2),
-             (2, 128, 16, 1, True, 4, 2), (2, 128, 16, 1, True, 8, 2), (2, 256, 16, 1, True, 8, 2),
-             (2, 64, 32, 1, True, 4, 1), (2, 64, 16, 1, False, 4, 2),
-             (2, 128, 32, 2, True, 8, 1), (1, 64, 16, 2, True, 4, 2), (1, 64, 32, 1, True, 4, 1))
-
-
-def smem_estimate(cfg: Config, bits: int) -> int:
-    """Shared memory (bytes) of a tensor-core launch: the pipelined table gathers, 32 bytes a
-    code and stage for each E8P stage (16 for E8P1, sign table only), plus 16 KB for x and
-    the shift's operands: within 20 % of the offline sm_90 compiles (above them but for the
-    computed-sign tiles, which are small)."""
-    per_code = {2: 32, 3: 48, 4: 64}[bits] if cfg.sign_table else {2: 16, 3: 16, 4: 32}[bits]
-    return (cfg.stages - 1) * cfg.bn * cfg.bkb * per_code + 16384
-
-
-def candidates(m: int, bits: int = 2) -> list[Config]:
-    """The launches :func:`tune` (and benchmarks/codebook_kernel.py) time for ``m`` rows of
-    x and ``bits``: tensor-core tiles whose shared memory (:func:`smem_estimate`) fits."""
-    out = []
-    if m <= 2:
-        out += [Config(dot=0, bn=bn, bkb=bkb, unpack=u, sign_table=st, warps=w, stages=sg)
-                for bn, bkb, u, st, w, sg in GEMV_TILES]
-    for d, bn, bkb, u, st, w, sg in DOT_TILES:
-        cfg = Config(dot=d, bn=bn, bkb=bkb, unpack=u, sign_table=st, warps=w, stages=sg)
-        if smem_estimate(cfg, bits) <= 200 * 1024:
-            out.append(cfg)
-    return out
 
 
 def launch(x2: torch.Tensor, qweight: torch.Tensor, qweight_resid: Optional[torch.Tensor],
