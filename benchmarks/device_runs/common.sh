@@ -9,3 +9,13 @@ R=${R:-/tmp/res}; rm -rf "$R"; mkdir -p "$R"
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$R/gpus.txt"
 # --allow-dirty only when the caller says the tree is dirty: the rows then say so
 ALLOW=$([ "$KVANT_DIRTY" = 0 ] || echo --allow-dirty)
+
+# The SmolLM2 scripts: check the GGUF reassembled in /root/stash and install the carried gguf
+# wheel (benchmarks/README.md says how both travel)
+smollm2_inputs() {
+  echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /root/stash/smollm2.gguf" \
+    | sha256sum -c || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/gguf-*.whl
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+}

@@ -6,11 +6,7 @@
 # Usage: quality_table.sh 'ARGS FOR GPU 0' ['ARGS FOR GPU 1' ...], e.g.
 #   quality_table.sh '--methods rtn --grid bits=4,group_size=64' '--methods awq --grid bits=3,group_size=64'
 . "$(dirname "$0")/common.sh"
-echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /root/stash/smollm2.gguf" \
-  | sha256sum -c || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/gguf-*.whl
-export PYTHONPATH=$PYTHONPATH:/tmp/site
+smollm2_inputs
 i=0
 for args in "$@"; do
   (CUDA_VISIBLE_DEVICES=$i timeout 560 python3 benchmarks/smollm2.py \

@@ -6,11 +6,7 @@
 # Usage: smollm2_tune.sh SECONDS 'CONFIGS FOR JOB 0' ['CONFIGS FOR JOB 1' ...], e.g.
 #   smollm2_tune.sh 540 'quipsharp:bits=2' 'quipsharp:bits=3 quipsharp:bits=4'
 . "$(dirname "$0")/common.sh"
-echo "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  /root/stash/smollm2.gguf" \
-  | sha256sum -c || exit 1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/gguf-*.whl
-export PYTHONPATH=$PYTHONPATH:/tmp/site
+smollm2_inputs
 secs=$1; shift
 i=0
 for configs in "$@"; do
