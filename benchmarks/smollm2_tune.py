@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import kvant
-from kvant.bench import BenchSettings, config_label
+from kvant.bench import BenchSettings, config_label, grid
 from kvant.bench_run import float_reference, prepare
 from kvant.eval.table import write_json
 from kvant.tune import TuneConfig
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    bad = [it.spec for it in settings_items(settings) if it.error]
+    bad = [it.spec for it in grid(settings) if it.error]  # before the model loads
     if bad:
         print(f"error: cannot build {', '.join(bad)}", file=sys.stderr)
         return 2
@@ -112,7 +112,6 @@ def main(argv=None) -> int:
            "calib": calib_text, "eval": eval_text, "device": device, "date": rec.today(),
            **stamp}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     calib = inputs.calib.to(dev)
     for it in inputs.items:
@@ -130,6 +129,7 @@ def main(argv=None) -> int:
 
 def write(records: list[dict], out: Path, name: str) -> None:
     """<out>/<name>.json and its Markdown table."""
+    out.mkdir(parents=True, exist_ok=True)
     write_json(records, out / f"{name}.json")
     (out / f"{name}.md").write_text(ft.markdown(
         records, title="SmolLM2-135M-Instruct at 2-4 bits with fine-tuning after rounding",
@@ -149,13 +149,6 @@ def merge(runs: list[list[dict]]) -> list[dict]:
             raise ValueError(f"float rows disagree: {floats[0]['ppl']:.4f} on "
                              f"{floats[0]['eval']!r} vs {f['ppl']:.4f} on {f['eval']!r}")
     return [floats[0]] + [r for run in runs for r in run if r["method"] != "float"]
-
-
-def settings_items(settings: BenchSettings):
-    """The grid of ``settings`` (each item's ``error`` says why a spec cannot be built)."""
-    from kvant.bench import grid
-
-    return grid(settings)
 
 
 if __name__ == "__main__":
