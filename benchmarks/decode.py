@@ -150,8 +150,9 @@ class Decoder(StaticDecoder):
     residuals, SiLU*up: ~40 launches a block in eager); our kernels stay opaque custom ops.
     The compiled step is then captured in our own CUDA graph like the eager one."""
 
-    def __init__(self, model, batch: int, ctx: int, compile: bool = False):
-        super().__init__(model, batch, ctx, compile)
+    def __init__(self, model, batch: int, ctx: int, compile: bool = False,
+                 attention: str = "grouped"):
+        super().__init__(model, batch, ctx, compile, attention)
         self.tok.copy_(torch.randint(0, model.config.vocab_size, (batch, 1)))
 
     def capture(self, warmup: int = 3):
@@ -199,17 +200,19 @@ def tune_for(model, batch: int) -> int:
     return len(seen)
 
 
-def measure(model, batches, ctx, steps, label, log, compile: bool = False) -> dict:
+def measure(model, batches, ctx, steps, label, log, compile: bool = False,
+            attention: str = "grouped") -> dict:
     res = {}
     for b in batches:
         t0 = time.time()
-        dec = Decoder(model, b, ctx, compile)
-        dec.capture()
-        if compile:
-            log(f"{label} batch {b}: compiled and captured in {time.time() - t0:.1f}s")
-        sec = dec.time(steps)
+        with Decoder(model, b, ctx, compile, attention) as dec:
+            dec.capture()
+            if compile:
+                log(f"{label} batch {b}: compiled and captured in {time.time() - t0:.1f}s")
+            sec = dec.time(steps)
         res[b] = sec
-        log(f"{label} batch {b}: {1e3 * sec:.2f} ms/step, {b / sec:.1f} tokens/s")
+        log(f"{label} batch {b} ({attention} attention): {1e3 * sec:.2f} ms/step, "
+            f"{b / sec:.1f} tokens/s")
         del dec
         torch.cuda.empty_cache()
     return res
@@ -234,12 +237,17 @@ def write(rows: list, args, meta: dict, log) -> None:
              f"`{meta['model']}`; one token per sequence per step, static KV cache of "
              f"{args.ctx}, each step {how}, {args.steps} steps timed. W{args.bits}: kvant RTN "
              f"g{args.group_size} in every block Linear (lm_head fp16), our Triton kernels.",
-             "", "| weights | batch | ms/step | tokens/s | speed-up vs fp16 | weights GB | "
-             "GPU GiB allocated | GPU GiB peak |", "|---|---|---|---|---|---|---|---|"]
+             "Attention: `grouped` is kvant's (kvant.serve.attention: the cached keys and values "
+             "are read once, never repeated per query head), `model` the model's own (SDPA; "
+             "under torch.compile with a mask transformers repeats them).",
+             "", "| weights | attention | batch | ms/step | tokens/s | speed-up vs fp16 | "
+             "weights GB | GPU GiB allocated | GPU GiB peak |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         w = "fp16" if r["method"] == "float" else f"W{r['bits']} g{r['group_size']}"
         sp = f"{r['speedup']:.2f}×" if r["speedup"] else "–"
-        lines.append(f"| {w} | {r['batch']} | {r['ms_per_step']:.2f} | "
+        lines.append(f"| {w} | {r.get('attention', 'model')} | {r['batch']} | "
+                     f"{r['ms_per_step']:.2f} | "
                      f"{r['tokens_per_s']:.1f} | {sp} | {r['weight_gb']:.2f} | "
                      f"{r.get('gpu_alloc_gib', float('nan')):.1f} | "
                      f"{r.get('gpu_peak_gib', float('nan')):.1f} |")
@@ -273,7 +281,13 @@ def main() -> None:
                          "block (the only way for llama3-70b)")
     ap.add_argument("--stored-on-host", action="store_true",
                     help="KernelOptions.stored_on_host: each weight once on the GPU")
+    ap.add_argument("--attention", default="grouped",
+                    help="comma list of grouped (kvant's) and model (the model's own): every "
+                         "batch is timed with each, the model made once")
     args = ap.parse_args()
+    attentions = args.attention.split(",")
+    if any(a not in ("grouped", "model") for a in attentions):
+        ap.error(f"--attention takes grouped and/or model, got {args.attention!r}")
     if args.compile:  # one compiled step per (model, batch): four or more graphs
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     batches = [int(b) for b in args.batches.split(",")]
@@ -323,12 +337,15 @@ def main() -> None:
     fp16 = {}
     if not quantized_input:
         gb = weight_bytes(model) / 1e9
-        fp16 = measure(model, batches, args.ctx, args.steps, "fp16", log, args.compile)
-        for b, sec in fp16.items():
-            rows.append(dict(meta, method="float", bits=16, group_size=None, batch=b,
-                             ms_per_step=1e3 * sec, tokens_per_s=b / sec, speedup=1.0,
-                             weight_gb=gb))
-        write(rows, args, meta, log)
+        for att in attentions:
+            sec_by_b = measure(model, batches, args.ctx, args.steps, "fp16", log,
+                               args.compile, att)
+            fp16.update({(b, att): sec for b, sec in sec_by_b.items()})
+            for b, sec in sec_by_b.items():
+                rows.append(dict(meta, method="float", bits=16, group_size=None, batch=b,
+                                 attention=att, ms_per_step=1e3 * sec, tokens_per_s=b / sec,
+                                 speedup=1.0, weight_gb=gb))
+            write(rows, args, meta, log)
         t0 = time.time()
         n = rtn_quantize_(model, args.bits, args.group_size)
         log(f"RTN W{args.bits} g{args.group_size}: {n} layers in {time.time() - t0:.1f}s")
@@ -337,13 +354,16 @@ def main() -> None:
         t0 = time.time()
         shapes = tune_for(model, b)
         log(f"tuned {shapes} shapes for batch {b} in {time.time() - t0:.1f}s")
-        sec = measure(model, [b], args.ctx, args.steps, f"W{args.bits}", log, args.compile)[b]
-        rows.append(dict(meta, method="rtn", bits=args.bits, group_size=args.group_size,
-                         batch=b, ms_per_step=1e3 * sec, tokens_per_s=b / sec,
-                         speedup=(fp16[b] / sec) if b in fp16 else None, weight_gb=gb,
-                         gpu_alloc_gib=torch.cuda.memory_allocated() / 2**30,
-                         gpu_peak_gib=torch.cuda.max_memory_allocated() / 2**30))
-        write(rows, args, meta, log)
+        for att in attentions:
+            sec = measure(model, [b], args.ctx, args.steps, f"W{args.bits}", log,
+                          args.compile, att)[b]
+            rows.append(dict(meta, method="rtn", bits=args.bits, group_size=args.group_size,
+                             batch=b, attention=att, ms_per_step=1e3 * sec,
+                             tokens_per_s=b / sec,
+                             speedup=(fp16[b, att] / sec) if (b, att) in fp16 else None,
+                             weight_gb=gb, gpu_alloc_gib=torch.cuda.memory_allocated() / 2**30,
+                             gpu_peak_gib=torch.cuda.max_memory_allocated() / 2**30))
+            write(rows, args, meta, log)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from kvant.errors import InputError
 from kvant.eval.perplexity import model_device
+from kvant.serve.attention import register, set_attention
 
 
 class GenerateError(InputError):
@@ -81,12 +82,24 @@ def _inner(model: nn.Module) -> nn.Module:
     return inner
 
 
-class StaticDecoder:
-    """Prefill + graph-replayable greedy decode steps over a ``StaticCache`` of ``ctx``."""
+ATTENTION = ("grouped", "model")
 
-    def __init__(self, model: nn.Module, batch: int, ctx: int, compile: bool = False):
+
+class StaticDecoder:
+    """Prefill + graph-replayable greedy decode steps over a ``StaticCache`` of ``ctx``.
+
+    ``attention="grouped"`` (default) runs the model with kvant's grouped-query attention
+    (:mod:`kvant.serve.attention`: the cached keys and values are never repeated per query
+    head) until :meth:`close`; ``"model"`` keeps the model's own implementation. Use it as a
+    context manager, or call :meth:`close`, to give the model its own attention back."""
+
+    def __init__(self, model: nn.Module, batch: int, ctx: int, compile: bool = False,
+                 attention: str = "grouped"):
         from transformers import StaticCache
 
+        if attention not in ATTENTION:
+            raise GenerateError(f"attention must be one of {', '.join(ATTENTION)}, got "
+                                f"{attention!r}")
         self.model, self.inner, self.batch, self.ctx = model, _inner(model), batch, ctx
         dev = model_device(model)
         self.device = dev
@@ -98,6 +111,21 @@ class StaticDecoder:
         self.graph = None
         self._model_kw = _cache_kw(type(model).forward)
         self._layer_kw = _cache_kw(type(self.inner.layers[0]).forward)
+        # the prefill runs the model's own attention (its mask creation knows only that
+        # one); the steps run the grouped one
+        self._own_attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        self._step_attn = register() if attention == "grouped" and self._own_attn else None
+        set_attention(model, self._step_attn)
+
+    def close(self) -> None:
+        """Give the model its own attention implementation back."""
+        set_attention(self.model, self._own_attn)
+
+    def __enter__(self) -> "StaticDecoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -107,8 +135,12 @@ class StaticDecoder:
         if b != self.batch or t >= self.ctx:
             raise GenerateError(f"prompt of shape {tuple(ids.shape)} does not fit batch "
                                 f"{self.batch} and context {self.ctx}")
-        out = self.model(input_ids=ids.to(self.device), **{self._model_kw: self.cache},
-                         use_cache=True, cache_position=torch.arange(t, device=self.device))
+        set_attention(self.model, self._own_attn)
+        try:
+            out = self.model(input_ids=ids.to(self.device), **{self._model_kw: self.cache},
+                             use_cache=True, cache_position=torch.arange(t, device=self.device))
+        finally:
+            set_attention(self.model, self._step_attn)
         self.tok.copy_(out.logits[:, -1:].argmax(-1))
         self.rewind(t)
         return self.tok.clone()
@@ -154,19 +186,26 @@ class StaticDecoder:
 
 @torch.no_grad()
 def generate(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, ctx: int | None = None,
-             compile: bool = False, cuda_graph: bool | None = None):
+             compile: bool = False, cuda_graph: bool | None = None,
+             attention: str = "grouped"):
     """Greedy continuation of ``ids`` (batch, T) by ``max_new_tokens`` tokens ->
     (tokens (batch, T + new), :class:`DecodeStats`). ``cuda_graph`` (default: on CUDA)
     captures the step; the warm-up and capture steps write cache positions past the prompt,
     then the cache is rewound, and the real steps overwrite those positions before the mask
-    lets them be read, so the tokens equal eager decoding's."""
+    lets them be read, so the tokens equal eager decoding's. ``attention``: as
+    :class:`StaticDecoder` (the model's own implementation is back when this returns)."""
     if max_new_tokens < 1:
         raise GenerateError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     ctx = ctx or ids.shape[1] + max_new_tokens
     if ids.shape[1] + max_new_tokens > ctx:
         raise GenerateError(f"prompt ({ids.shape[1]}) + new tokens ({max_new_tokens}) exceed "
                             f"the context {ctx}")
-    dec = StaticDecoder(model, ids.shape[0], ctx, compile)
+    with StaticDecoder(model, ids.shape[0], ctx, compile, attention) as dec:
+        return _generate(dec, ids, max_new_tokens, cuda_graph)
+
+
+def _generate(dec: StaticDecoder, ids: torch.Tensor, max_new_tokens: int,
+              cuda_graph: bool | None):
     on_cuda = dec.device.type == "cuda"
     cuda_graph = on_cuda if cuda_graph is None else cuda_graph
     sync = torch.cuda.synchronize if on_cuda else (lambda: None)
