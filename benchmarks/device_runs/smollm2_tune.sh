@@ -5,6 +5,7 @@
 # parts, benchmarks/README.md) and carry [".carry/data", ".whl"].
 # Usage: smollm2_tune.sh SECONDS 'CONFIGS FOR JOB 0' ['CONFIGS FOR JOB 1' ...], e.g.
 #   smollm2_tune.sh 540 'quipsharp:bits=2' 'quipsharp:bits=3 quipsharp:bits=4'
+# TUNE_ARGS (environment) is passed to every job, e.g. TUNE_ARGS=--no-block.
 . "$(dirname "$0")/common.sh"
 smollm2_inputs
 secs=$1; shift
@@ -12,7 +13,7 @@ i=0
 for configs in "$@"; do
   (timeout "$secs" python3 benchmarks/smollm2_tune.py --gguf /root/stash/smollm2.gguf \
      --calib-file .carry/data/c4_en_train_00000_first1000.jsonl \
-     --eval-file .carry/data/wiki.test.raw --out "$R" --name "smollm2_tune_part$i" $ALLOW \
+     --eval-file .carry/data/wiki.test.raw --out "$R" --name "smollm2_tune_part$i" $ALLOW ${TUNE_ARGS:-} \
      --configs $configs 2>&1 | grep -v "Convert\|Loading" > "$R/smollm2_tune_part$i.log") &
   i=$((i + 1))
 done
