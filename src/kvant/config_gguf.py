@@ -1,5 +1,7 @@
 """The ``grid`` field of a method config: "int" (kvant's own uniform grids) or "gguf:TYPE"
-(llama.cpp's block formats, kvant.core.gguf_grid), and which methods can round on them."""
+(llama.cpp's block formats, kvant.core.gguf_grid), and which methods can round on them.
+A GGUF grid rounds each Linear on llama.cpp's type for it (kvant.core.gguf_mix):
+:func:`with_gguf_type` is the config of a Linear whose type differs from the grid's."""
 
 from __future__ import annotations
 
@@ -25,11 +27,11 @@ def check_gguf_grid(cfg: Any):
         raise ConfigError(f"grid must be 'int' or 'gguf:TYPE', got {g!r}")
     if g == "int":
         return None
-    from kvant.core.gguf_grid import EXPORT_TYPES, TYPES
+    from kvant.core.gguf_grid import TYPES
 
     name = g.split(":", 1)[1].upper()
-    if name not in EXPORT_TYPES:
-        raise ConfigError(f"grid {g!r}: unknown GGUF type {name!r}; one of {list(EXPORT_TYPES)}")
+    if name not in TYPES:  # EXPORT_TYPES, and the other types of llama.cpp's mixes
+        raise ConfigError(f"grid {g!r}: unknown GGUF type {name!r}; one of {list(TYPES)}")
     t = TYPES[name]
     if cfg.method in _NO_GGUF or not cfg.method:
         raise ConfigError(f"grid {g!r} is not supported by method {cfg.method!r}: "
@@ -52,3 +54,11 @@ def check_gguf_grid(cfg: Any):
     object.__setattr__(cfg, "bits", t.bits)
     object.__setattr__(cfg, "group_size", t.block)
     return t
+
+
+def with_gguf_type(cfg: Any, name: str):
+    """``cfg`` rounding on GGUF type ``name`` instead of its grid's type (one tensor of
+    llama.cpp's per-tensor mix); bits and group size follow the type."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    return dataclasses.replace(cfg, grid="gguf:" + name, bits=defaults["bits"],
+                               group_size=defaults["group_size"])

@@ -26,6 +26,7 @@ import kvant  # noqa: E402
 from kvant.config import (AWQConfig, ConfigError, GPTQConfig, QuIPConfig,  # noqa: E402
                           RTNConfig, SpQRConfig)
 from kvant.core import gguf_grid as gg  # noqa: E402
+from kvant.core import gguf_mix  # noqa: E402
 from kvant.core.gguf_layout import decode, encode  # noqa: E402
 from kvant.formats.gguf_export import GGUFExportError, _head_perm, export_gguf  # noqa: E402
 from kvant.nn.gguf_linear import GGUFLinear  # noqa: E402
@@ -107,8 +108,9 @@ def test_grid_config_fixes_bits_and_refuses_conflicts():
     assert RTNConfig(grid="gguf:Q6_K").bits == 6
     with pytest.raises(ConfigError, match="conflicts"):
         GPTQConfig(grid="gguf:Q4_K", bits=3)
+    assert GPTQConfig(grid="gguf:Q5_K").bits == 5  # a type of llama.cpp's Q4_K_S mix
     with pytest.raises(ConfigError, match="unknown GGUF type"):
-        GPTQConfig(grid="gguf:Q5_K")
+        GPTQConfig(grid="gguf:Q7_K")
     with pytest.raises(ConfigError, match="grid must be"):
         GPTQConfig(grid="nf4")
     with pytest.raises(ConfigError, match="act_order"):
@@ -144,7 +146,8 @@ CALIB = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0
 
 
 def _check_file_matches(model, path, want_types=None):
-    """Every quantized layer's tensor in the file dequantizes (by gguf) to kvant's weight."""
+    """Every quantized layer's tensor in the file dequantizes (by gguf) to kvant's weight;
+    ``want_types`` {base type}: layer 0's types are llama.cpp's mix of that file type."""
     reader = gguf.GGUFReader(str(path))
     tensors = {t.name: t for t in reader.tensors}
     cfg = model.config
@@ -153,19 +156,20 @@ def _check_file_matches(model, path, want_types=None):
              "self_attn.v_proj": ("attn_v", None), "self_attn.o_proj": ("attn_output", None),
              "mlp.gate_proj": ("ffn_gate", None), "mlp.up_proj": ("ffn_up", None),
              "mlp.down_proj": ("ffn_down", None)}
-    seen = set()
     for hf, (g, heads) in names.items():
         mod = model.model.layers[0].get_submodule(hf)
         assert isinstance(mod, GGUFLinear)
         t = tensors[f"blk.0.{g}.weight"]
         assert t.tensor_type.name == mod.gguf_type
-        seen.add(mod.gguf_type)
+        if want_types is not None:
+            shape = gguf_mix.LlamaShape(len(model.model.layers), cfg.num_attention_heads,
+                                        cfg.num_key_value_heads)
+            assert {mod.gguf_type} == {gguf_mix.tensor_type(
+                b, t.name, mod.in_features, shape) for b in want_types}, t.name
         w = mod.dequantized_weight()
         if heads:
             w = w[_head_perm(w.shape[0], heads)]
         assert torch.equal(torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type)), w)
-    if want_types is not None:
-        assert seen == set(want_types)
     return reader
 
 

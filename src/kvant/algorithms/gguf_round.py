@@ -1,7 +1,8 @@
 """Rounding on llama.cpp's grids (``grid="gguf:TYPE"``): RTN, and GPTQ's column walk.
 
-A layer of input width K gets the config's type, or llama.cpp's fallback type where K is not
-a multiple of the type's block (:func:`kvant.core.gguf_grid.type_for_width`). The result is
+A layer gets the type llama.cpp's file type of that name gives it (:func:`mix_configs`,
+kvant.core.gguf_mix: some attn_v / ffn_down / attn_output matrices wider, and llama.cpp's
+fallback type where the input width K is not a multiple of the type's block). The result is
 the layer's GGUF blocks themselves (``extras["gguf_blocks"]``, uint8 (N, K/block*nbytes)),
 stored by :class:`kvant.nn.gguf_linear.GGUFLinear` and written unchanged by the GGUF export.
 
@@ -28,6 +29,35 @@ from kvant.core import gguf_grid as gg
 from kvant.core.gguf_layout import encode
 from kvant.core.result import LayerResult
 from kvant.nn import gguf_linear  # noqa: F401  (registers the "gguf" layer kind)
+
+
+def mix_configs(config: MethodConfig, layers: dict[str, int], prefix: str, model_config,
+                imatrix: bool) -> dict[str, MethodConfig]:
+    """The configs of the Linears that llama.cpp's mix (kvant.core.gguf_mix) stores in
+    another type than ``config.grid``'s: {full name: config on that type}.
+
+    layers: {full Linear name: input width} of the decoder blocks under ``prefix``;
+    model_config: the model's (Hugging Face) config, for its layer and head counts;
+    imatrix: the method calibrates on data (llama.cpp's importance-matrix branches).
+    A model without head counts, or a Linear that is not one of a Llama layer's seven
+    matrices, keeps the grid's type (or its fallback for the width)."""
+    from kvant.config_gguf import with_gguf_type
+    from kvant.core import gguf_mix
+
+    base = config.grid.split(":", 1)[1]
+    heads = getattr(model_config, "num_attention_heads", None)
+    n_layer = 1 + max((int(n[len(prefix) + 1:].split(".")[0]) for n in layers), default=-1)
+    shape = None if not heads or base not in gguf_mix.FILE_TYPES else gguf_mix.LlamaShape(
+        n_layer, heads, getattr(model_config, "num_key_value_heads", None) or heads,
+        bool(getattr(model_config, "tie_word_embeddings", True)))
+    out = {}
+    for name, k in layers.items():
+        g = None if shape is None else gguf_mix.gguf_name(name, prefix)
+        t = (gg.type_for_grid(config.grid, k, name).name if g is None
+             else gguf_mix.tensor_type(base, g, k, shape, imatrix))
+        if t != base:
+            out[name] = with_gguf_type(config, t)
+    return out
 
 
 def layer_type(config: MethodConfig, k: int, layer: str = "") -> gg.GGUFType:

@@ -170,6 +170,16 @@ def _calibrate_group(block, names, linears, method, inputs, prefix, skip=frozens
     return results
 
 
+def _gguf_mix(model, prefix, blocks, config, imatrix: bool) -> dict:
+    # llama.cpp's per-tensor types of the grid's file type (kvant.core.gguf_mix): each
+    # Linear rounded on its own type
+    from kvant.algorithms.gguf_round import mix_configs
+
+    widths = {f"{prefix}.{i}.{n}": linear_weight(lin).shape[1] for i, block in enumerate(blocks)
+              for n, lin in find_linears(block, config.ignore, f"{prefix}.{i}.").items()}
+    return mix_configs(config, widths, prefix, getattr(model, "config", None), imatrix)
+
+
 def _check_planned(method, name: str, res) -> None:
     # a method that ignored its per-layer config (QuantMethod.config_for) would silently
     # break the plan's size budget: refuse
@@ -197,6 +207,9 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
     prefix, blocks = validate_model(model, config)
     # a plan: each layer by its own planned method and width (kvant.calib.planned)
     method = build(config) if plan is None else plan.build_method(config)
+    if plan is None and getattr(config, "grid", "int") != "int":
+        method.layer_configs.update(_gguf_mix(model, prefix, blocks, config,
+                                              method.needs_calibration))
     method.check_model(model, blocks, config.ignore)  # refuse what it cannot do, up front
     check_calibration(model, blocks, method, calib, options)  # token ids valid, memory fits
     if method.needs_calibration and (calib is None or len(calib) == 0):

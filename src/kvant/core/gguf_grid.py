@@ -12,11 +12,13 @@ type     block  bytes  fields (per block) -> a, b of each sub-block
 Q4_0     32     18     d fp16 -> a = d, levels code - 8
 Q4_1     32     20     d, m fp16 -> a = d, b = m, levels 0..15
 Q5_0     32     22     d fp16 -> a = d, levels code - 16
+Q5_1     32     24     d, m fp16 -> a = d, b = m, levels 0..31
 Q8_0     32     34     d fp16 -> a = d, levels code - 128 (int8)
 IQ4_NL   32     18     d fp16 -> a = d, levels = a fixed 16-entry table
 Q2_K     256    84     d, dmin fp16; 16 x (4-bit sc, 4-bit m) -> a = d*sc, b = -(dmin*m)
 Q3_K     256    110    d fp16; 16 x 6-bit signed sc -> a = d*sc, levels code - 4
 Q4_K     256    144    d, dmin fp16; 8 x (6-bit sc, 6-bit m) -> a = d*sc, b = -(dmin*m)
+Q5_K     256    176    as Q4_K, levels 0..31
 Q6_K     256    210    d fp16; 16 x int8 sc -> a = d*sc, levels code - 32
 =======  =====  =====  ==================================================================
 
@@ -85,15 +87,18 @@ TYPES: dict[str, GGUFType] = {t.name: t for t in (
     GGUFType("Q4_0", 32, 18, 32, 16, 8, False, 4),
     GGUFType("Q4_1", 32, 20, 32, 16, 0, True, 4),
     GGUFType("Q5_0", 32, 22, 32, 32, 16, False, 5),
+    GGUFType("Q5_1", 32, 24, 32, 32, 0, True, 5),
     GGUFType("Q8_0", 32, 34, 32, 256, 128, False, 8),
     GGUFType("IQ4_NL", 32, 18, 32, 16, 0, False, 4, table=IQ4NL_VALUES),
     GGUFType("Q2_K", QK_K, 84, 16, 4, 0, True, 2, (0, 15), fallback="Q4_0"),
     GGUFType("Q3_K", QK_K, 110, 16, 8, 4, False, 3, (-32, 31), fallback="Q4_0"),
     GGUFType("Q4_K", QK_K, 144, 32, 16, 0, True, 4, (0, 63), fallback="Q5_0"),
+    GGUFType("Q5_K", QK_K, 176, 32, 32, 0, True, 5, (0, 63), fallback="Q5_1"),
     GGUFType("Q6_K", QK_K, 210, 16, 64, 32, False, 6, (-128, 127), fallback="Q8_0"),
 )}
-# the types a user may ask for (Q5_0 appears only as a fallback; IQ4_NL stays a grid kvant
-# reads and rounds on)
+# the types a user may ask for: each names llama.cpp's file type of that base type
+# (kvant.core.gguf_mix), whose per-tensor mix also uses Q4_1, Q5_0, Q5_1 and Q5_K; IQ4_NL
+# stays a grid kvant reads and rounds on
 EXPORT_TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q3_K", "Q2_K", "Q6_K")
 
 

@@ -8,11 +8,14 @@ in one recurring pattern: a run of ``A * S * L`` values fills ``A * L`` bytes, v
 - Q4_0 / IQ4_NL: d | qs[16] = codes (1, 2, 16, 4)
 - Q4_1: d | m | qs[16] as Q4_0
 - Q5_0: d | qh[4] = code >> 4 (4, 8, 1, 1) | qs[16] = code & 15 as Q4_0
+- Q5_1: d | m | qh[4], qs[16] as Q5_0
 - Q8_0: d | qs[32] int8 = code - 128
 - Q2_K: scales[16] = sc | m << 4 | qs[64] = codes (2, 4, 32, 2) | d | dmin
 - Q3_K: hmask[32] = code >> 2 (1, 8, 32, 1) | qs[64] = code & 3 as Q2_K | scales[12] =
   u = sc + 32: u & 15 (1, 2, 8, 4), then u >> 4 (1, 4, 4, 2) | d
 - Q4_K: d | dmin | scales[12] (below) | qs[128] = codes (4, 2, 32, 4)
+- Q5_K: d | dmin | scales[12] as Q4_K | qh[32] = code >> 4 (1, 8, 32, 1) | qs[128] =
+  code & 15 as Q4_K
 - Q6_K: ql[128] = code & 15 (2, 2, 64, 4) | qh[64] = code >> 4 (2, 4, 32, 2) | scales[16]
   int8 | d
 
@@ -82,6 +85,9 @@ def encode(t: GGUFType, codes: torch.Tensor, f: dict) -> torch.Tensor:
         parts = [_h(f["d"]), _h(f["m"]), pack_fields(c, 1, 2, 16, 4)]
     elif n == "Q5_0":
         parts = [_h(f["d"]), pack_fields(c >> 4, 4, 8, 1, 1), pack_fields(c & 15, 1, 2, 16, 4)]
+    elif n == "Q5_1":
+        parts = [_h(f["d"]), _h(f["m"]), pack_fields(c >> 4, 4, 8, 1, 1),
+                 pack_fields(c & 15, 1, 2, 16, 4)]
     elif n == "Q8_0":
         parts = [_h(f["d"]), (c ^ 128).to(U8)]
     elif n == "Q2_K":
@@ -94,6 +100,9 @@ def encode(t: GGUFType, codes: torch.Tensor, f: dict) -> torch.Tensor:
     elif n == "Q4_K":
         parts = [_h(f["d"]), _h(f["dmin"]), _q4k_scales(f["sc"], f["mn"]),
                  pack_fields(c, 4, 2, 32, 4)]
+    elif n == "Q5_K":
+        parts = [_h(f["d"]), _h(f["dmin"]), _q4k_scales(f["sc"], f["mn"]),
+                 pack_fields(c >> 4, 1, 8, 32, 1), pack_fields(c & 15, 4, 2, 32, 4)]
     elif n == "Q6_K":
         parts = [pack_fields(c & 15, 2, 2, 64, 4), pack_fields(c >> 4, 2, 4, 32, 2),
                  (f["sc"] & 255).to(U8), _h(f["d"])]
@@ -114,6 +123,9 @@ def decode(t: GGUFType, b: torch.Tensor):
     if n == "Q5_0":
         c = unpack_fields(b[:, 6:], 1, 2, 16, 4) | (unpack_fields(b[:, 2:6], 4, 8, 1, 1) << 4)
         return c, {"d": _f(b[:, :2])}
+    if n == "Q5_1":
+        c = unpack_fields(b[:, 8:], 1, 2, 16, 4) | (unpack_fields(b[:, 4:8], 4, 8, 1, 1) << 4)
+        return c, {"d": _f(b[:, :2]), "m": _f(b[:, 2:4])}
     if n == "Q8_0":
         return b[:, 2:].long() ^ 128, {"d": _f(b[:, :2])}
     if n == "Q2_K":
@@ -129,6 +141,11 @@ def decode(t: GGUFType, b: torch.Tensor):
         sc, mn = _q4k_unscales(b[:, 4:16])
         return unpack_fields(b[:, 16:], 4, 2, 32, 4), {
             "d": _f(b[:, :2]), "dmin": _f(b[:, 2:4]), "sc": sc, "mn": mn}
+    if n == "Q5_K":
+        sc, mn = _q4k_unscales(b[:, 4:16])
+        c = unpack_fields(b[:, 48:], 4, 2, 32, 4) | (unpack_fields(b[:, 16:48], 1, 8, 32, 1)
+                                                      << 4)
+        return c, {"d": _f(b[:, :2]), "dmin": _f(b[:, 2:4]), "sc": sc, "mn": mn}
     if n == "Q6_K":
         c = unpack_fields(b[:, :128], 2, 2, 64, 4) | (unpack_fields(b[:, 128:192], 2, 4, 32, 2)
                                                        << 4)

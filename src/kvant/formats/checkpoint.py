@@ -165,7 +165,9 @@ def _check_schema(meta, where: str) -> None:
             need(e.get(field) == own.get(field),
                  f"module {name!r} has {field}={e.get(field)!r} but the checkpoint's "
                  f"mixed_plan says {field}={own.get(field)!r}")
-        for field in _SHARED_FIELDS if own is None else ():
+        # a GGUF layer's bits and block are its own type's (llama.cpp's per-tensor mix,
+        # kvant.core.gguf_mix); GGUFLinear checks them against its gguf_type
+        for field in _SHARED_FIELDS if own is None and e["kind"] != "gguf" else ():
             need(field not in e or field not in qc or e[field] == qc[field],
                  f"module {name!r} has {field}={e.get(field)!r} but the checkpoint's "
                  f"quantization_config says {field}={qc.get(field)!r}")

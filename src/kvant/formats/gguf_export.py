@@ -29,20 +29,19 @@ import torch
 import torch.nn as nn
 
 from kvant.core import gguf_grid as gg
+from kvant.core import gguf_mix
 from kvant.core.gguf_layout import encode
+from kvant.core.gguf_mix import HF_ROLES
 from kvant.errors import InputError
 from kvant.nn.gguf_linear import GGUFLinear
 from kvant.nn.qlinear import QuantLinear
 
-BLOCK_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-# llama.cpp's general.file_type of a file mostly of one type (LlamaFileType)
-FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q2_K": 10, "Q3_K": 11,
-              "Q4_K": 14, "Q6_K": 18}
+BLOCK_NAMES = {**HF_ROLES, "input_layernorm": "attn_norm",
+               "post_attention_layernorm": "ffn_norm"}
+# llama.cpp's general.file_type of the file type whose mix a kvant type follows (LlamaFileType;
+# kvant.core.gguf_mix.FILE_TYPES)
+FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9,
+              "Q2_K": 10, "Q3_K": 11, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18}
 LLAMA_FAMILY = ("llama",)
 
 
@@ -98,18 +97,27 @@ def collect_tensors(model: nn.Module, gguf_type: str | None, float_type: str = "
 
     cfg, layers, embed, norm, head = _model_parts(model)
     want = None if gguf_type is None else gg.gguf_type(gguf_type)
-    allowed = None if want is None else {want.name, want.fallback}
     n_head = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_head
+    shape = gguf_mix.LlamaShape(len(layers), n_head, n_kv)
     out: list = []
     types: dict[str, int] = {}
 
+    def allowed(name: str, k: int) -> set:
+        # the type (or its fallback), or llama.cpp's type for the tensor in that file type's
+        # mix, with or without an importance matrix (GPTQ / AWQ, or RTN)
+        ok = {want.name, want.fallback}
+        if want.name in gguf_mix.FILE_TYPES and name.startswith("blk."):
+            ok |= {gguf_mix.tensor_type(want.name, name, k, shape, im) for im in (True, False)}
+        return ok
+
     def matrix(name: str, mod: nn.Module, perm_heads: int | None, ftype: str) -> None:
         if isinstance(mod, GGUFLinear):
-            if allowed is not None and mod.gguf_type not in allowed:
+            if want is not None and mod.gguf_type not in allowed(name, mod.in_features):
                 raise GGUFExportError(
                     f"layer for {name!r} was rounded on GGUF type {mod.gguf_type}, not "
-                    f"{want.name}: quantize with --grid gguf:{want.name} to export {want.name}")
+                    f"{want.name} or llama.cpp's type for it in a {want.name} file: quantize "
+                    f"with --grid gguf:{want.name} to export {want.name}")
             arr = mod.blocks.cpu()
             if perm_heads:
                 arr = arr[_head_perm(arr.shape[0], perm_heads)]
@@ -142,10 +150,13 @@ def collect_tensors(model: nn.Module, gguf_type: str | None, float_type: str = "
                             and head.weight.data_ptr() == embed.weight.data_ptr())
     if not tied:
         matrix("output.weight", head, None, etype)
-    # the file's type: the one asked for, else the type present that is no other's fallback
+    # the file's type: the one asked for, else the quantizing grid's, else the type present
+    # that is no other's fallback
+    grid = str(getattr(getattr(model, "kvant_quantization_config", None), "grid", "int"))
     fallbacks = {gg.TYPES[t].fallback for t in types}
-    main = want.name if want is not None and types else max(
-        types, key=lambda t: (t not in fallbacks, types[t])) if types else None
+    main = want.name if want is not None and types else (
+        grid.split(":", 1)[1] if grid.startswith("gguf:") else max(
+            types, key=lambda t: (t not in fallbacks, types[t]))) if types else None
     if want is not None and main is None:
         raise GGUFExportError(f"the model has no layer rounded on a GGUF grid; quantize with "
                               f"--grid gguf:{want.name} first")
