@@ -65,3 +65,36 @@ def test_gaussian_mse_beats_scalar_2bit():
     assert 0.085 < mse < 0.097, mse
     with pytest.raises(ValueError, match="unknown codebook"):
         codebook("e8")
+
+
+def test_round_stages_on_cpu_is_the_torch_residual_search():
+    # stage k rounds (x - Σ earlier points·scales) / s_k; the CPU never takes the kernel
+    from kvant.core.e8p import kernel_applies, round_stages
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 50, generator=g).t()  # (50, 8) strided, as block LDLQ passes it
+    books = [codebook("e8p"), codebook("e8p1")]
+    scales = [torch.rand(50, 1, generator=g) + 0.5, torch.tensor([[0.3]])]
+    assert not kernel_applies(x)
+    deq, codes = round_stages(books, x, scales)
+    c0 = books[0].nearest(x / scales[0])
+    q0 = books[0].table[c0] * scales[0]
+    c1 = books[1].nearest((x - q0) / scales[1])
+    assert torch.equal(codes, torch.stack([c0, c1], -1))
+    assert torch.equal(deq, q0 + books[1].table[c1] * scales[1])
+    assert float((x - deq).pow(2).mean()) < float((x - q0).pow(2).mean())  # stage 2 helps
+
+
+def test_cpu_search_never_imports_triton():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "torch.cuda.is_available = lambda: False\n"
+            "from kvant.core.e8p import codebook, round_stages\n"
+            "cb = codebook('e8p')\n"
+            "x = torch.randn(10, 8)\n"
+            "cb.nearest(x); round_stages([cb], x, [torch.ones(1, 1)])\n"
+            "assert 'triton' not in sys.modules, 'triton imported'\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

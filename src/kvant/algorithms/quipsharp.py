@@ -34,7 +34,7 @@ from kvant.algorithms.quip import (QuIP, _QuIPLayer, incoherence, rotate_hessian
                                    rotate_weight, transforms_for)
 from kvant.algorithms.registry import register
 from kvant.config import QuIPSharpConfig
-from kvant.core.e8p import DIM, Codebook, codebook
+from kvant.core.e8p import DIM, Codebook, codebook, round_stages
 from kvant.core.hessian import HessianAccumulator, zero_dead
 from kvant.core.result import LayerResult
 from kvant.nn.quipsharp_linear import STAGES
@@ -53,13 +53,15 @@ def _rms(X: torch.Tensor, per_row: bool) -> torch.Tensor:
     return X.square().mean(dims, keepdim=True).sqrt().clamp(min=1e-12)
 
 
-def _round(cb: Codebook, table: torch.Tensor, X: torch.Tensor, s: torch.Tensor):
-    """Nearest codes (...) of X (..., 8) / s and their dequantized values (..., 8)."""
-    codes = cb.nearest((X / s).reshape(-1, DIM)).view(X.shape[:-1])
-    return codes, table[codes] * s
+def _round(cb: Codebook, X: torch.Tensor, s: torch.Tensor, kernel: bool = True):
+    """Nearest codes (...) of X (..., 8) / s and their dequantized values (..., 8).
+    ``kernel``: the Triton kernel on CUDA (core.e8p.round_stages), False: torch."""
+    deq, codes = round_stages((cb,), X, (s,), kernel)
+    return codes[..., 0], deq
 
 
-def fit_scale(X: torch.Tensor, cb: Codebook, per_row: bool) -> torch.Tensor:
+def fit_scale(X: torch.Tensor, cb: Codebook, per_row: bool,
+              kernel: bool = True) -> torch.Tensor:
     """The scale (N, 1, 1) or (1, 1, 1), float16-exact, with which ``cb`` rounds X (N, B, 8)
     by plain nearest search with the least squared error (module docstring)."""
     n, b, _ = X.shape
@@ -68,14 +70,13 @@ def fit_scale(X: torch.Tensor, cb: Codebook, per_row: bool) -> torch.Tensor:
     idx = torch.arange(0, n * b, step, device=X.device)
     rows = idx // b
     sample = X.reshape(-1, DIM)[idx]  # (M, 8)
-    table = cb.table.to(X.device)
     tried: dict[float, tuple[float, torch.Tensor]] = {}
 
     def error(e: float) -> float:
         if e not in tried:
             s = (base * 2 ** e).half().float()
             s_rows = s.reshape(-1)[rows if per_row else torch.zeros_like(rows)].unsqueeze(1)
-            tried[e] = (float((sample - _round(cb, table, sample, s_rows)[1]).square().sum()),
+            tried[e] = (float((sample - _round(cb, sample, s_rows, kernel)[1]).square().sum()),
                         s)
         return tried[e][0]
 
@@ -87,40 +88,39 @@ def fit_scale(X: torch.Tensor, cb: Codebook, per_row: bool) -> torch.Tensor:
 
 class StageQuantizer:
     """Residual VQ with fixed scales: stage i rounds what stages < i left, ``scales[i]``
-    (N or 1, 1) broadcast over the rows. Called on one block of 8 columns at a time."""
+    (N or 1, 1) broadcast over the rows. Called on one block of 8 columns at a time: on CUDA
+    one Triton launch for all stages (core.e8p.round_stages), unless ``kernel`` is False."""
 
-    def __init__(self, names: tuple[str, ...], scales: list[torch.Tensor], device):
+    def __init__(self, names: tuple[str, ...], scales: list[torch.Tensor], device,
+                 kernel: bool = True):
         self.books = [codebook(n) for n in names]
-        self.tables = [cb.table.to(device) for cb in self.books]
-        self.scales = [s.reshape(-1, 1) for s in scales]  # (N or 1, 1) each
+        self.scales = [s.reshape(-1, 1).to(device) for s in scales]  # (N or 1, 1) each
+        self.kernel = kernel
 
     def __call__(self, x: torch.Tensor, block: int = 0):
         """x (N, 8) -> (dequantized (N, 8), codes (N, stages))."""
-        out = torch.zeros_like(x)
-        codes = []
-        for cb, table, s in zip(self.books, self.tables, self.scales):
-            c, q = _round(cb, table, x - out, s)
-            out += q
-            codes.append(c)
-        return out, torch.stack(codes, -1)
+        return round_stages(self.books, x, self.scales, self.kernel)
 
 
-def fit_stage_scales(Wr: torch.Tensor, names: tuple[str, ...], per_row: bool):
-    """Scales of every stage (list of (N or 1, 1, 1)) for the rotated weight Wr (N, K)."""
+def fit_stage_scales(Wr: torch.Tensor, names: tuple[str, ...], per_row: bool,
+                     kernel: bool = True):
+    """Scales of every stage (list of (N or 1, 1, 1)) for the rotated weight Wr (N, K).
+    ``kernel``: the Triton search on CUDA (False: torch everywhere)."""
     n, k = Wr.shape
     R = Wr.reshape(n, k // DIM, DIM)
     scales = []
     for i, name in enumerate(names):
         cb = codebook(name)
-        s = fit_scale(R, cb, per_row)
+        s = fit_scale(R, cb, per_row, kernel)
         scales.append(s)
         if i + 1 < len(names):  # what this stage leaves under nearest rounding
-            R = R - _round(cb, cb.table.to(R.device), R, s)[1]
+            R = R - _round(cb, R, s, kernel)[1]
     return scales
 
 
 def ldlq_with_scale_search(Wr: torch.Tensor, Hr: torch.Tensor, names: tuple[str, ...],
-                           scales: list[torch.Tensor], cfg: QuIPSharpConfig, layer: str = ""):
+                           scales: list[torch.Tensor], cfg: QuIPSharpConfig, layer: str = "",
+                           kernel: bool = True):
     """Block LDLQ of Wr (N, K) against Hr with the stage scales times a common factor f.
 
     The error fed back by LDLQ widens the vectors to round, so scales fitted to plain nearest
@@ -128,6 +128,7 @@ def ldlq_with_scale_search(Wr: torch.Tensor, Hr: torch.Tensor, names: tuple[str,
     is lowest near f = 1.2, 1/3 below f = 1). With ``cfg.scale_search`` f starts at
     :data:`FACTOR_START` and moves by :data:`FACTOR_STEP` while the walk's loss falls (within
     :data:`FACTOR_RANGE`); else f = 1. Returns (codes, deq, loss, f) of the best walk.
+    ``kernel``: round blocks with the Triton kernel on CUDA (False: torch everywhere).
     """
     U = inverse_factor(Hr, Wr.clone(), cfg.damp_percent, layer)
     losses: dict[float, float] = {}
@@ -135,7 +136,8 @@ def ldlq_with_scale_search(Wr: torch.Tensor, Hr: torch.Tensor, names: tuple[str,
 
     def walk(f: float) -> float:
         if f not in losses:
-            q = StageQuantizer(names, [(s * f).half().float() for s in scales], Wr.device)
+            q = StageQuantizer(names, [(s * f).half().float() for s in scales], Wr.device,
+                               kernel)
             res = block_ldlq(Wr, Hr, q, DIM, chunk=cfg.block_size, U=U, layer=layer)
             losses[f] = res[2]
             if best[0] is None or res[2] < losses[best[0]]:

@@ -34,12 +34,19 @@ Decoding is a table look-up plus signs (:meth:`Codebook.decode`); nearest-point 
 and shift, the best signs are those of the input, and when their parity is wrong the best
 fix flips the entry with the smallest ``a_i |y_i|`` — so one (M, |A|) matmul plus a min over
 8 entries per shift replaces a search over all 2¹⁶ points.
+
+On CUDA tensors (where Triton imports) the search and the residual stage rounding
+(:func:`round_stages`) run as one Triton launch (kernels/triton/e8p_nearest.py) instead of
+~100 small torch kernels; the torch code here is the reference and the CPU path, and
+``kernel=False`` keeps it on every device. Both give the same codes except where two
+candidates' float32 distances are equal or within float32 rounding of each other.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+from typing import Sequence
 
 import torch
 
@@ -86,6 +93,31 @@ class Codebook:
         # parity of Σ a (an integer: 8 half-integers): the number of minus signs must match it
         self._abs_parity = (self.absolute.sum(1).round().long() & 1)  # (|A|,)
         self._abs_norm2 = (self.absolute ** 2).sum(1)  # (|A|,)
+        self._on: dict = {}  # device (or ("table", device)) -> its copies there
+
+    def on_device(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(absolute (|A|, 8) float32, parity (|A|,) int64, norm² (|A|,) float32, parity
+        (|A|,) int32) on ``device``, copied once per device (a copy each call of the walk
+        was a host-to-device transfer each)."""
+        device = torch.device(device)
+        if device not in self._on:
+            self._on[device] = tuple(t.to(device).contiguous() for t in (
+                self.absolute, self._abs_parity, self._abs_norm2,
+                self._abs_parity.to(torch.int32)))
+        return self._on[device]
+
+    def table_on(self, device: torch.device) -> torch.Tensor:
+        """:attr:`table` on ``device``, copied once per device."""
+        device = torch.device(device)
+        key = ("table", device)
+        if key not in self._on:
+            self._on[key] = self.table.to(device)
+        return self._on[key]
+
+    def kernel_book(self, device: torch.device) -> tuple:
+        """This codebook as the Triton kernel takes it (kernels/triton/e8p_nearest.Book)."""
+        a, _, n2, par32 = self.on_device(device)
+        return a, par32, n2, self.index_bits
 
     @property
     def size(self) -> int:
@@ -114,24 +146,27 @@ class Codebook:
         """Every codeword, (size, 8) float32, row = code (for fast decoding of whole weights)."""
         return self.decode(torch.arange(self.size))
 
-    def nearest(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-        """Codes (M,) int64 of the nearest codeword (Euclidean) to each row of x (M, 8)."""
+    def nearest(self, x: torch.Tensor, chunk: int = 1024, kernel: bool = True) -> torch.Tensor:
+        """Codes (M,) int64 of the nearest codeword (Euclidean) to each row of x (M, 8).
+        ``kernel``: one Triton launch where :func:`kernel_applies` (else torch, ``chunk``
+        rows at a time)."""
         if x.shape[-1] != DIM:
             raise ValueError(f"nearest: rows must have {DIM} entries, got {tuple(x.shape)}")
         x = x.reshape(-1, DIM).float()
+        if kernel and kernel_applies(x):
+            return _triton().nearest(x, self.kernel_book(x.device))
         return torch.cat([self._nearest(x[i:i + chunk]) for i in range(0, len(x), chunk)]) \
             if len(x) else torch.zeros(0, dtype=torch.long, device=x.device)
 
     def _nearest(self, x: torch.Tensor) -> torch.Tensor:
-        A = self.absolute.to(x.device)  # (|A|, 8)
-        par = self._abs_parity.to(x.device)
+        A, par, norm2, _ = self.on_device(x.device)  # (|A|, 8), (|A|,), (|A|,)
         rows = torch.arange(len(x), device=x.device)
         best_d = best_code = None
         for t in (1, -1):
             y = x - SHIFT * t  # (M, 8)
             ay, neg = y.abs(), y < 0  # the sign of 0 is taken as +
             # ‖y - σ⊙a‖² with σ = sign(y): ‖y‖² - 2 Σ a_i|y_i| + ‖a‖²
-            d = (ay * ay).sum(1, keepdim=True) - 2 * ay @ A.t() + self._abs_norm2.to(x.device)
+            d = (ay * ay).sum(1, keepdim=True) - 2 * ay @ A.t() + norm2
             # a wrong parity flips the entry with the smallest a_i|y_i|: + 4 min_i a_i|y_i|
             # (a running min over the 8 entries: (M, |A|) element-wise ops, no (M, |A|, 8))
             fix = ay[:, :1] * A[:, 0]
@@ -153,6 +188,48 @@ class Codebook:
                 best_d = torch.where(take, d, best_d)
                 best_code = torch.where(take, code, best_code)
         return best_code
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+    """The Triton module (kernels/triton/e8p_nearest.py), None without CUDA or Triton."""
+    from kvant.kernels import triton as kt
+
+    if not kt.available():
+        return None
+    from kvant.kernels.triton import e8p_nearest
+
+    return e8p_nearest
+
+
+def kernel_applies(x: torch.Tensor) -> bool:
+    """Whether the Triton kernel computes nearest codes of x: a CUDA tensor, Triton there."""
+    return x.is_cuda and _triton() is not None
+
+
+def round_stages(books: Sequence[Codebook], x: torch.Tensor, scales: Sequence[torch.Tensor],
+                 kernel: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Residual rounding with fixed scales: stage k rounds what the stages before it left,
+    divided by ``scales[k]`` (broadcastable to (..., 1)), to ``books[k]`` and adds back the
+    rounded point times the scale. x (..., 8) float32 -> (dequantized sum (..., 8) float32,
+    codes (..., stages) int64). ``kernel``: one Triton launch for all stages where
+    :func:`kernel_applies` (1 or 2 stages), else the torch reference below."""
+    lead = x.shape[:-1]
+    if kernel and kernel_applies(x) and len(books) in (1, 2):
+        m = lead.numel()
+        flat = [s.float().expand(*lead, 1).reshape(-1) if s.numel() > 1
+                else s.float().reshape(1) for s in scales]  # (M,) or (1,) each
+        deq, codes = _triton().round_stages(x.reshape(m, DIM).float(), [
+            cb.kernel_book(x.device) for cb in books], flat)
+        return deq.view(*lead, DIM), codes.view(*lead, len(books))
+    out, codes = None, []
+    for cb, s in zip(books, scales):
+        c = cb.nearest(((x if out is None else x - out) / s).reshape(-1, DIM),
+                       kernel=False).view(lead)
+        q = cb.table_on(x.device)[c] * s
+        out = q if out is None else out + q
+        codes.append(c)
+    return out, torch.stack(codes, -1)
 
 
 def _e8p_absolute() -> torch.Tensor:
