@@ -10,6 +10,10 @@ Cases:
 - ``methods``: a tiny model quantized with QuIP and with SpQR (results with extra tensors);
   every rank writes its logits on fixed tokens to ``OUT/rank{r}.pt`` (:func:`tiny_methods`
   is also the one-process reference), and the error AWQ gets.
+- ``stream SRC [KILL_AFTER]``: the sharded tiny Llama in SRC streamed with GPTQ into
+  ``OUT/q`` (:func:`streamed`, also the one-process reference); rank 0 SIGKILLs itself once
+  the record of block KILL_AFTER is on disk. Every rank writes ``OUT/rank{r}.txt``: "ok" and
+  its layer count, or the error it got.
 - ``raise``: a tiny model; rank 1 raises while quantizing its first layer.
 - ``die``: a tiny model; rank 1 exits (``os._exit``) while observing calibration inputs.
 In the failure cases every rank writes the error it got to ``OUT/rank{r}.txt`` after trying
@@ -17,6 +21,7 @@ to save ``OUT/ckpt`` (which must never appear).
 """
 
 import os
+import signal
 import sys
 
 import torch
@@ -79,6 +84,23 @@ def tiny_methods() -> dict:
     return out
 
 
+STREAM_GPTQ = kvant.GPTQConfig(bits=3, group_size=32, act_order=True, hessian_dtype="float64")
+
+
+def streamed(src: str, out: str, kill_after: int = -1):
+    """Stream the tiny Llama in ``src`` into ``out`` (GPTQ, 9 calibration samples: shards of
+    4 and 5 on two ranks); rank 0 dies by SIGKILL after block ``kill_after`` is recorded."""
+    from kvant.calib.streaming import quantize_streaming
+
+    def die(i):
+        if i == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    calib = torch.randint(0, 300, (9, 32), generator=torch.Generator().manual_seed(0))
+    model, tok = kvant.load_model(src, dtype=torch.float32, lazy=True)
+    return quantize_streaming(model, STREAM_GPTQ, calib, out, tok, OPTS, on_block=die)[0]
+
+
 def failure(case: str, out: str, rank: int) -> None:
     model, calib = tiny()
     import kvant.algorithms.gptq as g
@@ -99,7 +121,7 @@ def failure(case: str, out: str, rank: int) -> None:
         f.write(msg)
 
 
-def main(case: str, out: str) -> None:
+def main(case: str, out: str, *extra: str) -> None:
     torch.set_num_threads(1)
     assert kvant.init_distributed(device="cpu", timeout_s=60)
     rank = torch.distributed.get_rank()
@@ -115,10 +137,18 @@ def main(case: str, out: str) -> None:
         except Exception as e:
             res["awq"] = f"{type(e).__name__}: {e}"
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    elif case == "stream":
+        try:
+            rep = streamed(extra[0], os.path.join(out, "q"), int(extra[1]) if extra[1:] else -1)
+            msg = f"ok {len(rep.layers)}"
+        except Exception as e:
+            msg = f"{type(e).__name__}: {e}"
+        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+            f.write(msg)
     else:
         failure(case, out, rank)
     torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])

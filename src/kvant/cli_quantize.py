@@ -73,8 +73,9 @@ def cmd_quantize(args) -> int:
     rank = kdist.rank() if args.distributed and kvant.init_distributed(args.device) else 0
     if rank:
         options = EngineOptions(device=args.device, show_progress=False, finetune=block_tune)
-    # a local safetensors directory streams: block by block to disk, resumable (one process)
-    stream = args.stream and not kdist.active() and streamable(args.model)
+    # a local safetensors directory streams: block by block to disk, resumable (also under
+    # torchrun: rank 0 writes, every rank keeps its share of the activations for a resume)
+    stream = args.stream and streamable(args.model)
     if mixed is not None and stream:
         from kvant.errors import InputError
 

@@ -25,14 +25,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(case: str, out: Path) -> list:
+def _start(case: str, out: Path, *extra: str) -> list:
     port = _free_port()
     procs = []
     for r in range(WORLD):
         env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(WORLD),
                "LOCAL_WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), case, str(out)], env=env,
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), case, str(out), *extra], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     return procs

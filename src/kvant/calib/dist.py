@@ -144,7 +144,7 @@ def check_same(value, what: str) -> None:
                                "run the same command on the same model and data")
 
 
-def check_supported(method, streaming: bool, device: torch.device) -> None:
+def check_supported(method, device: torch.device) -> None:
     """Refuse, before any work, what cannot yet run across several processes (or a compute
     device other than this rank's GPU under NCCL)."""
     if not active():
@@ -157,9 +157,6 @@ def check_supported(method, streaming: bool, device: torch.device) -> None:
     if not getattr(method, "supports_distributed", False):
         raise DistributedError(f"{method.config.method} across several processes is not "
                                "supported yet; run it in one process")
-    if streaming:
-        raise DistributedError("streaming to disk across several processes is not supported "
-                               "yet; run the streamed quantization in one process")
     check_same(method.config.to_dict(), "the method config")
 
 

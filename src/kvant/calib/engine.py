@@ -232,7 +232,7 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
     if sink is not None and lazy is None:
         raise ValueError("streaming to disk needs a model whose blocks are read lazily "
                          "(kvant.load_model(dir, lazy=True))")
-    kdist.check_supported(method, sink is not None, device)  # several processes: refuse early
+    kdist.check_supported(method, device)  # several processes: refuse early
     head = plan_head(model, blocks, config, method, calib, lazy is not None)  # quantize_head
     start = 0
     if sink is not None:

@@ -4,8 +4,11 @@
 (kvant.formats.stream): block i is read from its source, quantized, written to its own
 shard and freed, so host memory holds one float block and the calibration activations,
 whatever the depth. Running the same call again after an interruption continues after the
-last finished block; a different model, config, calibration set or engine setting against
-the same output is refused (the progress record names the run).
+last finished block; a different model, config, calibration set, engine setting or number
+of processes against the same output is refused (the progress record names the run).
+Under torch.distributed every rank calls it with the same arguments: the samples are split
+across the ranks as in :func:`kvant.quantize`, rank 0 writes the checkpoint
+(kvant.formats.stream says how the ranks keep one resumable record).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import os
 import torch
 import torch.nn as nn
 
+from kvant.calib import dist as kdist
 from kvant.calib.engine import QuantReport, quantize_model, resolve_device
 from kvant.config import EngineOptions, MethodConfig
 from kvant.core import heap
@@ -36,7 +40,7 @@ def run_identity(model: nn.Module, config: MethodConfig, calib, options: EngineO
                        "device": resolve_device(options.device).type,
                        **({"finetune": options.finetune.to_dict()} if options.finetune
                           else {})},
-            "format_version": ckpt.FORMAT_VERSION}
+            "format_version": ckpt.FORMAT_VERSION, "processes": kdist.world_size()}
 
 
 def quantize_streaming(model: nn.Module, config: MethodConfig, calib: torch.Tensor | None,
@@ -58,12 +62,16 @@ def quantize_streaming(model: nn.Module, config: MethodConfig, calib: torch.Tens
         raise ValueError("streaming quantization needs a lazily loaded model "
                          "(kvant.load_model(dir, lazy=True))")
     prefix, blocks = find_blocks(model)
+    rank = kdist.rank()
     writer = StreamWriter(out_dir, run_identity(model, config, calib, options), len(blocks),
-                          overwrite, sources, on_block)
+                          overwrite, sources, on_block, rank, kdist.world_size())
     writer.start()
     try:
         with heap.tensors_from_mmap():
             report = quantize_model(model, config, calib, options, sink=writer)
+        if rank:  # rank 0 writes the rest; the others learn whether it could
+            kdist.agree(True, "", "finishing the checkpoint")
+            return report, str(writer.out)
         rest, aliases = ckpt.dedupe_tensors(
             {n: t for n, t in model.state_dict().items() if not n.startswith(f"{prefix}.")})
         qc = config.to_dict()
@@ -73,8 +81,15 @@ def quantize_streaming(model: nn.Module, config: MethodConfig, calib: torch.Tens
                    "modules": {n: {"kind": m.kind, **m.init_kwargs()}
                                for n, m in model.named_modules()
                                if isinstance(m, QuantLinear) and not n.startswith(f"{prefix}.")}})
-        path = writer.finish(rest, aliases, "hf", hf.spec(model), qc,
-                             hf.tokenizer_files(tokenizer), layer_losses(report.layers))
+        try:
+            path = writer.finish(rest, aliases, "hf", hf.spec(model), qc,
+                                 hf.tokenizer_files(tokenizer), layer_losses(report.layers))
+        except Exception as e:
+            if kdist.active():
+                kdist.agree(False, str(e), "finishing the checkpoint")
+            raise
+        if kdist.active():
+            kdist.agree(True, "", "finishing the checkpoint")
     finally:
         writer.close()
     return report, str(path)
