@@ -14,6 +14,8 @@ Cases:
   ``OUT/q`` (:func:`streamed`, also the one-process reference); rank 0 SIGKILLs itself once
   the record of block KILL_AFTER is on disk. Every rank writes ``OUT/rank{r}.txt``: "ok" and
   its layer count, or the error it got.
+- ``cli SRC``: ``kvant quantize SRC --distributed`` (streams: SRC is a safetensors
+  directory) into ``OUT/cli``; every rank writes its exit code to ``OUT/rank{r}.txt``.
 - ``raise``: a tiny model; rank 1 raises while quantizing its first layer.
 - ``die``: a tiny model; rank 1 exits (``os._exit``) while observing calibration inputs.
 In the failure cases every rank writes the error it got to ``OUT/rank{r}.txt`` after trying
@@ -137,6 +139,17 @@ def main(case: str, out: str, *extra: str) -> None:
         except Exception as e:
             res["awq"] = f"{type(e).__name__}: {e}"
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    elif case == "cli":
+        from kvant.cli import main as cli
+
+        text = os.path.join(out, f"calib{rank}.txt")
+        with open(text, "w") as f:  # the same text on every rank
+            f.write(" ".join(f"word{i % 97} and more text {i}" for i in range(2000)))
+        rc = cli(["quantize", extra[0], "--distributed", "--method", "gptq", "--bits", "3",
+                  "--group-size", "32", "--n-samples", "9", "--seq-len", "32", "--calib",
+                  text, "--device", "cpu", "--out", os.path.join(out, "cli"), "--json"])
+        with open(os.path.join(out, f"rank{rank}.txt"), "w") as f:
+            f.write(f"rc {rc}")
     elif case == "stream":
         try:
             rep = streamed(extra[0], os.path.join(out, "q"), int(extra[1]) if extra[1:] else -1)

@@ -92,3 +92,13 @@ def test_sigkill_of_rank_0_then_resume_is_byte_identical(llama_dir, tmp_path):
 
     with pytest.raises(StreamError, match="another run .different processes"):
         w.streamed(str(llama_dir), str(run / "q"))
+
+
+def test_cli_streams_under_torchrun(llama_dir, tmp_path):
+    outs = _wait(_start("cli", tmp_path, str(llama_dir)), timeout=180)
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in range(WORLD)] == ["rc 0"] * 2, \
+        [log[-2000:] for _, log in outs]
+    cfg = json.loads((tmp_path / "cli" / "config.json").read_text())
+    assert len(cfg["files"]) == 5  # one shard per block + the rest: it streamed
+    model, _ = kvant.load_quantized(tmp_path / "cli")
+    assert len(_codes(model)) == 28
