@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     p.add_argument("--holdout", type=float, default=0.125)
     p.add_argument("--no-block", action="store_true", help="only the none and e2e rows")
     p.add_argument("--device", default=None, help="default cuda if present")
+    p.add_argument("--kl-store", default="auto", choices=["auto", "full", "host", "topk"],
+                   help="where the float log-probs live (kvant.eval.kl); host for jobs that "
+                        "share one GPU")
     p.add_argument("--out", default=str(rec.RESULTS))
     p.add_argument("--name", default="smollm2_tune", help="output file stem")
     p.add_argument("--allow-dirty", action="store_true")
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
                                  seq_len=args.seq_len, seed=0, eval="wikitext2",
                                  eval_file=args.eval_file, eval_seq_len=args.seq_len,
                                  max_windows=args.max_eval_windows, device=args.device,
-                                 kl_store="auto")
+                                 kl_store=args.kl_store)
         block_cfg = TuneConfig(steps=args.block_steps, lr=args.lr)
         e2e_cfg = TuneConfig(tokens=args.tokens, lr=args.lr, batch_size=args.batch_size,
                              holdout=args.holdout)

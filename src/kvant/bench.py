@@ -25,7 +25,7 @@ from kvant.config import VALID_BITS, ConfigError, MethodConfig, check_device
 
 
 EMBEDDED = ("nanogpt", "default", "embedded")  # names of the embedded nanoGPT model
-KL_STORES = ("auto", "full", "topk")
+KL_STORES = ("auto", "full", "host", "topk")  # kvant.eval.kl.STORES
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class BenchSettings:
     eval_batch_size: windows per forward (None: 16 for nanoGPT, 1 for other models).
     device: compute device (None: cuda when present).
     kl_store: how the float reference keeps its log-probabilities
-        (:class:`kvant.eval.kl.FloatReference`: "auto", "full" or "topk").
+        (:class:`kvant.eval.kl.FloatReference`: "auto", "full", "host" or "topk").
     """
 
     methods: tuple[str, ...] = ("rtn", "gptq", "awq")

@@ -118,9 +118,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--max-windows", type=int, default=None,
                    help="score only the first windows (default: all)")
     b.add_argument("--device", default=None, help="compute device (default cuda if present)")
-    b.add_argument("--kl-store", default="auto", choices=["auto", "full", "topk"],
-                   help="keep every float log-probability or the top 128 per position "
-                        "(default auto: full when it fits in memory)")
+    b.add_argument("--kl-store", default="auto", choices=["auto", "full", "host", "topk"],
+                   help="keep every float log-probability (host: in CPU memory, for jobs "
+                        "sharing a GPU) or the top 128 per position (default auto: full "
+                        "when it fits in memory)")
     b.add_argument("--out", default="kvant-bench",
                    help="results directory (default ./kvant-bench); an earlier run's "
                         "directory resumes it")

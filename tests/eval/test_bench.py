@@ -102,6 +102,9 @@ def test_records_match_independent_measurements(first_run, model_dir):
                                        rel=1e-6)
     ref = FloatReference(base, inputs.windows, store="full", show_progress=False)
     assert row["kl"] == pytest.approx(ref.compare(q, show_progress=False)["kl"], rel=1e-6)
+    host = FloatReference(base, inputs.windows, store="host", show_progress=False)
+    assert host.store == "full" and host.store_device == torch.device("cpu")
+    assert host.compare(q, show_progress=False)["kl"] == ref.compare(q, show_progress=False)["kl"]
     exact = FloatReference(base, inputs.windows, store="full", store_dtype=torch.float32,
                            show_progress=False)  # float16 log P moves the mean KL by < 1e-4
     assert row["kl"] == pytest.approx(exact.compare(q, show_progress=False)["kl"], abs=1e-4)

@@ -20,6 +20,9 @@ How the original's log-probabilities are kept (``store``):
   is computed over the coarser partition {top-k tokens, all other tokens}. By the data
   processing inequality this is a lower bound of the exact KL; the gap is the tail's own
   divergence weighted by the tail mass, small when k covers nearly all of P's mass.
+- ``"host"``: as "full", always in CPU memory (for several jobs sharing one GPU, which
+  would each find it free at the start and fill it; each window's rows are copied to the
+  compute device when a quantized model is compared).
 - ``"auto"``: "full" when it fits as said above, else "topk".
 """
 
@@ -29,6 +32,8 @@ import math
 
 import torch
 from tqdm.auto import tqdm
+
+STORES = ("auto", "full", "host", "topk")  # FloatReference(store=...): module docstring
 
 from kvant.eval.perplexity import model_device, lm_logits
 
@@ -46,8 +51,8 @@ class FloatReference:
     def __init__(self, model, windows: torch.Tensor, batch_size: int = 1, device=None,
                  store: str = "auto", topk: int = 128, store_dtype: torch.dtype = torch.float16,
                  max_cpu_bytes: int = DEFAULT_MAX_CPU_BYTES, show_progress: bool = True):
-        if store not in ("auto", "full", "topk"):
-            raise ValueError(f"store must be 'auto', 'full' or 'topk', got {store!r}")
+        if store not in STORES:
+            raise ValueError(f"store must be one of {', '.join(STORES)}, got {store!r}")
         if windows.dim() != 2 or windows.shape[1] < 2:
             raise ValueError(f"windows must be (n_windows, seq_len >= 2), "
                              f"got {tuple(windows.shape)}")
@@ -90,6 +95,9 @@ class FloatReference:
         return torch.device("cpu") if need <= max_cpu_bytes else None
 
     def _choose_store(self, vocab: int, max_cpu_bytes: int) -> None:
+        if self.store == "host":
+            self.store, self.store_device = "full", torch.device("cpu")
+            return
         dev = self._full_device(vocab, max_cpu_bytes)
         if self.store == "auto":
             self.store = "full" if dev is not None else "topk"
