@@ -174,6 +174,19 @@ class Decoder(StaticDecoder):
         torch.cuda.synchronize()
         return a.elapsed_time(b) / 1e3 / steps
 
+    def profile(self, steps: int, path: Path) -> None:
+        """GPU time per kernel over ``steps`` replays (torch.profiler; the graph's kernels
+        are recorded one by one), the table sorted by total GPU time, into ``path``."""
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(steps):
+                self.graph.replay()
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40,
+                                          max_name_column_width=90)
+        path.write_text(f"{steps} replayed steps\n{table}\n")
+
 
 def tune_for(model, batch: int) -> int:
     """Tune our kernels once for each distinct QuantLinear shape at this batch, timing graph
@@ -201,7 +214,7 @@ def tune_for(model, batch: int) -> int:
 
 
 def measure(model, batches, ctx, steps, label, log, compile: bool = False,
-            attention: str = "grouped") -> dict:
+            attention: str = "grouped", profile_dir: Path | None = None) -> dict:
     res = {}
     for b in batches:
         t0 = time.time()
@@ -210,6 +223,10 @@ def measure(model, batches, ctx, steps, label, log, compile: bool = False,
             if compile:
                 log(f"{label} batch {b}: compiled and captured in {time.time() - t0:.1f}s")
             sec = dec.time(steps)
+            if profile_dir is not None:
+                path = profile_dir / f"profile_{label}_b{b}_{attention}.txt"
+                dec.profile(5, path)
+                log(f"wrote {path}")
         res[b] = sec
         log(f"{label} batch {b} ({attention} attention): {1e3 * sec:.2f} ms/step, "
             f"{b / sec:.1f} tokens/s")
@@ -281,6 +298,9 @@ def main() -> None:
                          "block (the only way for llama3-70b)")
     ap.add_argument("--stored-on-host", action="store_true",
                     help="KernelOptions.stored_on_host: each weight once on the GPU")
+    ap.add_argument("--profile", action="store_true",
+                    help="also write the GPU time per kernel of 5 steps for every timed "
+                         "batch (profile_<weights>_b<batch>_<attention>.txt in --out)")
     ap.add_argument("--attention", default="grouped",
                     help="comma list of grouped (kvant's) and model (the model's own): every "
                          "batch is timed with each, the model made once")
@@ -291,6 +311,9 @@ def main() -> None:
     if args.compile:  # one compiled step per (model, batch): four or more graphs
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     batches = [int(b) for b in args.batches.split(",")]
+    prof_dir = Path(args.out) if args.profile else None
+    if prof_dir is not None:
+        prof_dir.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name(0)
 
     def log(msg):
@@ -339,7 +362,7 @@ def main() -> None:
         gb = weight_bytes(model) / 1e9
         for att in attentions:
             sec_by_b = measure(model, batches, args.ctx, args.steps, "fp16", log,
-                               args.compile, att)
+                               args.compile, att, prof_dir)
             fp16.update({(b, att): sec for b, sec in sec_by_b.items()})
             for b, sec in sec_by_b.items():
                 rows.append(dict(meta, method="float", bits=16, group_size=None, batch=b,
@@ -356,7 +379,7 @@ def main() -> None:
         log(f"tuned {shapes} shapes for batch {b} in {time.time() - t0:.1f}s")
         for att in attentions:
             sec = measure(model, [b], args.ctx, args.steps, f"W{args.bits}", log,
-                          args.compile, att)[b]
+                          args.compile, att, prof_dir)[b]
             rows.append(dict(meta, method="rtn", bits=args.bits, group_size=args.group_size,
                              batch=b, attention=att, ms_per_step=1e3 * sec,
                              tokens_per_s=b / sec,
