@@ -68,12 +68,12 @@ def tiny_model(arch: str, seed: int = 0, **kw):
 
 
 def tiny_llama(vocab: int = 96, layers: int = 2, ctx: int = 64, tied: bool = False,
-               seed: int = 0):
-    """A random GQA Llama (d 64, 4 query / 2 key-value heads) in eval mode."""
+               seed: int = 0, heads: int = 4, kv_heads: int = 2):
+    """A random GQA Llama (d 64, 4 query / 2 key-value heads by default) in eval mode."""
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=layers, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=ctx,
+                                   num_hidden_layers=layers, num_attention_heads=heads,
+                                   num_key_value_heads=kv_heads, max_position_embeddings=ctx,
                                    tie_word_embeddings=tied)
     return transformers.LlamaForCausalLM(cfg).eval()
 

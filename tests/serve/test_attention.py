@@ -59,11 +59,9 @@ def test_refuses_what_it_cannot_do():
 
 @pytest.fixture(scope="module")
 def gqa_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=8,
-                                   num_key_value_heads=2, max_position_embeddings=128)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    from hf_tiny import tiny_llama
+
+    return tiny_llama(vocab=300, ctx=128, heads=8, kv_heads=2)  # 4 query heads per group
 
 
 def test_decoder_steps_use_it_and_give_the_model_back(gqa_llama, monkeypatch):
