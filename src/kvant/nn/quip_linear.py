@@ -6,9 +6,12 @@ randomized Hadamard transforms, kvant.core.hadamard) and computes
     y = Uᵀ · Q(W̃) · V · (x / input_scale) + bias,
 
 which is the fake-quantized float computation ``x @ (Uᵀ Q(W̃) V)ᵀ`` done in three cheap steps
-(the transforms cost O(n log n); a fused kernel is future work). The middle product goes
-through the same dispatch as every QuantLinear (``QuantLinear._product``: the GPU kernels
-once the layer is prepared for a CUDA device, else the reference).
+(the transforms cost O(n log n)). The middle product goes through the same dispatch as every
+QuantLinear (``QuantLinear._product``: the GPU kernels once the layer is prepared for a CUDA
+device, else the reference). Each transform is one Triton launch (``kvant::rht``,
+kernels/hadamard.py) for fp16/bf16 decode batches (<= 16 rows) on CUDA where its geometry
+applies and ``transform_kernel`` and KernelOptions.gpu_kernels are on; otherwise the
+reference RandomizedHadamard (CPU, fp32, larger batches, sizes the kernel does not lay out).
 
 Buffers beyond :class:`kvant.nn.qlinear.QuantLinear`'s (names are the checkpoint contract):
 - ``sign_in`` uint8 (ceil(K/8),), ``sign_out`` uint8 (ceil(N/8),): the random signs of V and
@@ -32,11 +35,24 @@ import hashlib
 
 import torch
 
-from kvant.core.hadamard import RandomizedHadamard, pack_signs, split_size, unpack_signs
+from kvant.core.hadamard import (RandomizedHadamard, hadamard_matrix, pack_signs, split_size,
+                                 unpack_signs)
 from kvant.core.result import LayerResult, register_kind
+from kvant.kernels import hadamard as rht
 from kvant.kernels import ops
 from kvant.nn.memo import input_key, same_input
 from kvant.nn.qlinear import QuantLinear
+
+
+def kernel_plan(t: RandomizedHadamard, device: torch.device | str) -> rht.SidePlan | None:
+    """``t`` ready for the one-launch transform kernel on ``device`` (kernels/hadamard.py),
+    or None where the kernel does not lay out its size or does not run there."""
+    geo = rht.geometry(t.n, t.p, t.m, t.kind, t.factors[0].shape[0] if t.factors else 1,
+                       len(t.factors))
+    if geo is None:
+        return None
+    factor = hadamard_matrix(t.m) if t.kind == "hadamard" else t.factor  # None: no factor
+    return rht.plan(geo, pack_signs(t.signs), factor, device)
 
 
 @register_kind
@@ -46,6 +62,9 @@ class QuipLinear(QuantLinear):
     kind = "quip"
     # (input key of x, digest of V, V x): see the module docstring
     _last_input: tuple | None = None
+    # the one-launch transform kernel where it applies (module docstring); False keeps the
+    # reference transforms on every device (to compare numerics or time the two)
+    transform_kernel: bool = True
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, *,
                  m_in: int | None = None, m_out: int | None = None, **kwargs):
@@ -61,6 +80,7 @@ class QuipLinear(QuantLinear):
                                  if kind == "random" else None)
             self._init_kwargs[f"m_{side}"] = m_now
         self._transforms: tuple | None = None
+        self._plans: dict = {}  # device -> (plan of V, plan of U) for kvant::rht
         self._vkey = b""
 
     @classmethod
@@ -114,6 +134,7 @@ class QuipLinear(QuantLinear):
             u = RandomizedHadamard(self.out_features, signs=unpack_signs(
                 self.sign_out.cpu(), self.out_features), factor=self.factor_out)
             self._transforms = (key, v, u)
+            self._plans = {}
             digest = hashlib.sha1(str(self.in_features).encode())
             digest.update(self.sign_in.cpu().numpy().tobytes())
             if self.factor_in is not None:
@@ -121,16 +142,41 @@ class QuipLinear(QuantLinear):
             self._vkey = digest.digest()
         return self._transforms[1], self._transforms[2]
 
+    def transform_plans(self, device: torch.device) -> tuple:
+        """(plan of V, plan of U) for the transform kernel on ``device``, (None, None) where
+        it does not run: not CUDA, Triton missing, sizes it does not lay out. Built on the
+        first call on a device (host-to-device copies: before any CUDA-graph capture, as the
+        warm-up calls do) and kept until the transforms change."""
+        if device not in self._plans:
+            v, u = self.transforms()
+            self._plans[device] = ((kernel_plan(v, device), kernel_plan(u, device))
+                                   if device.type == "cuda" else (None, None))
+        return self._plans[device]
+
+    def _transform(self, x: torch.Tensor, t: RandomizedHadamard, side: int,
+                   inverse: bool) -> torch.Tensor:
+        """``V x`` (side 0) or ``Uᵀ x`` (side 1, inverse): the one-launch kernel where it
+        applies, else the reference (CPU, fp32, more than rht.MAX_ROWS rows, sizes the
+        kernel does not lay out, or the kernel switched off)."""
+        # under torch.compile the reference: the plans (a dict by device, built with host
+        # copies on first use) are not traced, and the op was not run compiled yet
+        if (x.is_cuda and self.transform_kernel and self.kernel_options.gpu_kernels
+                and not torch.compiler.is_compiling()):
+            p = self.transform_plans(x.device)[side]
+            if rht.applies(p, x):
+                return rht.apply(p, x, inverse)
+        return t.inverse(x) if inverse else t.forward(x)
+
     def _rotated_input(self, x: torch.Tensor, v: RandomizedHadamard) -> torch.Tensor:
         """``V (x / input_scale)``, reusing the previous layer's result for the same x and V."""
         if self.input_scale is not None:  # per-layer D: nothing to share
-            return v.forward(x / self.input_scale.to(x.dtype))
+            return self._transform(x / self.input_scale.to(x.dtype), v, 0, False)
         if torch.compiler.is_compiling():
             return v.forward(x)
         memo = QuipLinear._last_input
         if memo is not None and same_input(memo[0], x) and memo[1] == self._vkey:
             return memo[2]
-        xr = v.forward(x)
+        xr = self._transform(x, v, 0, False)
         QuipLinear._last_input = (input_key(x), self._vkey, xr)
         return xr
 
@@ -149,7 +195,7 @@ class QuipLinear(QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N) in x's dtype; the transforms compute in float32."""
         v, u = self.transforms()
-        y = u.inverse(self._product(self._rotated_input(x, v)))  # kernels or reference
+        y = self._transform(self._product(self._rotated_input(x, v)), u, 1, True)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y
