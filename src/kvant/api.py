@@ -76,6 +76,9 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None,
     plan = getattr(model, "kvant_mixed_plan", None)
     if plan is not None:  # per-layer widths: kvant.calib.plan.MixedPlan
         qc["mixed_plan"] = plan.to_dict()
+    tuned = getattr(model, "kvant_finetune", None)
+    if tuned:  # fine-tuning after rounding (kvant.tune): a record, not needed to load
+        qc["finetune"] = tuned
     sources = [source, getattr(model, "name_or_path", None)]
     from kvant.formats.summary import layer_losses
 
@@ -176,6 +179,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu",
     qc = dict(meta["quantization_config"])
     modules = qc.pop("modules")
     plan = qc.pop("mixed_plan", None)
+    tuned = qc.pop("finetune", [])
     for key in ("format", "format_version", "ignored_modules"):
         qc.pop(key, None)
     try:
@@ -193,6 +197,7 @@ def load_quantized(path: str | os.PathLike, device: str | torch.device = "cpu",
     ckpt.load_state(model, state, check_finite=verify and "integrity" not in meta)
     model.kvant_quantization_config = config
     model.kvant_mixed_plan = plan
+    model.kvant_finetune = tuned
     if meta["model_type"] == "hf":  # save_pretrained writes what from_pretrained loads
         from kvant.formats.hf_integration import attach
         attach(model)

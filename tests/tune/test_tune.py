@@ -172,6 +172,16 @@ def test_cli_finetune_both(tmp_path, capsys):
     assert len(res["finetune_block"]) == 6 and res["finetune_block"][0]["steps"] == 2
     e2e = res["finetune_e2e"]
     assert e2e["tokens"] == 256 and e2e["kl_after"] <= e2e["kl_before"]
+    # the checkpoint records both stages, loads back with them, and inspect prints them
+    stages = json.loads((out / "config.json").read_text())["quantization_config"]["finetune"]
+    assert [st["stage"] for st in stages] == (["block", "e2e"] if not e2e["reverted"]
+                                              else ["block"])
+    assert stages[0]["config"]["steps"] == 2
+    model, _ = kvant.load_quantized(out)
+    assert model.kvant_finetune == stages
+    assert main(["inspect", str(out)]) == 0
+    assert "fine-tuned after rounding (block): scales, norms, biases, 2 steps a block" in \
+        capsys.readouterr().out
     assert main(["quantize", "nanogpt", "--finetune-steps", "2", "--out",
                  str(tmp_path / "x")]) == 2
     assert "only apply with --finetune" in capsys.readouterr().err

@@ -301,6 +301,9 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
     if plan is not None:
         report.plan = plan.with_achieved(_stored_bpw(model, plan))
     model.kvant_mixed_plan = report.plan  # read by save_quantized; None: uniform widths
+    # what tuned the continuous parameters after rounding, saved in the checkpoint
+    model.kvant_finetune = ([{"stage": "block", "config": options.finetune.to_dict()}]
+                            if tuned else [])
     model.kvant_quantization_report = report  # its per-layer losses go into the checkpoint
     if "transformers" in sys.modules:  # a transformers model: save_pretrained must load back
         from kvant.formats.hf_integration import attach

@@ -75,6 +75,8 @@ def quantize_streaming(model: nn.Module, config: MethodConfig, calib: torch.Tens
         rest, aliases = ckpt.dedupe_tensors(
             {n: t for n, t in model.state_dict().items() if not n.startswith(f"{prefix}.")})
         qc = config.to_dict()
+        if getattr(model, "kvant_finetune", None):  # block-wise tuning (kvant.tune)
+            qc["finetune"] = model.kvant_finetune
         qc.update({"ignored_modules": list(config.ignore), "format": ckpt.FORMAT,
                    "format_version": ckpt.FORMAT_VERSION,
                    # quantized layers outside the blocks (lm_head with quantize_head)

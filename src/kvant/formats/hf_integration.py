@@ -42,7 +42,8 @@ QUANT_METHOD = "kvant"
 HF_FORMAT = "kvant-hf"  # quantization_config["format"] of a save_pretrained directory
 HF_FORMAT_VERSION = 1
 # quantization_config keys that are not method-config fields
-_LAYOUT_KEYS = ("quant_method", "format", "format_version", "modules", "ignored_modules")
+_LAYOUT_KEYS = ("quant_method", "format", "format_version", "modules", "ignored_modules",
+                "mixed_plan", "finetune")
 
 
 def method_config(qc: dict):

@@ -73,6 +73,7 @@ def checkpoint_summary(ckpt_dir: str | os.PathLike, meta: dict) -> dict:
         bits_histogram                {bits: number of quantized layers}
         head_quantized                whether the output head (lm_head) is quantized
         losses                        :func:`loss_summary` of the stored losses, or None
+        finetune                      the fine-tuning stages after rounding (kvant.tune)
     """
     d = Path(ckpt_dir)
     qc = meta["quantization_config"]
@@ -106,6 +107,7 @@ def checkpoint_summary(ckpt_dir: str | os.PathLike, meta: dict) -> dict:
                                       .items())),
         "head_quantized": head,
         "losses": loss_summary(meta.get("layer_losses") or {}),
+        "finetune": list(qc.get("finetune") or []),
     }
 
 
@@ -130,6 +132,13 @@ def format_summary(s: dict) -> list[str]:
         f"bits/weight {bpw} over the quantized layers; {bpp} over all {n_all:,} parameters "
         f"({s['float_parameters']:,} kept in float{head})",
     ]
+    for st in s.get("finetune", []):
+        c = st["config"]
+        what = f"{c['steps']} steps a block" if st["stage"] == "block" else \
+            f"{st['tokens']:,} tokens, calibration KL {st['calib_kl_before']:.4g} -> " \
+            f"{st['calib_kl_after']:.4g}"
+        lines.append(f"fine-tuned after rounding ({st['stage']}): {', '.join(c['params'])}, "
+                     f"{what}")
     loss = s["losses"]
     if loss is None:
         lines.append("layer loss: not recorded in this checkpoint")

@@ -146,4 +146,9 @@ def finetune(qmodel: nn.Module, float_model: nn.Module, calib: torch.Tensor,
         qmodel.train(modes[0])
         float_model.train(modes[1])
     report["seconds"] = time.perf_counter() - t0
+    if not report["reverted"] and report["steps"]:  # the checkpoint says it was tuned
+        stages = list(getattr(qmodel, "kvant_finetune", []))
+        qmodel.kvant_finetune = stages + [{
+            "stage": "e2e", "config": config.to_dict(), "tokens": report["tokens"],
+            "calib_kl_before": report["kl_before"], "calib_kl_after": report["kl_after"]}]
     return report
