@@ -62,6 +62,16 @@ def decode_words(codes: torch.Tensor, tables: torch.Tensor, index_bits: int,
     return vals + 0.25 * t.unsqueeze(-1).float()
 
 
+def e8p1_words(tables: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """(256, 4) int32 on ``tables``' device: row c = the 8 values of E8P1 code c, shift
+    included (±¼, ±¾, exact in fp16/bf16), two ``dtype`` values a word (entry 2j low, 2j+1
+    high): the kernel's 3-bit stage reads them in one look-up (kernels/triton/e8p_gemv.py).
+    Derived from ``tables`` by :func:`decode_words`, so both decode the same points."""
+    codes = torch.arange(256, device=tables.device)
+    bits = decode_words(codes, tables, 0, dtype).to(dtype).view(torch.int16).long() & 0xFFFF
+    return _as_int32(bits[:, 0::2] | (bits[:, 1::2] << 16))
+
+
 def decoded_weight(qweight: torch.Tensor, qweight_resid: Optional[torch.Tensor],
                    scales: torch.Tensor, tables: torch.Tensor, bits: int) -> torch.Tensor:
     """Ŵ (N, K) float32 from the stored codes (the module docstring's sum over stages)."""
@@ -115,15 +125,19 @@ def kernel_applies(x: torch.Tensor) -> bool:
             and x.numel() // max(1, x.shape[-1]) <= KERNEL_MAX_M)
 
 
-def prepare(device: torch.device) -> bool:
-    """Make the kernel's split-K counters on a CUDA ``device`` now, so that a later CUDA-graph
-    capture finds them; False where the kernel cannot run there."""
+def prepare(device: torch.device, tables: Optional[torch.Tensor] = None) -> bool:
+    """Make the kernel's split-K counters (and, given the word ``tables``, its E8P1 value
+    tables) on a CUDA ``device`` now, so that a later CUDA-graph capture finds them; False
+    where the kernel cannot run there."""
     device = torch.device(device)
     if not (CUDA_KERNELS and device.type == "cuda"):
         return False
     from kvant.kernels.triton import e8p
 
     e8p.counters(device)
+    if tables is not None:
+        for dtype in _KERNEL_DTYPES:
+            e8p.resid_words(tables.to(device), dtype)
     return True
 
 

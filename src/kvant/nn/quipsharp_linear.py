@@ -151,11 +151,11 @@ class QuipSharpLinear(QuipLinear):
 
     def _prepare_on(self, dev: torch.device) -> bool:
         """No layout to build (the codes are the kernel's input; the tables move with the
-        layer); on CUDA the kernel's split-K counters are made now so that a CUDA-graph
-        capture finds them. Returns whether the kernel computes this layer's decode-size
+        layer); on CUDA the kernel's split-K counters and E8P1 value tables are made now so
+        that a CUDA-graph capture finds them. Returns whether the kernel computes this layer's decode-size
         batches."""
         super()._prepare_on(dev)
-        return self.kernel_options.gpu_kernels and cbk.prepare(dev)
+        return self.kernel_options.gpu_kernels and cbk.prepare(dev, self.kernel_tables)
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ Ŵᵀ`` for x (..., K) already rotated: the codebook kernel where it applies

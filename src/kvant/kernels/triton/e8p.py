@@ -20,6 +20,10 @@ after the loop, as gemv.py), ``x @ Wᵀ`` or ``(W @ xᵀ)ᵀ`` on tensor cores (
 rows); three ways to turn table words into the dot's operand (``UNPACK``): even and odd
 halves as two products, halves joined back in column order, or the tables read as 16-bit
 values. Which is fastest is measured (benchmarks/codebook_kernel.py), not assumed.
+
+A CUDA-core launch (``dot`` 0) with an even number of codes a row runs the paired kernel of
+e8p_gemv.py instead (packed half-precision products, 3.75 instead of 8.8 sm_90 instructions
+a weight at 2 bits: benchmarks/e8p_sass_count.py); the CUDA-core form here takes the rest.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import triton.language as tl
 from kvant.kernels.codebook import KERNEL_MAX_M, RESID, split_tables
 from kvant.kernels.triton.e8p_configs import (  # noqa: F401  (re-exported)
     DOT_TILES, GEMV_TILES, Config, auto_split, candidates, heuristic, smem_estimate)
+from kvant.kernels.triton import e8p_gemv
+from kvant.kernels.triton.e8p_gemv import e8p_gemv_kernel, gemv_split, resid_words  # noqa: F401
 from kvant.kernels.triton.planes import store_or_reduce
 
 log = logging.getLogger(__name__)
@@ -292,6 +298,9 @@ def launch(x2: torch.Tensor, qweight: torch.Tensor, qweight_resid: Optional[torc
     if m == 0:
         return out
     absw, sgn = split_tables(tables, x2.dtype)
+    if cfg.dot == 0 and e8p_gemv.paired(x2, qweight, qweight_resid):
+        return e8p_gemv.launch(x2, qweight, qweight_resid, scales, tables, absw, bits, cfg,
+                               out, counters)
     if cfg.unpack == 2:  # the same tables read as 16-bit values
         absw, sgn = absw.view(torch.int16), sgn.view(torch.int16)
     bm = 16 if cfg.dot else 1  # tl.dot needs 16 rows

@@ -28,33 +28,40 @@ class Config:
 
 
 
-def auto_split(tiles: int, iters: int, sms: int) -> int:
-    """K splits (a power of two, at most 16) that bring the programs near 4 per SM while each
-    split keeps at least 4 loop iterations."""
+def auto_split(tiles: int, iters: int, sms: int, most: int = 16) -> int:
+    """K splits (a power of two, at most ``most``) that bring the programs near 4 per SM while
+    each split keeps at least 4 loop iterations."""
     split = 1
-    while tiles * split * 2 <= 4 * sms and iters // (split * 2) >= 4 and split < 16:
+    while tiles * split * 2 <= 4 * sms and iters // (split * 2) >= 4 and split < most:
         split *= 2
     return split
 
 
 def heuristic(m: int, bits: int = 2) -> Config:
     """The default launch for ``m`` rows of x and ``bits``: the fastest candidate on the 8192²
-    layer in benchmarks/results/codebook_kernel.md (H200, 8d538da): at 1-2 rows the
-    CUDA-core form, BN 32 (computed signs but at 3 bits); above, the weights as the
-    tensor cores' A operand at BN 64, one stage (BKB 16 at 2 bits, 32 at 3-4)."""
+    layer in benchmarks/results/codebook_kernel.md (H200, 8d538da) for the tensor-core
+    forms: above 2 rows the weights as the tensor cores' A operand at BN 64, one stage (BKB
+    16 at 2 bits, 32 at 3-4). At 1-2 rows the paired CUDA-core kernel (e8p_gemv.py), BN
+    512 over 4 warps (4 rows a thread sharing x), chosen by the offline instruction count
+    (benchmarks/e8p_sass_count.py), not yet timed on a GPU; BKB, unpack and sign_table do
+    not apply to it."""
     if m <= 2:
-        return Config(dot=0, bn=32, bkb=16, unpack=0, sign_table=bits == 3, warps=4, stages=2)
+        return Config(dot=0, bn=512, bkb=16, unpack=0, sign_table=False, warps=4, stages=2)
     return Config(dot=2, bn=64, bkb=16 if bits == 2 else 32, unpack=1, warps=4, stages=1)
 
 
+# (BN, BKB, unpack, sign table, warps, stages) of the CUDA-core form at 1-2 rows, which
+# runs the paired kernel (e8p_gemv.py: BKB, unpack and sign table unused there) whenever a
+# row has an even number of codes: BN a multiple of 32 x warps (each thread BN / (32·warps)
+# rows sharing x; 4 rows: 3.75 sm_90 instructions a weight at 2 bits, 2 rows: 4.4).
 # (dot, BN, BKB, unpack, sign table, warps, stages): what tune() and the benchmark time. The
 # tensor-core forms pipeline the table gathers into shared memory (cp.async) at stages >= 2:
 # BN·BKB·32 bytes a stage and stage (74-140 KB at BN 128, BKB 16, 2-4 bits), so the large
 # tiles run at one stage. Offline compile for sm_90 (Triton 3.6's ptxas, as
 # scripts/kernel_ir.py does): every one fits in shared memory; at 3-4 bits BN 64 x BKB 32
-# and the 16-bit unpacking of the CUDA-core form spill a few hundred bytes.
-GEMV_TILES = ((32, 16, 0, True, 4, 2), (64, 16, 0, True, 4, 2), (64, 16, 2, True, 4, 2),
-              (32, 16, 0, False, 4, 2))
+# spills a few hundred bytes.
+GEMV_TILES = ((512, 16, 0, False, 4, 2), (256, 16, 0, False, 4, 2), (256, 16, 0, False, 2, 2),
+              (1024, 16, 0, False, 8, 2))
 DOT_TILES = ((2, 64, 16, 1, True, 4, 1), (2, 64, 16, 1, True, 4, 2), (2, 64, 16, 2, True, 4, 2),
              (2, 128, 16, 1, True, 4, 2), (2, 128, 16, 1, True, 8, 2), (2, 256, 16, 1, True, 8, 2),
              (2, 64, 32, 1, True, 4, 1), (2, 64, 16, 1, False, 4, 2),
