@@ -53,15 +53,16 @@ def heuristic(m: int, bits: int = 2) -> Config:
 # (BN, BKB, unpack, sign table, warps, stages) of the CUDA-core form at 1-2 rows, which
 # runs the paired kernel (e8p_gemv.py: BKB, unpack and sign table unused there) whenever a
 # row has an even number of codes: BN a multiple of 32 x warps (each thread BN / (32·warps)
-# rows sharing x; 4 rows: 3.75 sm_90 instructions a weight at 2 bits, 2 rows: 4.4).
+# rows sharing x; offline sm_90 instructions a weight at 2/3/4 bits: 2 rows 3.97/5.66/7.38,
+# 4 rows 3.75/5.53/7.12, 8 rows 3.51/5.41/6.91 at 80-128 registers).
 # (dot, BN, BKB, unpack, sign table, warps, stages): what tune() and the benchmark time. The
 # tensor-core forms pipeline the table gathers into shared memory (cp.async) at stages >= 2:
 # BN·BKB·32 bytes a stage and stage (74-140 KB at BN 128, BKB 16, 2-4 bits), so the large
 # tiles run at one stage. Offline compile for sm_90 (Triton 3.6's ptxas, as
 # scripts/kernel_ir.py does): every one fits in shared memory; at 3-4 bits BN 64 x BKB 32
 # spills a few hundred bytes.
-GEMV_TILES = ((512, 16, 0, False, 4, 2), (256, 16, 0, False, 4, 2), (256, 16, 0, False, 2, 2),
-              (1024, 16, 0, False, 8, 2))
+GEMV_TILES = ((512, 16, 0, False, 4, 2), (256, 16, 0, False, 2, 2), (1024, 16, 0, False, 8, 2),
+              (1024, 16, 0, False, 4, 2))
 DOT_TILES = ((2, 64, 16, 1, True, 4, 1), (2, 64, 16, 1, True, 4, 2), (2, 64, 16, 2, True, 4, 2),
              (2, 128, 16, 1, True, 4, 2), (2, 128, 16, 1, True, 8, 2), (2, 256, 16, 1, True, 8, 2),
              (2, 64, 32, 1, True, 4, 1), (2, 64, 16, 1, False, 4, 2),
