@@ -18,6 +18,8 @@ import torch
 from kvant.core.e8p_words import kernel_tables
 from kvant.kernels import codebook as cbk
 
+from interp_patch import PATCH
+
 ROOT = Path(__file__).parents[2]
 BOUND = {"float16": 2e-3, "bfloat16": 1e-2}
 
@@ -35,14 +37,8 @@ def test_e8p1_words_are_the_decoded_points(dtype):
     assert set(ref.abs().unique().tolist()) == {0.25, 0.75}
 
 
-SCRIPT = r"""
+SCRIPT = PATCH + r"""
 import json, torch
-import triton.runtime.interpreter as ti
-_orig = ti._patch_lang_tensor
-def _patched(tensor, scope):
-    _orig(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-ti._patch_lang_tensor = _patched
 from kvant.core.e8p_words import kernel_tables
 from kvant.kernels import codebook as cb
 from kvant.kernels.triton import e8p

@@ -16,17 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from interp_patch import PATCH
+
 pytest.importorskip("triton")
 
 SRC = Path(__file__).parents[2] / "src"
-SCRIPT = r"""
+SCRIPT = PATCH + r"""
 import json, torch
-import triton.runtime.interpreter as ti
-_orig = ti._patch_lang_tensor
-def _patched(tensor, scope):
-    _orig(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-ti._patch_lang_tensor = _patched
 from kvant.core.e8p_words import kernel_tables
 from kvant.kernels import codebook as cb
 from kvant.kernels.triton import e8p
