@@ -298,7 +298,7 @@ def test_outlier_budget_validation():
 def test_outliers_keep_their_unclipped_values():
     """With a clip search and an outlier budget, the grid is fitted to the clipped weight but
     every outlier stores the weight's value before the clip (fp16-exact)."""
-    from kvant.algorithms.awq import _AWQLayer
+    from kvant.algorithms.awq_layer import AWQLayer as _AWQLayer
     from kvant.nn.spqr_linear import SpQRLinear
 
     g = torch.Generator().manual_seed(0)
