@@ -26,6 +26,7 @@ from kvant.kernels.triton import repack as rp
 from kvant.kernels.triton.gemm import dequant_kernel, wq_dot_kernel
 from kvant.kernels.triton.gemv import wq_gemv_kernel
 from kvant.kernels.triton.pairs import wq_dot_pairs_kernel
+from kvant.kernels.triton.planes import split_k_buffers
 
 log = logging.getLogger(__name__)
 
@@ -215,11 +216,8 @@ def launch(x2: torch.Tensor, p: rp.PackedWeight, cfg: Config,
     cps = -(-n_chunks // max(1, min(cfg.split, n_chunks)))
     cps = -(-cps // cpi) * cpi  # whole loop iterations per split
     split = -(-n_chunks // cps)
-    cnt = _counters(x2.device) if split > 1 else None
-    if split > 1 and (cnt is None or grid_m * grid_n > cnt.numel()):
-        split, cps = 1, n_chunks
-    part = (torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
-            if split > 1 else out)
+    split, cps, cnt, part = split_k_buffers(split, cps, n_chunks, grid_m * grid_n, out,
+                                            lambda: _counters(x2.device))
     args = (x2, p.qweight, p.scales, p.zeros, p.perm if p.perm is not None else p.qweight,
             out, part, cnt if cnt is not None else p.qweight,
             m, n, k, p.qweight.shape[1], x2.stride(0), out.stride(0), cps, n_chunks)

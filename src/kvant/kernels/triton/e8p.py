@@ -40,7 +40,7 @@ from kvant.kernels.triton.e8p_configs import (  # noqa: F401  (re-exported)
     DOT_TILES, GEMV_TILES, Config, auto_split, candidates, heuristic, smem_estimate)
 from kvant.kernels.triton import e8p_gemv
 from kvant.kernels.triton.e8p_gemv import e8p_gemv_kernel, gemv_split, resid_words  # noqa: F401
-from kvant.kernels.triton.planes import store_or_reduce
+from kvant.kernels.triton.planes import split_k_buffers, store_or_reduce
 
 log = logging.getLogger(__name__)
 _MASK_HI = tl.constexpr(-2147450880)  # 0x80008000 as int32: bits 15 and 31
@@ -311,12 +311,9 @@ def launch(x2: torch.Tensor, qweight: torch.Tensor, qweight_resid: Optional[torc
                                     .multi_processor_count)
     per = -(-iters // max(1, min(split, iters)))  # loop iterations per split
     split = -(-iters // per)
-    cnt = counters(x2.device) if split > 1 else None
-    if split > 1 and (cnt is None or grid_m * grid_n > cnt.numel()):
-        split, per = 1, iters
+    split, per, cnt, part = split_k_buffers(split, per, iters, grid_m * grid_n, out,
+                                            lambda: counters(x2.device))
     even = kb % cfg.bkb == 0 and iters % per == 0
-    part = (torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
-            if split > 1 else out)
     resid = RESID[bits]
     e8p_kernel[(grid_m, grid_n, split)](
         x2, qweight, qweight_resid if qweight_resid is not None else qweight, scales, absw,

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from kvant.kernels.codebook import e8p1_words
 from kvant.kernels.triton.e8p_configs import Config, auto_split
-from kvant.kernels.triton.planes import store_or_reduce
+from kvant.kernels.triton.planes import split_k_buffers, store_or_reduce
 
 _MASK_HI = tl.constexpr(-2147450880)  # 0x80008000: the sign bits of both halves
 
@@ -307,11 +307,8 @@ def launch(x2, qweight, qweight_resid, scales, tables, absw, bits, cfg, out, cou
         x2.device).multi_processor_count if x2.is_cuda else 1)
     per = -(-kp // max(1, min(split, kp)))
     split = -(-kp // per)
-    cnt = counters(x2.device) if split > 1 else None
-    if split > 1 and (cnt is None or m * grid_n > cnt.numel()):
-        split, per = 1, kp
-    part = (torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
-            if split > 1 else out)
+    split, per, cnt, part = split_k_buffers(split, per, kp, m * grid_n, out,
+                                            lambda: counters(x2.device))
     q2 = qweight_resid
     if q2 is not None:
         q2 = q2.view(torch.int16 if q2.dtype == torch.uint8 else torch.int32)

@@ -10,8 +10,25 @@ shift; slots above bit 16 come from the word shifted once by 16, so the mantissa
 overflows.
 """
 
+import torch
 import triton
 import triton.language as tl
+
+
+def split_k_buffers(split: int, per: int, total: int, tiles: int, out: torch.Tensor,
+                    counters) -> tuple:
+    """Host side of the split-K epilogue (:func:`store_or_reduce`): ``(split, per, cnt,
+    part)`` for a launch of ``tiles`` output tiles whose K loop of ``total`` iterations is
+    cut into ``split`` parts of ``per``. ``cnt``: the device's tile counters (``counters()``;
+    None while a graph is captured before they exist); ``part``: the fp32 partial sums
+    (split, *out.shape). Where there are no counters, or too few for the tiles, one split
+    writes ``out`` directly."""
+    cnt = counters() if split > 1 else None
+    if split > 1 and (cnt is None or tiles > cnt.numel()):
+        split, per = 1, total
+    part = (torch.empty((split, *out.shape), dtype=torch.float32, device=out.device)
+            if split > 1 else out)
+    return split, per, cnt, part
 
 
 @triton.jit
