@@ -1,4 +1,4 @@
-"""The one fix the E8P kernels need to run under Triton 3.6's interpreter: it takes ``int()``
+"""The one fix the kernels with run-time loop bounds need to run under Triton 3.6's interpreter: it takes ``int()``
 of one-element arrays, which numpy >= 2.4 refuses for a loop bound. Interpreter scripts
 start with :data:`PATCH` (the kernels themselves are unchanged)."""
 

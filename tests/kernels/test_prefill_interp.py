@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from interp_patch import PATCH
+
 pytest.importorskip("triton")
 
 SRC = Path(__file__).parents[2] / "src"
-SCRIPT = r"""
+SCRIPT = PATCH + r"""
 import json, torch
 from kvant.formats.packing import pack
 from kvant.kernels import ops
