@@ -54,10 +54,12 @@ def nanogpt_meta(method: str) -> dict:
 
 
 def run_config(model, calib, ref, config, block_cfg, e2e_cfg, stamp, device, meta: dict,
-               compute="cpu", with_block=True, eval_desc=None) -> list:
+               compute="cpu", with_block=True, eval_desc=None, target_bpw=None) -> list:
     """The four rows of one method config: none, block, e2e, both (the first two only
     without ``with_block``). ``meta`` holds the row's model, method label and calibration
-    description; ``eval_desc(ev)`` describes the scored text (default: nanoGPT's split)."""
+    description; ``eval_desc(ev)`` describes the scored text (default: nanoGPT's split).
+    ``target_bpw``: mixed widths to that size (``kvant.quantize(..., target_bpw=)``); the
+    rows then carry the plan's widths and its measuring time (in ``quant_seconds``)."""
     eval_desc = eval_desc or (lambda ev: f"validation split, seq_len {SEQ_LEN}, "
                                          f"{ev['tokens']} chars, {ev['windows']} windows")
     rows = []
@@ -66,8 +68,9 @@ def run_config(model, calib, ref, config, block_cfg, e2e_cfg, stamp, device, met
         opts = kvant.EngineOptions(device=compute, show_progress=False,
                                    finetune=block_cfg if block else None)
         t0 = time.perf_counter()
-        report = kvant.quantize(q, config, calib, opts)
+        report = kvant.quantize(q, config, calib, opts, target_bpw=target_bpw)
         q.to(compute)
+        plan = getattr(report, "plan", None)
         quant_s = time.perf_counter() - t0
         block_s = sum(b["finetune"]["seconds"] for b in report.blocks if "finetune" in b)
         q2 = copy.deepcopy(q)
@@ -88,6 +91,8 @@ def run_config(model, calib, ref, config, block_cfg, e2e_cfg, stamp, device, met
                  "block_mse": [[b["finetune"]["mse_before"], b["finetune"]["mse_after"]]
                                for b in report.blocks] if block else None,
                  "e2e_reverted": e2e_report["reverted"] if e2e_report else None,
+                 "target_bpw": target_bpw,
+                 "plan_widths": plan.histogram() if plan is not None else None,
                  "eval": eval_desc(ev),
                  "device": device, "threads": torch.get_num_threads(), "date": rec.today(),
                  **stamp}
@@ -101,6 +106,14 @@ def run_config(model, calib, ref, config, block_cfg, e2e_cfg, stamp, device, met
 
 CPU_NOTE = ("Tuning seconds are wall time on a shared 2-core machine (one thread), so they "
             "are upper bounds that other jobs inflate.")
+
+
+def _bits(r: dict) -> str:
+    """The bits column: the width, or a mixed plan's share of weights at each width."""
+    widths = r.get("plan_widths")
+    if not widths:
+        return str(r["bits"])
+    return "mixed: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in widths.items())
 
 
 def markdown(records: list[dict], title: str = "Fine-tuning after rounding on the embedded "
@@ -129,7 +142,7 @@ def markdown(records: list[dict], title: str = "Fine-tuning after rounding on th
     order = {v: i for i, v in enumerate(VARIANTS)}
     for r in sorted(q, key=lambda r: (r["method"], -r["bits"], order[r["finetune"]])):
         lines.append(
-            f"| {r['method']} | {r['bits']} | {group_label(r['group_size'])} "
+            f"| {r['method']} | {_bits(r)} | {group_label(r['group_size'])} "
             f"| {r['bits_per_weight']:.3f} "
             f"| {r['finetune']} | {r['ppl']:.4f} | {100 * (r['ppl'] / flt['ppl'] - 1):+.1f} "
             f"| {r['kl']:.4f} | {r['calib_kl']:.4f} | "

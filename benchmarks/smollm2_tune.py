@@ -4,7 +4,9 @@ The protocol of benchmarks/smollm2.py (the dequantized Q4_1 GGUF as the float mo
 calibration 128 x 2048 tokens seed 0, WikiText-2 test at seq_len 2048, perplexity and mean KL
 from the float model), with the four tuning variants of benchmarks/finetune.py for every
 config: none, block (block-wise, inside the engine), e2e (end-to-end KL on the calibration
-windows) and both. Only calibration windows are ever tuned on; a ``--holdout`` fraction of
+windows) and both. ``--target-bpw T`` gives every layer its own width so that the model
+stays at or under T bits per weight (kvant's mixed precision); the rows then say ``-mixedT``
+and carry the plan's share of weights at each width. Only calibration windows are ever tuned on; a ``--holdout`` fraction of
 them stops the end-to-end stage early. Writes ``<name>.{json,md}`` into ``--out`` after every
 config (a killed run keeps what it made).
 
@@ -58,6 +60,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4, help="end-to-end samples per step")
     p.add_argument("--holdout", type=float, default=0.125)
     p.add_argument("--no-block", action="store_true", help="only the none and e2e rows")
+    p.add_argument("--target-bpw", type=float, default=None,
+                   help="mixed widths to this size for every config (kvant.quantize's "
+                        "target_bpw: the method's own widths, Fisher sensitivity)")
     p.add_argument("--device", default=None, help="default cuda if present")
     p.add_argument("--kl-store", default="auto", choices=["auto", "full", "host", "topk"],
                    help="where the float log-probs live (kvant.eval.kl); host for jobs that "
@@ -118,11 +123,13 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     calib = inputs.calib.to(dev)
     for it in inputs.items:
-        meta = {"model": MODEL, "method": config_label(it.config), "spec": it.spec,
-                "calib": calib_text}
+        label = config_label(it.config)
+        if args.target_bpw is not None:
+            label += f"-mixed{args.target_bpw:g}"
+        meta = {"model": MODEL, "method": label, "spec": it.spec, "calib": calib_text}
         rows += ft.run_config(inputs.model.to(dev), calib, ref, it.config, block_cfg, e2e_cfg,
                               stamp, device, meta, str(dev), not args.no_block,
-                              eval_desc=lambda e: eval_text)
+                              eval_desc=lambda e: eval_text, target_bpw=args.target_bpw)
         inputs.model.to("cpu")
         if dev.type == "cuda":
             torch.cuda.empty_cache()
