@@ -19,18 +19,44 @@ The stored weight is ``W = dense + S``:
 Buffers (state_dict names are the checkpoint contract): ``qweight``, ``scale_q``, ``zero_q``
 (int32 words of the flattened (N, G) statistic integers, packed as one row), ``scale_stats``,
 ``zero_stats`` (float16 (2, N/stat_group_size, G): base, step), or ``scales``/``qzeros`` when
-stat_bits == 16; ``perm``; the three CSR arrays; ``bias``. The forward is the dense
-dequantized matmul plus the sparse product, on any device (no GPU kernel layout).
+stat_bits == 16; ``perm``; the three CSR arrays; ``bias``.
+
+Compute (:meth:`SpQRLinear._product`): on CUDA, for at most ``kernels.spqr.KERNEL_MAX_M``
+(16) rows of fp16/bf16 activations, with ``KernelOptions.gpu_kernels`` and Triton importable,
+the fused Triton kernel ``kvant::spqr_linear`` (kernels/spqr.py, kernels/triton/spqr.py)
+reads the weight in its load-time layout (codes in the planes layout, statistics still
+quantized, outliers as packed words) and adds the outliers in its epilogue; it is trusted
+once it matched :meth:`reference_product` on the device (kvant.kernels.selfcheck). The layout
+is built once per device (:meth:`kernel_pack`: on ``prepare`` / ``.to()``, else on the first
+eager call), kept outside the state_dict (the checkpoint format is unchanged) and rebuilt when
+a stored tensor changes. Everything else (the CPU, more than 16 rows, fp32, the kernels
+switched off) is the reference: the dense part dequantized, one matmul, the CSR product.
+``KernelOptions.stored_on_host`` does not apply: the stored tensors stay on the device.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from kvant.core.result import LayerResult, register_kind
 from kvant.core.stats import dequantize_stats
 from kvant.formats.packing import pack, packed_width, unpack
-from kvant.nn.qlinear import QuantLinear
+from kvant.kernels import selfcheck
+from kvant.kernels import spqr as spk
+from kvant.kernels.triton.repack import source_key
+from kvant.nn.qlinear import QuantLinear, _resolved
+
+log = logging.getLogger(__name__)
+
+# the kernel's relative error against the reference: ~1e-3 in fp16 (one rounding of each
+# weight, as the reference's, and fp32 sums in another order), more in bf16; a wrong layout
+# is off by order 1
+KERNEL_RTOL = 2e-2
+# the stored tensors the kernel layout is built from, in kernels.spqr.repack's order
+PACK_SOURCES = ("qweight", "perm", "scale_q", "zero_q", "scale_stats", "zero_stats", "scales",
+                "qzeros", "outlier_rowptr", "outlier_cols", "outlier_vals")
 
 def csr_matmul(x: torch.Tensor, rowptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
                n: int) -> torch.Tensor:
@@ -189,10 +215,84 @@ class SpQRLinear(QuantLinear):
         return y
 
     def kernel_source(self) -> tuple:
-        """SpQR has no GPU kernel: its zero points are real numbers (second-level statistics)
-        and its outliers a sparse matrix, which the packed kernels do not read."""
-        raise NotImplementedError("SpQR layers (quantized statistics, sparse outliers) have "
-                                  "no GPU kernel")
+        """SpQR has no source for the W2/W3/W4 kernels' layout (QuantLinear._build_layout):
+        its zero points are real numbers (second-level statistics) and its outliers a sparse
+        matrix. Its own fused kernel reads :meth:`kernel_pack` (``kvant::spqr_linear``)."""
+        raise NotImplementedError("SpQR layers are computed by their own kernel "
+                                  "(kvant::spqr_linear, SpQRLinear.kernel_pack), not from "
+                                  "the repacked QuantLinear layout")
+
+    def _pack_key(self) -> tuple:
+        return source_key(*(getattr(self, n, None) for n in PACK_SOURCES))
+
+    def kernel_pack(self, device: torch.device | None = None) -> spk.SpQRPacked | None:
+        """The weight in the fused kernel's layout on ``device`` (default: the stored
+        tensors'), built on first use and kept (one device at a time, not in the state_dict)
+        until a stored tensor is replaced, moved or edited; None where the kernel does not lay
+        this weight out (kernels.spqr.supported)."""
+        dev = _resolved(device if device is not None else self.qweight.device)
+        key = (str(dev), self._pack_key())
+        cached = self.__dict__.get("_kernel_pack")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        src = {n: None if (t := getattr(self, n, None)) is None else t.to(dev)
+               for n in PACK_SOURCES}
+        try:
+            p = spk.repack(src["qweight"], self.bits, self.group_size, self.in_features,
+                           src["perm"], self.stat_bits, self.stat_group_size, src["scale_q"],
+                           src["zero_q"], src["scale_stats"], src["zero_stats"],
+                           src["scales"], src["qzeros"], src["outlier_rowptr"],
+                           src["outlier_cols"], src["outlier_vals"])
+        except NotImplementedError as e:
+            log.info("SpQRLinear(%d->%d) stays on the reference: %s", self.in_features,
+                     self.out_features, e)
+            p = None
+        self.__dict__["_kernel_pack"] = (key, p)
+        return p
+
+    def _prepare_on(self, dev: torch.device) -> bool:
+        """No QuantLinear layout (kernel_source); on CUDA with the kernel available, the fused
+        kernel's layout and split-K counters are built now, so that a CUDA-graph capture or a
+        torch.compile trace finds them. Elsewhere the cached layout is dropped. Returns
+        whether the kernel computes this layer's decode-size batches."""
+        super()._prepare_on(dev)
+        if self.kernel_options.gpu_kernels and spk.prepare(dev):
+            return self.kernel_pack(dev) is not None
+        self.__dict__.pop("_kernel_pack", None)
+        return False
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ Wᵀ`` (x already divided by input_scale): the fused kernel where it applies
+        (module docstring), else :meth:`reference_product`. Under torch.compile or during a
+        CUDA-graph capture the layout is not built or checked (prepare first: the layer then
+        uses the layout it has); an unchecked kernel key runs the reference there."""
+        if not (self.kernel_options.gpu_kernels and spk.kernel_applies(x)):
+            return self.reference_product(x)
+        cached = self.__dict__.get("_kernel_pack")
+        if torch.compiler.is_compiling():  # cannot trace the staleness check
+            p = cached[1] if cached is not None and cached[0][0] == str(x.device) else None
+        elif torch.cuda.is_current_stream_capturing():  # cannot repack
+            p = None
+            if cached is not None and cached[0] == (str(x.device), self._pack_key()):
+                p = cached[1]
+            elif cached is not None:
+                log.warning("SpQRLinear: stored tensors changed since prepare(); the "
+                            "reference runs in this CUDA graph (prepare before capturing)")
+        else:
+            p = self.kernel_pack(x.device)
+        if p is None:
+            return self.reference_product(x)
+        rows = x.numel() // x.shape[-1]
+        key = ("spqr", self.bits, self.group_size, self.stat_bits, self.out_features,
+               self.in_features, p.perm is not None, p.outliers is not None, x.dtype,
+               str(x.device), rows <= spk.GEMV_MAX_M)  # the two forms of the kernel
+
+        def kernel():
+            return spk.apply(x, p, self.kernel_options.autotune)
+
+        if selfcheck.trusted(key, kernel, lambda: self.reference_product(x), KERNEL_RTOL):
+            return kernel()
+        return self.reference_product(x)
 
     def bits_breakdown(self) -> dict[str, float]:
         """Bits per weight of each part: dense, statistics, permutation, outliers."""

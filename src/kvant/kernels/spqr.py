@@ -1,0 +1,272 @@
+"""The SpQR op: ``x @ Wᵀ`` for ``W = dense + S`` read from a load-time layout (issue 14 item 5).
+
+``nn/spqr_linear.py`` stores the dense part as ``(q - z[n, g]) * s[n, g]`` (``bits``-bit q,
+groups of ``group_size`` input columns, optional act-order ``perm``), its statistics s and z
+quantized to ``stat_bits`` in groups of ``stat_group_size`` output rows with an fp16 (base,
+step) each (zeros are real numbers), and S as fp16 outliers in CSR. :func:`repack` turns that
+into :class:`SpQRPacked`, the layout the Triton kernel (kernels/triton/spqr.py) reads in one
+sequential pass; ``kvant::spqr_linear`` takes its tensors. Pure torch here (no Triton), so the
+layout and the op's reference run and are tested anywhere.
+
+Layout, and why (bytes read per weight for the typical 3-bit g16, stat_bits 3, 16-row stat
+groups, 1 % outliers in brackets):
+
+- ``qweight``: the planes layout of kernels/triton/repack.py (3 bits = a 2-bit plane plus a
+  1-bit plane, 2/4/8 bits one plane), columns in act-order (sorted by group) order and K padded
+  to whole chunks: a row's words stream sequentially and a (rows, 32) word tile unpacks
+  element-wise into 32 consecutive columns [3 bits]. The 4-bit pairs layout is not used: its
+  16-bit unpacking subtracts integer zero points, SpQR's are real.
+- ``stats``: the two statistic integers of each (group, row), ``s_int | z_int << shift``
+  (shift 4 for stat_bits <= 4: one uint8; 8 for stat_bits 8: int16), transposed to (G, N) so
+  that a tile of rows reads one group's bytes contiguously [8 bits / 16 weights = 0.5].
+  With stat_bits 16: the fp16 scales (G, N) here and the integer zeros uint8 (G, N) in
+  ``zeros`` [24 bits / group].
+- ``params``: fp16 (G, N / stat_group_size, 4) = scale base, scale step, zero base, zero
+  step of each second-level group, dequantized in the kernel (``s = max(base + s_int·step,
+  1e-8)``, ``z = base + z_int·step``, as core.stats) [64 bits / 256 weights = 0.25]. Keeping
+  s and z as fp16 per group of 16 would read 2 bits a weight more.
+- ``perm``: int32 (K,), the stored column of each sorted column (act-order), or None: x is
+  gathered through it [read once per program from L2, not per weight].
+- ``outliers``: int32 (nnz,), ``fp16 bits << 16 | column`` (stored column order, so no
+  permutation), and ``rowptr`` int32 (N+1,): one 4-byte load an outlier, read by the kernel's
+  epilogue [32 bits × 1 % = 0.32, plus 32 bits a row].
+
+Typical total: 3 + 0.5 + 0.25 + 0.32 ≈ 4.07 bits read a weight (W4 g128's kernels: 4.19).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from kvant.formats.packing import unpack
+from kvant.kernels.triton import repack as rp
+
+log = logging.getLogger(__name__)
+
+KERNEL_MAX_M = 16  # rows of x the kernel takes; above, dequantize once and one matmul
+GEMV_MAX_M = 2  # rows of x the CUDA-core form takes by default; above, tensor cores
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
+MIN_SCALE = 1e-8  # core.stats.MIN_SCALE: second-level scales are clamped to it
+
+
+@dataclass
+class SpQRPacked:
+    """A SpQR weight in the kernel's layout (module docstring), tensors on one device.
+
+    stat_shift: 0 for plain fp16 statistics (``stats`` fp16 scales, ``zeros`` uint8), else the
+    bit position of the zero integer in ``stats``; ``params`` None then."""
+
+    qweight: torch.Tensor
+    stats: torch.Tensor
+    zeros: Optional[torch.Tensor]
+    params: Optional[torch.Tensor]
+    perm: Optional[torch.Tensor]
+    outliers: Optional[torch.Tensor]
+    rowptr: Optional[torch.Tensor]
+    bits: int
+    group_size: int
+    stat_group_size: int
+    stat_shift: int
+    in_features: int
+    out_features: int
+
+    def tensors(self) -> tuple:
+        """The op's tensor arguments, in its order."""
+        return (self.qweight, self.stats, self.zeros, self.params, self.perm, self.outliers,
+                self.rowptr)
+
+    def nbytes(self) -> int:
+        """Bytes the kernel reads per call for the weight (every tensor above)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
+
+
+def supported(bits: int, group_size: int, in_features: int) -> Optional[str]:
+    """None when the kernel lays this weight out, else why not."""
+    if bits not in (2, 3, 4, 8):
+        return f"bits={bits}"
+    if group_size <= 0 or group_size % 16 or in_features % group_size:
+        return (f"group_size={group_size} (the kernel needs a multiple of 16 dividing "
+                f"in_features={in_features})")
+    if in_features > 1 << 16:
+        return f"in_features={in_features} > 65536 (outlier columns are 16-bit)"
+    return None
+
+
+def repack(qweight: torch.Tensor, bits: int, group_size: int, in_features: int,
+           perm: Optional[torch.Tensor], stat_bits: int, stat_group_size: int,
+           scale_q: Optional[torch.Tensor], zero_q: Optional[torch.Tensor],
+           scale_stats: Optional[torch.Tensor], zero_stats: Optional[torch.Tensor],
+           scales: Optional[torch.Tensor], qzeros: Optional[torch.Tensor],
+           rowptr: Optional[torch.Tensor], cols: Optional[torch.Tensor],
+           vals: Optional[torch.Tensor]) -> SpQRPacked:
+    """SpQRLinear's stored tensors (nn/spqr_linear.py, same names) -> :class:`SpQRPacked` on
+    qweight's device. Raises NotImplementedError where :func:`supported` says no."""
+    n, k = qweight.shape[0], in_features
+    why = supported(bits, group_size, k)
+    if why is not None:
+        raise NotImplementedError(f"no SpQR kernel for {why}")
+    g = k // group_size
+    ck = rp.chunk_k(bits)
+    kp = -(-k // ck) * ck
+    order = None if perm is None else perm.long()
+    if order is not None and torch.equal(order, torch.arange(k, device=order.device)):
+        order = None
+    step = max(1, (1 << 24) // k)
+    words = []
+    for r0 in range(0, n, step):
+        q = unpack(qweight[r0:r0 + step], bits, k)
+        if order is not None:
+            q = q[:, order]
+        words.append(rp._encode(torch.nn.functional.pad(q, (0, kp - k)), bits))
+    if stat_bits < 16:
+        shift = 4 if stat_bits <= 4 else 8
+        si = unpack(scale_q[None], stat_bits, n * g)[0].reshape(n, g).to(torch.int32)
+        zi = unpack(zero_q[None], stat_bits, n * g)[0].reshape(n, g).to(torch.int32)
+        both = (si | (zi << shift)).t()
+        stats = (both.to(torch.uint8) if shift == 4 else
+                 torch.where(both >= 1 << 15, both - (1 << 16), both).to(torch.int16))
+        zeros = None
+        # (2, N/sg, G) base/step of scales, then of zeros -> (G, N/sg, 4)
+        params = torch.cat([scale_stats, zero_stats]).to(torch.float16).permute(2, 1, 0)
+        params = params.contiguous()
+    else:
+        shift = 0
+        stats = scales.to(torch.float16).t().contiguous()
+        zeros = unpack(qzeros, bits, g).t().to(torch.uint8).contiguous()
+        params = None
+    outl = None
+    if vals is not None and vals.numel():
+        bits16 = vals.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+        word = (bits16 << 16) | (cols.to(torch.int64) & 0xFFFF)
+        outl = torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)
+    return SpQRPacked(torch.cat(words, 0).contiguous(), stats.contiguous(), zeros, params,
+                      None if order is None else order.to(torch.int32).contiguous(),
+                      outl, None if outl is None else rowptr.to(torch.int32).contiguous(),
+                      bits, group_size, stat_group_size if stat_bits < 16 else 1, shift, k, n)
+
+
+def grid(p: SpQRPacked) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, z) float32 (G, N) from the packed statistics, as the kernel computes them."""
+    if p.stat_shift == 0:
+        return p.stats.float(), p.zeros.float()
+    mask = (1 << p.stat_shift) - 1
+    u = p.stats.to(torch.int32) & 0xFFFF
+    prm = p.params.float().repeat_interleave(p.stat_group_size, dim=1)  # (G, N, 4)
+    s = prm[..., 0] + (u & mask).float() * prm[..., 1]
+    z = prm[..., 2] + ((u >> p.stat_shift) & mask).float() * prm[..., 3]
+    return s.clamp_min(MIN_SCALE), z
+
+
+def dense_weight(p: SpQRPacked) -> torch.Tensor:
+    """The dense part (N, K) float32 in stored column order, decoded from the packed layout."""
+    k = p.in_features
+    q = rp._decode(p.qweight, p.bits, p.qweight.shape[1] * 32 // p.bits)[:, :k].float()
+    s, z = grid(p)
+    gi = torch.arange(k, device=q.device) // p.group_size
+    w = (q - z.t()[:, gi]) * s.t()[:, gi]  # sorted column order
+    if p.perm is None:
+        return w
+    return torch.empty_like(w).index_copy_(1, p.perm.long(), w)
+
+
+def outlier_product(x: torch.Tensor, outliers: torch.Tensor, rowptr: torch.Tensor,
+                    n: int) -> torch.Tensor:
+    """``x @ Sᵀ`` float32 (..., n) from the packed outlier words."""
+    counts = (rowptr[1:] - rowptr[:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(n, device=x.device), counts)
+    cols = (outliers & 0xFFFF).long()
+    vals = (outliers >> 16).to(torch.int16).view(torch.float16).float()
+    x2 = x.reshape(-1, x.shape[-1]).float()
+    out = torch.zeros(x2.shape[0], n, dtype=torch.float32, device=x.device)
+    out.index_add_(1, rows, x2[:, cols] * vals)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _packed(qweight, stats, zeros, params, perm, outliers, rowptr, bits, group_size,
+            stat_group_size, stat_shift, in_features) -> SpQRPacked:
+    return SpQRPacked(qweight, stats, zeros, params, perm, outliers, rowptr, bits, group_size,
+                      stat_group_size, stat_shift, in_features, stats.shape[1])
+
+
+def reference(x: torch.Tensor, p: SpQRPacked) -> torch.Tensor:
+    """The dense weight rounded to x's dtype, one matmul, plus the outliers in float32 (the
+    roundings of SpQRLinear.reference_product)."""
+    y = torch.matmul(x, dense_weight(p).to(x.dtype).t())
+    if p.outliers is not None:
+        y = y + outlier_product(x, p.outliers, p.rowptr, p.out_features).to(x.dtype)
+    return y
+
+
+@torch.library.custom_op("kvant::spqr_linear", mutates_args=())
+def spqr_linear(x: torch.Tensor, qweight: torch.Tensor, stats: torch.Tensor,
+                zeros: Optional[torch.Tensor], params: Optional[torch.Tensor],
+                perm: Optional[torch.Tensor], outliers: Optional[torch.Tensor],
+                rowptr: Optional[torch.Tensor], bits: int, group_size: int,
+                stat_group_size: int, stat_shift: int, in_features: int,
+                autotune: bool = False) -> torch.Tensor:
+    """y = x @ (dense + S)ᵀ for the tensors of a :class:`SpQRPacked`; x (..., K) -> (..., N)
+    in x's dtype. ``autotune`` (KernelOptions.autotune) matters only to the CUDA kernel."""
+    return reference(x, _packed(qweight, stats, zeros, params, perm, outliers, rowptr, bits,
+                                group_size, stat_group_size, stat_shift, in_features))
+
+
+@spqr_linear.register_fake
+def _(x, qweight, stats, zeros, params, perm, outliers, rowptr, bits, group_size,
+      stat_group_size, stat_shift, in_features, autotune=False):
+    return x.new_empty((*x.shape[:-1], stats.shape[1]))
+
+
+def kernel_applies(x: torch.Tensor) -> bool:
+    """Whether the CUDA kernel (not the reference) computes a call with this input."""
+    return (CUDA_KERNELS and x.is_cuda and x.dtype in KERNEL_DTYPES
+            and 0 < x.numel() // max(1, x.shape[-1]) <= KERNEL_MAX_M)
+
+
+def prepare(device: torch.device) -> bool:
+    """Make the split-K counters on a CUDA ``device`` now (a later CUDA-graph capture finds
+    them); False where the kernel cannot run there."""
+    device = torch.device(device)
+    if not (CUDA_KERNELS and device.type == "cuda"):
+        return False
+    from kvant.kernels.triton import spqr as ks
+
+    ks.counters(device)
+    return True
+
+
+def apply(x: torch.Tensor, p: SpQRPacked, autotune: bool = False) -> torch.Tensor:
+    """``kvant::spqr_linear`` on ``p``'s tensors."""
+    return spqr_linear(x, *p.tensors(), p.bits, p.group_size, p.stat_group_size,
+                       p.stat_shift, p.in_features, autotune)
+
+
+def _register_cuda() -> bool:
+    """Register the Triton kernel as the op's CUDA implementation where CUDA and Triton
+    exist. A CPU-only install never imports Triton."""
+    from kvant.kernels import triton as kt
+
+    if not kt.available():
+        return False
+    try:
+        from kvant.kernels.triton import spqr as ks
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        log.warning("SpQR Triton kernel not registered: %s", e)
+        return False
+
+    @torch.library.register_kernel("kvant::spqr_linear", "cuda")
+    def _cuda(x, qweight, stats, zeros, params, perm, outliers, rowptr, bits, group_size,
+              stat_group_size, stat_shift, in_features, autotune=False):
+        p = _packed(qweight, stats, zeros, params, perm, outliers, rowptr, bits, group_size,
+                    stat_group_size, stat_shift, in_features)
+        if not kernel_applies(x):
+            return reference(x, p)
+        return ks.linear(x, p, autotune)
+
+    return True
+
+
+CUDA_KERNELS = _register_cuda()  # True where the op's CUDA implementation is the Triton one

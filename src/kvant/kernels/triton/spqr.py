@@ -1,0 +1,313 @@
+"""Triton kernel for SpQR weights at decode batches (1-16 rows): ``y = x @ (dense + S)ᵀ`` in
+one launch, from the layout of kernels/spqr.py (which says why it is what it is and the bytes
+read per weight).
+
+A program owns BN output rows and a K-slice (split-K: partial tiles reduced by the last
+program, planes.store_or_reduce). It walks its chunks of the planes layout (repack.py); each
+32-column plane is handled as a (BN, 2, 16) tile, two halves of 16 columns, because a SpQR
+group (16 columns, or any multiple of 16) may change in the middle of a plane: every half
+lies inside one group, so its statistics are one (BN, 2, 1) value broadcast over 16 columns.
+Per plane and half the kernel reads the statistic byte of each row (``s_int | z_int << 4``)
+and the second-level (base, step) pairs (L1 hits: 16 rows share one), dequantizes
+``s = max(base + s_int·step, 1e-8)`` and ``z·s``, and per weight computes
+
+    q    = plane3_qz / plane_qz with zero point 0  (LOP3 + FFMA, exact: planes.py)
+    w    = q · s − z·s                              (FFMA; z is real, so it cannot join the
+                                                     integer magic-number subtraction)
+
+then either (``DOT`` 0, CUDA cores, one row of x a program) ``acc += w · x`` into a (BN, 2,
+16) fp32 accumulator reduced once after the loop, as gemv.py; or (``DOT`` 1, tensor cores)
+the (BN, 32) tile rounded to x's dtype (the reference's own rounding of the weight) and
+``acc = tl.dot(w, x_tile (32, BM), acc)`` with BM 16 rows of x (rows past M masked). Act-order
+gathers x through ``perm``. The group scale cannot be applied to a partial sum as in gemv.py:
+groups of 16 are smaller than a plane, so it multiplies every weight (one FFMA more a weight
+than the W3/W4 kernels).
+
+Outliers: the program with pid_k == 0 walks its rows' CSR ranges in (BN, OC) tiles of packed
+words (``fp16 bits << 16 | column``) in the epilogue and adds ``val · x[col]`` before the
+store: no second launch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kvant.kernels.spqr import GEMV_MAX_M
+from kvant.kernels.triton import dispatch
+from kvant.kernels.triton import repack as rp
+from kvant.kernels.triton.planes import plane3_qz, plane_qz, split_k_buffers, store_or_reduce
+
+log = logging.getLogger(__name__)
+
+
+@triton.jit
+def _stats(st_ptr, z_ptr, prm_ptr, g, rows, N, NSG, SG: tl.constexpr, SHIFT: tl.constexpr):
+    """(s, z·s) float32 (BN, 2) of rows ``rows`` (BN,) in groups ``g`` (2,)."""
+    offs = g[None, :] * N + rows[:, None]  # (BN, 2) in the transposed (G, N) tables
+    if SHIFT == 0:  # plain fp16 scales, integer zeros
+        s = tl.load(st_ptr + offs).to(tl.float32)
+        z = tl.load(z_ptr + offs).to(tl.float32)
+    else:
+        u = tl.load(st_ptr + offs).to(tl.int32) & 0xFFFF
+        pp = prm_ptr + (g[None, :] * NSG + rows[:, None] // SG) * 4
+        sb = tl.load(pp).to(tl.float32)
+        ss = tl.load(pp + 1).to(tl.float32)
+        zb = tl.load(pp + 2).to(tl.float32)
+        zs = tl.load(pp + 3).to(tl.float32)
+        mask: tl.constexpr = (1 << SHIFT) - 1
+        s = tl.maximum(sb + (u & mask).to(tl.float32) * ss, 1e-8)
+        z = zb + ((u >> SHIFT) & mask).to(tl.float32) * zs
+    return s, z * s
+
+
+@triton.jit(do_not_specialize=["M", "chunks_per_split", "n_chunks", "magic"])
+def spqr_kernel(x_ptr, qw_ptr, st_ptr, z_ptr, prm_ptr, perm_ptr, ol_ptr, rp_ptr, out_ptr,
+                part_ptr, cnt_ptr, M, N, K, W, NSG, stride_xm, stride_om, chunks_per_split,
+                n_chunks, magic,
+                BITS: tl.constexpr, GS: tl.constexpr, SG: tl.constexpr, SHIFT: tl.constexpr,
+                HAS_PERM: tl.constexpr, HAS_OUTL: tl.constexpr, DOT: tl.constexpr,
+                SPLIT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, OC: tl.constexpr):
+    """out (M, N) = x (M, K) @ (dense + S)ᵀ; grid (M / BM, N / BN, K splits) (module
+    docstring). W: words a row of qweight; NSG: second-level groups of rows (N / SG)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    CK: tl.constexpr = 1024 if BITS == 3 else 1024 // BITS  # columns per chunk
+    PLANES: tl.constexpr = CK // 32
+    G = K // GS
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    rows = tl.minimum(offs_n, N - 1)  # clamped: unmasked loads, tail rows discarded
+    offs_h = tl.arange(0, 2)
+    col3 = offs_h[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]  # (1, 2, 16)
+    w_ptrs = qw_ptr + rows[:, None, None].to(tl.int64) * W + col3  # (BN, 2, 16)
+    if DOT:
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        m_ok = offs_m < M
+        x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm  # (1, BM)
+        acc = tl.zeros((BN, BM), tl.float32)
+    else:
+        x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
+        acc = tl.zeros((BN, 2, 16), tl.float32)
+    c_lo = pid_k * chunks_per_split
+    c_hi = tl.minimum(c_lo + chunks_per_split, n_chunks)
+    for c in range(c_lo, c_hi):
+        if BITS == 3:
+            lo0 = tl.load(w_ptrs + c * 64)
+            lo1 = tl.load(w_ptrs + (c * 64 + 32))
+            hw = tl.load(w_ptrs + (n_chunks * 64 + c * 32))
+            lo0_hi = lo0 >> 16
+            lo1_hi = lo1 >> 16
+        else:
+            wv = tl.load(w_ptrs + c * 32)
+            w_hi = wv >> 16
+        for pl in tl.static_range(PLANES):
+            k0 = c * CK + pl * 32
+            g = tl.minimum((k0 + offs_h * 16) // GS, G - 1)  # (2,); K padding: last group
+            s, zs = _stats(st_ptr, z_ptr, prm_ptr, g, rows, N, NSG, SG, SHIFT)
+            if BITS == 3:
+                if pl < 16:
+                    q = plane3_qz(lo0, lo0_hi, hw, 0.0, magic, pl)
+                else:
+                    q = plane3_qz(lo1, lo1_hi, hw, 0.0, magic, pl)
+            else:
+                q = plane_qz(wv, w_hi, 0.0, magic, pl, BITS)
+            w = q * s[:, :, None] - zs[:, :, None]  # (BN, 2, 16)
+            if DOT:
+                kk = k0 + tl.arange(0, 32)
+                k_ok = kk < K
+                if HAS_PERM:
+                    kx = tl.load(perm_ptr + kk, mask=k_ok, other=0)
+                else:
+                    kx = kk
+                xt = tl.load(x_ptrs + kx[:, None], mask=k_ok[:, None] & m_ok[None, :],
+                             other=0.0)  # (32, BM)
+                acc = tl.dot(tl.reshape(w, (BN, 32)).to(xt.dtype), xt, acc)
+            else:
+                kk = k0 + col3  # (1, 2, 16)
+                k_ok = kk < K
+                if HAS_PERM:
+                    kx = tl.load(perm_ptr + kk, mask=k_ok, other=0)
+                else:
+                    kx = kk
+                acc += w * tl.load(x_row + kx, mask=k_ok, other=0.0).to(tl.float32)
+    if DOT:
+        y = acc
+    else:
+        y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
+    if HAS_OUTL:
+        if pid_k == 0:
+            y = _outliers(y, x_ptr, ol_ptr, rp_ptr, offs_n, N, M, stride_xm, pid_m, BM, OC,
+                          DOT)
+    if DOT:
+        mask = (offs_n < N)[:, None] & m_ok[None, :]
+        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
+        part_offs = offs_m[None, :] * N + offs_n[:, None]
+    else:
+        mask = offs_n < N
+        out_ptrs = out_ptr + pid_m * stride_om + offs_n
+        part_offs = pid_m * N + offs_n
+    tile = pid_n * tl.num_programs(0) + pid_m
+    store_or_reduce(y, out_ptrs, part_ptr, part_offs, mask, cnt_ptr, tile, pid_k,
+                    tl.num_programs(2), M * N, SPLIT)
+
+
+@triton.jit
+def _outliers(y, x_ptr, ol_ptr, rp_ptr, offs_n, N, M, stride_xm, pid_m, BM: tl.constexpr,
+              OC: tl.constexpr, DOT: tl.constexpr):
+    """``y`` plus ``x @ Sᵀ`` of rows ``offs_n``: their CSR ranges OC outliers at a time."""
+    n_ok = offs_n < N
+    start = tl.load(rp_ptr + offs_n, mask=n_ok, other=0)
+    end = tl.load(rp_ptr + offs_n + 1, mask=n_ok, other=0)
+    longest = tl.max(end - start, axis=0)
+    offs_o = tl.arange(0, OC)
+    if DOT:
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        m_ok = offs_m < M
+    for i in range(0, longest, OC):
+        idx = start[:, None] + i + offs_o[None, :]  # (BN, OC)
+        ok = idx < end[:, None]
+        word = tl.load(ol_ptr + idx, mask=ok, other=0)
+        col = word & 0xFFFF
+        val = (word >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        if DOT:
+            xv = tl.load(x_ptr + offs_m[None, None, :].to(tl.int64) * stride_xm
+                         + col[:, :, None], mask=ok[:, :, None] & m_ok[None, None, :],
+                         other=0.0).to(tl.float32)  # (BN, OC, BM)
+            y += tl.sum(val[:, :, None] * xv, axis=1)
+        else:
+            xv = tl.load(x_ptr + pid_m.to(tl.int64) * stride_xm + col, mask=ok,
+                         other=0.0).to(tl.float32)
+            y += tl.sum(val * xv, axis=1)
+    return y
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch: ``dot`` (tensor cores, BM 16 rows of x a program; else CUDA cores, one
+    row a program), BN output rows a program, ``split`` programs along K (0: from the SM
+    count, dispatch._split_for), Triton's warps and stages."""
+
+    dot: bool
+    bn: int = 32
+    split: int = 0
+    warps: int = 4
+    stages: int = 2
+
+
+def heuristic(m: int) -> Config:
+    """CUDA cores for 1-2 rows (the weight is decoded once per row of x), tensor cores above
+    (decoded once per 16 rows). Not measured yet (benchmarks/spqr_speed.py --tune times the
+    candidates)."""
+    return Config(False, bn=32) if m <= GEMV_MAX_M else Config(True, bn=64)
+
+
+def candidates(m: int) -> list[Config]:
+    """The configurations :func:`tune` times for ``m`` rows."""
+    out = [Config(True, bn=bn, split=s, warps=w) for bn in (32, 64, 128) for s in (0, 1, 2, 4)
+           for w in (4, 8) if bn * 16 // (w * 32) <= 16]
+    if m <= 4:
+        out += [Config(False, bn=bn, split=s) for bn in (16, 32, 64) for s in (0, 1, 2, 4, 8)]
+    return out
+
+
+def launch(x2: torch.Tensor, p, cfg: Config, out: torch.Tensor | None = None) -> torch.Tensor:
+    """out (M, N) = x2 (M, K) @ (dense + S)ᵀ for a kernels.spqr.SpQRPacked ``p`` with one
+    configuration; x2 fp16/bf16 (M <= 16 for the tensor-core form), last dim contiguous."""
+    m, k = x2.shape
+    n = p.out_features
+    if out is None:
+        out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    if m == 0:
+        return out
+    n_chunks = p.qweight.shape[1] * 32 // p.bits // rp.chunk_k(p.bits)
+    bm = 16 if cfg.dot else 1
+    grid_m, grid_n = -(-m // bm), -(-n // cfg.bn)
+    split = cfg.split
+    if split == 0:
+        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count \
+            if x2.is_cuda else 1
+        split = dispatch._split_for(grid_m * grid_n, n_chunks, sms, min_chunks=1)
+    cps = -(-n_chunks // max(1, min(split, n_chunks)))
+    split = -(-n_chunks // cps)
+    split, cps, cnt, part = split_k_buffers(split, cps, n_chunks, grid_m * grid_n, out,
+                                            lambda: counters(x2.device))
+    any_t = p.qweight
+    spqr_kernel[(grid_m, grid_n, split)](
+        x2, p.qweight, p.stats, p.zeros if p.zeros is not None else any_t,
+        p.params if p.params is not None else any_t, p.perm if p.perm is not None else any_t,
+        p.outliers if p.outliers is not None else any_t,
+        p.rowptr if p.rowptr is not None else any_t, out, part,
+        cnt if cnt is not None else any_t,
+        m, n, k, p.qweight.shape[1], max(1, n // p.stat_group_size), x2.stride(0),
+        out.stride(0), cps, n_chunks, dispatch.MAGIC,
+        BITS=p.bits, GS=p.group_size, SG=p.stat_group_size, SHIFT=p.stat_shift,
+        HAS_PERM=p.perm is not None, HAS_OUTL=p.outliers is not None, DOT=cfg.dot,
+        SPLIT=split > 1, BN=cfg.bn, BM=bm, OC=8 if cfg.dot else 32, num_warps=cfg.warps,
+        num_stages=cfg.stages)
+    return out
+
+
+_TUNED: dict[tuple, Config] = {}
+_COUNTERS: dict[tuple, torch.Tensor] = {}
+_COUNTER_SLOTS = 1 << 16  # split-K tile counters per device
+
+
+def counters(device: torch.device) -> torch.Tensor | None:
+    """The split-K tile counters of ``device`` (zeros; each launch leaves them at zero), made
+    on first use outside graph capture (None during a capture that finds none)."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device.type, device.index)
+    cnt = _COUNTERS.get(key)
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if cnt is None and not capturing:
+        cnt = _COUNTERS[key] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return cnt
+
+
+def _key(m: int, p, dtype: torch.dtype) -> tuple:
+    return (m, p.out_features, p.in_features, p.bits, p.group_size, p.stat_shift,
+            p.perm is not None, p.outliers is not None, dtype)
+
+
+def remember(m: int, p, dtype: torch.dtype, cfg: Config) -> None:
+    """Use ``cfg`` for calls of ``m`` rows on weights shaped like ``p`` in ``dtype``."""
+    _TUNED[_key(m, p, dtype)] = cfg
+
+
+def tune(x2: torch.Tensor, p, reps_ms: int = 20) -> tuple[Config, dict]:
+    """Time every candidate (triton.testing.do_bench), remember the fastest; returns (best,
+    {config: median microseconds})."""
+    times = {}
+    for cfg in candidates(x2.shape[0]):
+        try:
+            times[cfg] = 1e3 * triton.testing.do_bench(lambda c=cfg: launch(x2, p, c),
+                                                       warmup=5, rep=reps_ms,
+                                                       return_mode="median")
+        except Exception as e:  # a configuration that does not compile or fit is skipped
+            log.info("spqr config %s failed: %s", cfg, e)
+    best = min(times, key=times.get)
+    remember(x2.shape[0], p, x2.dtype, best)
+    return best, times
+
+
+def linear(x: torch.Tensor, p, autotune: bool = False) -> torch.Tensor:
+    """x (..., K) -> (..., N) in x's dtype (fp16/bf16, at most 16 rows) through the tuned or
+    the heuristic configuration."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    cfg = _TUNED.get(_key(m, p, x2.dtype))
+    if cfg is None:
+        if autotune and not torch.cuda.is_current_stream_capturing():
+            cfg = tune(x2, p)[0]
+        else:
+            cfg = heuristic(m)
+    return launch(x2, p, cfg).reshape(*lead, p.out_features)
