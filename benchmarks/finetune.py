@@ -54,12 +54,13 @@ def nanogpt_meta(method: str) -> dict:
 
 
 def run_config(model, calib, ref, config, block_cfg, e2e_cfg, stamp, device, meta: dict,
-               compute="cpu", with_block=True, eval_desc=None, target_bpw=None) -> list:
+               compute="cpu", with_block=True, eval_desc=None, mixed=None, on_row=None) -> list:
     """The four rows of one method config: none, block, e2e, both (the first two only
     without ``with_block``). ``meta`` holds the row's model, method label and calibration
     description; ``eval_desc(ev)`` describes the scored text (default: nanoGPT's split).
-    ``target_bpw``: mixed widths to that size (``kvant.quantize(..., target_bpw=)``); the
-    rows then carry the plan's widths and its measuring time (in ``quant_seconds``)."""
+    ``mixed``: a :class:`kvant.MixedConfig` (mixed widths to its target size); the rows then
+    carry the plan's widths and its measuring time (in ``quant_seconds``). ``on_row(rows)``
+    is called after every row (a run killed mid-config keeps the rows it finished)."""
     eval_desc = eval_desc or (lambda ev: f"validation split, seq_len {SEQ_LEN}, "
                                          f"{ev['tokens']} chars, {ev['windows']} windows")
     rows = []
@@ -68,7 +69,7 @@ def run_config(model, calib, ref, config, block_cfg, e2e_cfg, stamp, device, met
         opts = kvant.EngineOptions(device=compute, show_progress=False,
                                    finetune=block_cfg if block else None)
         t0 = time.perf_counter()
-        report = kvant.quantize(q, config, calib, opts, target_bpw=target_bpw)
+        report = kvant.quantize(q, config, calib, opts, mixed=mixed)
         q.to(compute)
         plan = getattr(report, "plan", None)
         quant_s = time.perf_counter() - t0
@@ -91,12 +92,14 @@ def run_config(model, calib, ref, config, block_cfg, e2e_cfg, stamp, device, met
                  "block_mse": [[b["finetune"]["mse_before"], b["finetune"]["mse_after"]]
                                for b in report.blocks] if block else None,
                  "e2e_reverted": e2e_report["reverted"] if e2e_report else None,
-                 "target_bpw": target_bpw,
+                 "target_bpw": mixed.target_bpw if mixed is not None else None,
                  "plan_widths": plan.histogram() if plan is not None else None,
                  "eval": eval_desc(ev),
                  "device": device, "threads": torch.get_num_threads(), "date": rec.today(),
                  **stamp}
             rows.append(r)
+            if on_row is not None:
+                on_row(rows)
             print(f"{meta['method']} W{config.bits} {group_label(config.group_size)} "
                   f"{variant:5s} ppl {r['ppl']:.4f} kl {r['kl']:.4f} "
                   f"calib_kl {r['calib_kl']:.4f} tune {r['tune_seconds_block']:.0f}+"

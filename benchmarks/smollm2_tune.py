@@ -62,7 +62,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-block", action="store_true", help="only the none and e2e rows")
     p.add_argument("--target-bpw", type=float, default=None,
                    help="mixed widths to this size for every config (kvant.quantize's "
-                        "target_bpw: the method's own widths, Fisher sensitivity)")
+                        "target_bpw: Fisher sensitivity)")
+    p.add_argument("--widths", default=None, help="with --target-bpw: candidate widths, e.g. "
+                                                  "3,4 (default: every width of the method)")
     p.add_argument("--device", default=None, help="default cuda if present")
     p.add_argument("--kl-store", default="auto", choices=["auto", "full", "host", "topk"],
                    help="where the float log-probs live (kvant.eval.kl); host for jobs that "
@@ -92,6 +94,12 @@ def main(argv=None) -> int:
                                  eval_file=args.eval_file, eval_seq_len=args.seq_len,
                                  max_windows=args.max_eval_windows, device=args.device,
                                  kl_store=args.kl_store)
+        mixed = None
+        if args.target_bpw is not None:
+            widths = tuple(int(b) for b in args.widths.split(",")) if args.widths else ()
+            mixed = kvant.MixedConfig(target_bpw=args.target_bpw, widths=widths)
+        elif args.widths:
+            raise ValueError("--widths only applies with --target-bpw")
         block_cfg = TuneConfig(steps=args.block_steps, lr=args.lr)
         e2e_cfg = TuneConfig(tokens=args.tokens, lr=args.lr, batch_size=args.batch_size,
                              holdout=args.holdout)
@@ -129,7 +137,8 @@ def main(argv=None) -> int:
         meta = {"model": MODEL, "method": label, "spec": it.spec, "calib": calib_text}
         rows += ft.run_config(inputs.model.to(dev), calib, ref, it.config, block_cfg, e2e_cfg,
                               stamp, device, meta, str(dev), not args.no_block,
-                              eval_desc=lambda e: eval_text, target_bpw=args.target_bpw)
+                              eval_desc=lambda e: eval_text, mixed=mixed,
+                              on_row=lambda done: write([flt] + rows + done, out, args.name))
         inputs.model.to("cpu")
         if dev.type == "cuda":
             torch.cuda.empty_cache()
