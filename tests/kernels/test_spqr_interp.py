@@ -96,10 +96,11 @@ def test_layout_decodes_to_the_layer_weight(bits, gs, stat_bits, act):
     torch.testing.assert_close(spk.reference(x, p), lay.reference_product(x))
     # the op's default (CPU) implementation is that reference
     torch.testing.assert_close(spk.apply(x, p), lay.reference_product(x))
-    assert p.stats.shape == (320 // gs, 48) and (p.perm is not None) == act
+    words = p.qweight.shape[1] * 32 // bits // spk.slots(bits)  # of the first plane
+    assert p.stats.shape == (48, words) and (p.perm is not None) == act
     if stat_bits < 16:  # both statistic integers in one byte (one int16 at 8 bits)
         assert p.stats.dtype == (torch.uint8 if stat_bits <= 4 else torch.int16)
-        assert p.params.shape == (320 // gs, 48 // 16, 4) and p.zeros is None
+        assert p.params.shape == (4, 48 // 16, words) and p.zeros is None
 
 
 def test_layout_is_cached_outside_the_state_dict_and_rebuilt_on_change():

@@ -11,23 +11,35 @@ layout and the op's reference run and are tested anywhere.
 Layout, and why (bytes read per weight for the typical 3-bit g16, stat_bits 3, 16-row stat
 groups, 1 % outliers in brackets):
 
-- ``qweight``: the planes layout of kernels/triton/repack.py (3 bits = a 2-bit plane plus a
-  1-bit plane, 2/4/8 bits one plane), columns in act-order (sorted by group) order and K padded
-  to whole chunks: a row's words stream sequentially and a (rows, 32) word tile unpacks
-  element-wise into 32 consecutive columns [3 bits]. The 4-bit pairs layout is not used: its
-  16-bit unpacking subtracts integer zero points, SpQR's are real.
-- ``stats``: the two statistic integers of each (group, row), ``s_int | z_int << shift``
-  (shift 4 for stat_bits <= 4: one uint8; 8 for stat_bits 8: int16), transposed to (G, N) so
-  that a tile of rows reads one group's bytes contiguously [8 bits / 16 weights = 0.5].
-  With stat_bits 16: the fp16 scales (G, N) here and the integer zeros uint8 (G, N) in
-  ``zeros`` [24 bits / group].
-- ``params``: fp16 (G, N / stat_group_size, 4) = scale base, scale step, zero base, zero
-  step of each second-level group, dequantized in the kernel (``s = max(base + s_int·step,
-  1e-8)``, ``z = base + z_int·step``, as core.stats) [64 bits / 256 weights = 0.25]. Keeping
-  s and z as fp16 per group of 16 would read 2 bits a weight more.
-- ``perm``: int32 (K,), the stored column of each sorted column (act-order), or None: x is
-  gathered through it [read once per program from L2, not per weight].
-- ``outliers``: int32 (nnz,), ``fp16 bits << 16 | column`` (stored column order, so no
+- ``qweight``: the planes encoding of kernels/triton/repack.py (3 bits = a 2-bit plane plus a
+  1-bit plane; 2/4/8 bits one plane; K padded to whole chunks), so a row's words stream
+  sequentially and unpack element-wise with the magic-number helpers of planes.py [3 bits].
+  But inside a chunk the columns are reordered (:func:`chunk_order`) so that each word holds
+  ``S`` *consecutive* columns (S = 16 at 2/3 bits, 8 at 4, 4 at 8 bits; at 3 bits the
+  1-bit plane follows the 2-bit one): a SpQR group (16 columns, or a multiple of 16) is then
+  one word (or 2, 4) of a (rows, 32) word tile, not a piece of every plane. So the kernel
+  dequantizes the statistics once per word tile, in the tile's own register layout, and uses
+  them for all S values of each word; with the plain order a group of 16 would be half of
+  every 32-column plane and the statistics would be recomputed (or shuffled) for every 16
+  weights in every thread that holds a piece of them. Columns are in act-order (sorted by
+  group) order before that.
+- ``stats``: the two statistic integers of the group of each word of the first plane
+  (``s_int | z_int << shift``; shift 4 for stat_bits <= 4: one uint8; 8 for stat_bits 8:
+  int16), (N, Kp / S): laid out like the word tiles, so the kernel loads a (rows, 32) tile
+  of them in the words' own register layout, once per 32·S columns (with the (N, G) order the
+  compiler shuffled every plane through shared memory). A group of 16·t columns is t words
+  (S = 16), so its byte is repeated t times; at S = 16 and groups of 16 this is exactly the
+  (N, G) table [8 bits / 16 weights = 0.5]. With stat_bits 16: the fp16 scales here and the
+  integer zeros uint8 in ``zeros``, same shape [24 bits / 16 weights].
+- ``params``: fp16 (4, N / stat_group_size, Kp / S) = scale base, scale step, zero base, zero
+  step of each second-level group, per word as ``stats``; dequantized in the kernel
+  (``s = max(base + s_int·step, 1e-8)``, ``z = base + z_int·step``, as core.stats) [64 bits /
+  256 weights = 0.25]. Keeping s and z as fp16 per group of 16 would read 2 bits a weight
+  more.
+- ``perm``: int32 (Kp,), for each position of the chunk order the stored column of x it
+  multiplies (act-order and the chunk order composed; 0 in the padding), or None without
+  act-order, where the kernel computes the columns: x is gathered, the weights stream.
+- ``outliers``: int32 (nnz,), ``fp16 bits << 16 | column`` (stored column order: no
   permutation), and ``rowptr`` int32 (N+1,): one 4-byte load an outlier, read by the kernel's
   epilogue [32 bits × 1 % = 0.32, plus 32 bits a row].
 
@@ -96,6 +108,22 @@ def supported(bits: int, group_size: int, in_features: int) -> Optional[str]:
     return None
 
 
+def slots(bits: int) -> int:
+    """Consecutive columns a word holds in the chunk order (values a word of the first plane)."""
+    return 16 if bits in (2, 3) else 32 // bits
+
+
+def chunk_order(bits: int, kp: int, device=None) -> torch.Tensor:
+    """(kp,) int64: the column (in act-order sorted order) at each position of the planes
+    encoding. Position ``c·CK + P·32 + r`` (chunk c, plane P, word r) holds column
+    ``c·CK + (P // S)·32·S + r·S + P % S``: word r of plane group P // S holds S consecutive
+    columns (module docstring)."""
+    ck, sl = rp.chunk_k(bits), slots(bits)
+    v = torch.arange(kp, device=device)
+    c, pl, r = v // ck, (v % ck) // 32, v % 32
+    return c * ck + (pl // sl) * 32 * sl + r * sl + pl % sl
+
+
 def repack(qweight: torch.Tensor, bits: int, group_size: int, in_features: int,
            perm: Optional[torch.Tensor], stat_bits: int, stat_group_size: int,
            scale_q: Optional[torch.Tensor], zero_q: Optional[torch.Tensor],
@@ -112,65 +140,77 @@ def repack(qweight: torch.Tensor, bits: int, group_size: int, in_features: int,
     g = k // group_size
     ck = rp.chunk_k(bits)
     kp = -(-k // ck) * ck
+    dev = qweight.device
     order = None if perm is None else perm.long()
-    if order is not None and torch.equal(order, torch.arange(k, device=order.device)):
+    if order is not None and torch.equal(order, torch.arange(k, device=dev)):
         order = None
-    step = max(1, (1 << 24) // k)
+    pos = chunk_order(bits, kp, dev)  # (Kp,) sorted column of each position
+    cols_in = pos.clamp(max=k - 1) if order is None else order[pos.clamp(max=k - 1)]
+    cols_in = torch.where(pos < k, cols_in, k)  # padding reads a zero column
+    step = max(1, (1 << 24) // kp)
     words = []
     for r0 in range(0, n, step):
-        q = unpack(qweight[r0:r0 + step], bits, k)
-        if order is not None:
-            q = q[:, order]
-        words.append(rp._encode(torch.nn.functional.pad(q, (0, kp - k)), bits))
+        q = torch.nn.functional.pad(unpack(qweight[r0:r0 + step], bits, k), (0, 1))
+        words.append(rp._encode(q[:, cols_in], bits))
+    sl = slots(bits)
+    word_group = (torch.arange(kp // sl, device=dev) * sl // group_size).clamp(max=g - 1)
     if stat_bits < 16:
         shift = 4 if stat_bits <= 4 else 8
         si = unpack(scale_q[None], stat_bits, n * g)[0].reshape(n, g).to(torch.int32)
         zi = unpack(zero_q[None], stat_bits, n * g)[0].reshape(n, g).to(torch.int32)
-        both = (si | (zi << shift)).t()
+        both = (si | (zi << shift))[:, word_group]
         stats = (both.to(torch.uint8) if shift == 4 else
                  torch.where(both >= 1 << 15, both - (1 << 16), both).to(torch.int16))
         zeros = None
-        # (2, N/sg, G) base/step of scales, then of zeros -> (G, N/sg, 4)
-        params = torch.cat([scale_stats, zero_stats]).to(torch.float16).permute(2, 1, 0)
-        params = params.contiguous()
+        # (2, N/sg, G) base/step of the scales, then of the zeros
+        params = torch.cat([scale_stats, zero_stats]).to(torch.float16)[:, :, word_group]
     else:
         shift = 0
-        stats = scales.to(torch.float16).t().contiguous()
-        zeros = unpack(qzeros, bits, g).t().to(torch.uint8).contiguous()
+        stats = scales.to(torch.float16)[:, word_group].contiguous()
+        zeros = unpack(qzeros, bits, g).to(torch.uint8)[:, word_group].contiguous()
         params = None
     outl = None
     if vals is not None and vals.numel():
         bits16 = vals.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
         word = (bits16 << 16) | (cols.to(torch.int64) & 0xFFFF)
         outl = torch.where(word >= 1 << 31, word - (1 << 32), word).to(torch.int32)
-    return SpQRPacked(torch.cat(words, 0).contiguous(), stats.contiguous(), zeros, params,
-                      None if order is None else order.to(torch.int32).contiguous(),
+    perm_v = None
+    if order is not None:
+        perm_v = torch.where(pos < k, cols_in, 0).to(torch.int32).contiguous()
+    return SpQRPacked(torch.cat(words, 0).contiguous(), stats.contiguous(), zeros,
+                      None if params is None else params.contiguous(),
+                      perm_v,
                       outl, None if outl is None else rowptr.to(torch.int32).contiguous(),
                       bits, group_size, stat_group_size if stat_bits < 16 else 1, shift, k, n)
 
 
 def grid(p: SpQRPacked) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, z) float32 (G, N) from the packed statistics, as the kernel computes them."""
+    """(s, z) float32 (N, Kp / S) of every word from the packed statistics, as the kernel
+    computes them."""
     if p.stat_shift == 0:
         return p.stats.float(), p.zeros.float()
     mask = (1 << p.stat_shift) - 1
     u = p.stats.to(torch.int32) & 0xFFFF
-    prm = p.params.float().repeat_interleave(p.stat_group_size, dim=1)  # (G, N, 4)
-    s = prm[..., 0] + (u & mask).float() * prm[..., 1]
-    z = prm[..., 2] + ((u >> p.stat_shift) & mask).float() * prm[..., 3]
+    prm = p.params.float().repeat_interleave(p.stat_group_size, dim=1)  # (4, N, G)
+    s = prm[0] + (u & mask).float() * prm[1]
+    z = prm[2] + ((u >> p.stat_shift) & mask).float() * prm[3]
     return s.clamp_min(MIN_SCALE), z
 
 
 def dense_weight(p: SpQRPacked) -> torch.Tensor:
     """The dense part (N, K) float32 in stored column order, decoded from the packed layout."""
     k = p.in_features
-    q = rp._decode(p.qweight, p.bits, p.qweight.shape[1] * 32 // p.bits)[:, :k].float()
+    kp = p.qweight.shape[1] * 32 // p.bits
+    qv = rp._decode(p.qweight, p.bits, kp).float()  # (N, Kp) in the chunk order
+    pos = chunk_order(p.bits, kp, qv.device)
+    q = torch.empty_like(qv).index_copy_(1, pos, qv)[:, :k]  # act-order sorted order
     s, z = grid(p)
-    gi = torch.arange(k, device=q.device) // p.group_size
-    w = (q - z.t()[:, gi]) * s.t()[:, gi]  # sorted column order
+    wi = torch.arange(k, device=q.device) // slots(p.bits)  # the word of each column
+    w = (q - z[:, wi]) * s[:, wi]
     if p.perm is None:
         return w
-    return torch.empty_like(w).index_copy_(1, p.perm.long(), w)
+    stored = p.perm.long()[torch.argsort(pos)][:k]  # stored column of each sorted column
+    return torch.empty_like(w).index_copy_(1, stored, w)
 
 
 def outlier_product(x: torch.Tensor, outliers: torch.Tensor, rowptr: torch.Tensor,
@@ -189,7 +229,7 @@ def outlier_product(x: torch.Tensor, outliers: torch.Tensor, rowptr: torch.Tenso
 def _packed(qweight, stats, zeros, params, perm, outliers, rowptr, bits, group_size,
             stat_group_size, stat_shift, in_features) -> SpQRPacked:
     return SpQRPacked(qweight, stats, zeros, params, perm, outliers, rowptr, bits, group_size,
-                      stat_group_size, stat_shift, in_features, stats.shape[1])
+                      stat_group_size, stat_shift, in_features, stats.shape[0])
 
 
 def reference(x: torch.Tensor, p: SpQRPacked) -> torch.Tensor:
@@ -217,7 +257,7 @@ def spqr_linear(x: torch.Tensor, qweight: torch.Tensor, stats: torch.Tensor,
 @spqr_linear.register_fake
 def _(x, qweight, stats, zeros, params, perm, outliers, rowptr, bits, group_size,
       stat_group_size, stat_shift, in_features, autotune=False):
-    return x.new_empty((*x.shape[:-1], stats.shape[1]))
+    return x.new_empty((*x.shape[:-1], stats.shape[0]))
 
 
 def kernel_applies(x: torch.Tensor) -> bool:

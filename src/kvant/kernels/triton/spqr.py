@@ -37,31 +37,34 @@ import torch
 import triton
 import triton.language as tl
 
-from kvant.kernels.spqr import GEMV_MAX_M
+from kvant.kernels.spqr import GEMV_MAX_M, slots
 from kvant.kernels.triton import dispatch
-from kvant.kernels.triton import repack as rp
 from kvant.kernels.triton.planes import plane3_qz, plane_qz, split_k_buffers, store_or_reduce
 
 log = logging.getLogger(__name__)
 
 
 @triton.jit
-def _stats(st_ptr, z_ptr, prm_ptr, g, rows, N, NSG, SG: tl.constexpr, SHIFT: tl.constexpr):
-    """(s, z·s) float32 (BN, 2) of rows ``rows`` (BN,) in groups ``g`` (2,)."""
-    offs = g[None, :] * N + rows[:, None]  # (BN, 2) in the transposed (G, N) tables
+def _stats(st_ptr, z_ptr, prm_ptr, sc, rows, offs_r, WS, NSG, magic, SG: tl.constexpr,
+           SHIFT: tl.constexpr):
+    """(s, z·s) float32 (BN, 32) of the words ``sc·32 + offs_r`` of rows ``rows`` (BN,): the
+    (N, Kp/S) tables hold them like the word tiles. The integers become floats by the magic
+    number (no I2F conversion)."""
+    offs = rows[:, None] * WS + (sc * 32 + offs_r)[None, :]  # (BN, 32)
     if SHIFT == 0:  # plain fp16 scales, integer zeros
         s = tl.load(st_ptr + offs).to(tl.float32)
         z = tl.load(z_ptr + offs).to(tl.float32)
     else:
-        u = tl.load(st_ptr + offs).to(tl.int32) & 0xFFFF
-        pp = prm_ptr + (g[None, :] * NSG + rows[:, None] // SG) * 4
-        sb = tl.load(pp).to(tl.float32)
-        ss = tl.load(pp + 1).to(tl.float32)
-        zb = tl.load(pp + 2).to(tl.float32)
-        zs = tl.load(pp + 3).to(tl.float32)
-        mask: tl.constexpr = (1 << SHIFT) - 1
-        s = tl.maximum(sb + (u & mask).to(tl.float32) * ss, 1e-8)
-        z = zb + ((u >> SHIFT) & mask).to(tl.float32) * zs
+        MASK: tl.constexpr = (1 << SHIFT) - 1
+        u = tl.load(st_ptr + offs).to(tl.int32)
+        pp = prm_ptr + (rows[:, None] // SG) * WS + (sc * 32 + offs_r)[None, :]
+        plane = NSG * WS  # (4, N/SG, Kp/S) tables
+        si = ((u & MASK) | magic).to(tl.float32, bitcast=True) - 8388608.0
+        zi = (((u >> SHIFT) & MASK) | magic).to(tl.float32, bitcast=True) - 8388608.0
+        s = tl.load(pp).to(tl.float32) + si * tl.load(pp + plane).to(tl.float32)
+        s = tl.maximum(s, 1e-8)
+        z = tl.load(pp + 2 * plane).to(tl.float32) + zi * tl.load(pp + 3 * plane).to(
+            tl.float32)
     return s, z * s
 
 
@@ -77,14 +80,12 @@ def spqr_kernel(x_ptr, qw_ptr, st_ptr, z_ptr, prm_ptr, perm_ptr, ol_ptr, rp_ptr,
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    CK: tl.constexpr = 1024 if BITS == 3 else 1024 // BITS  # columns per chunk
-    PLANES: tl.constexpr = CK // 32
-    G = K // GS
+    S: tl.constexpr = 16 if BITS <= 3 else 32 // BITS  # consecutive columns a word holds
+    SUB: tl.constexpr = 32 * S  # columns an iteration: a chunk (3 bits: half a chunk)
     offs_n = pid_n * BN + tl.arange(0, BN)
     rows = tl.minimum(offs_n, N - 1)  # clamped: unmasked loads, tail rows discarded
-    offs_h = tl.arange(0, 2)
-    col3 = offs_h[None, :, None] * 16 + tl.arange(0, 16)[None, None, :]  # (1, 2, 16)
-    w_ptrs = qw_ptr + rows[:, None, None].to(tl.int64) * W + col3  # (BN, 2, 16)
+    offs_r = tl.arange(0, 32)
+    w_ptrs = qw_ptr + rows[:, None].to(tl.int64) * W + offs_r[None, :]  # (BN, 32)
     if DOT:
         offs_m = pid_m * BM + tl.arange(0, BM)
         m_ok = offs_m < M
@@ -92,53 +93,43 @@ def spqr_kernel(x_ptr, qw_ptr, st_ptr, z_ptr, prm_ptr, perm_ptr, ol_ptr, rp_ptr,
         acc = tl.zeros((BN, BM), tl.float32)
     else:
         x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-        acc = tl.zeros((BN, 2, 16), tl.float32)
+        acc = tl.zeros((BN, 32), tl.float32)
     c_lo = pid_k * chunks_per_split
     c_hi = tl.minimum(c_lo + chunks_per_split, n_chunks)
-    for c in range(c_lo, c_hi):
-        if BITS == 3:
-            lo0 = tl.load(w_ptrs + c * 64)
-            lo1 = tl.load(w_ptrs + (c * 64 + 32))
-            hw = tl.load(w_ptrs + (n_chunks * 64 + c * 32))
-            lo0_hi = lo0 >> 16
-            lo1_hi = lo1 >> 16
+    for sc in range(c_lo, c_hi):  # one (BN, 32) word tile a plane group
+        if BITS == 3:  # the 2-bit words of this half chunk, the 1-bit words shifted to it
+            lo = tl.load(w_ptrs + sc * 32)
+            hw = tl.load(w_ptrs + (n_chunks * 32 + (sc // 2) * 32)) >> ((sc % 2) * 16)
         else:
-            wv = tl.load(w_ptrs + c * 32)
-            w_hi = wv >> 16
-        for pl in tl.static_range(PLANES):
-            k0 = c * CK + pl * 32
-            g = tl.minimum((k0 + offs_h * 16) // GS, G - 1)  # (2,); K padding: last group
-            s, zs = _stats(st_ptr, z_ptr, prm_ptr, g, rows, N, NSG, SG, SHIFT)
+            lo = tl.load(w_ptrs + sc * 32)
+            hw = lo
+        lo_hi = lo >> 16
+        a_r = sc * SUB + offs_r * S  # (32,) first column of each word
+        s, zs = _stats(st_ptr, z_ptr, prm_ptr, sc, rows, offs_r, n_chunks * 32, NSG, magic,
+                       SG, SHIFT)
+        for j in tl.static_range(S):  # plane j: value j of each word
             if BITS == 3:
-                if pl < 16:
-                    q = plane3_qz(lo0, lo0_hi, hw, 0.0, magic, pl)
-                else:
-                    q = plane3_qz(lo1, lo1_hi, hw, 0.0, magic, pl)
+                q = plane3_qz(lo, lo_hi, hw, 0.0, magic, j)
             else:
-                q = plane_qz(wv, w_hi, 0.0, magic, pl, BITS)
-            w = q * s[:, :, None] - zs[:, :, None]  # (BN, 2, 16)
+                q = plane_qz(lo, lo_hi, 0.0, magic, j, BITS)
+            w = q * s - zs  # (BN, 32): (q - z)·s, z real
+            kk = a_r + j  # (32,) columns (act-order sorted) of this plane
+            k_ok = kk < K
+            if HAS_PERM:
+                kx = tl.load(perm_ptr + sc * SUB + j * 32 + offs_r)  # contiguous
+            else:
+                kx = kk
             if DOT:
-                kk = k0 + tl.arange(0, 32)
-                k_ok = kk < K
-                if HAS_PERM:
-                    kx = tl.load(perm_ptr + kk, mask=k_ok, other=0)
-                else:
-                    kx = kk
                 xt = tl.load(x_ptrs + kx[:, None], mask=k_ok[:, None] & m_ok[None, :],
                              other=0.0)  # (32, BM)
-                acc = tl.dot(tl.reshape(w, (BN, 32)).to(xt.dtype), xt, acc)
+                acc = tl.dot(w.to(xt.dtype), xt, acc)
             else:
-                kk = k0 + col3  # (1, 2, 16)
-                k_ok = kk < K
-                if HAS_PERM:
-                    kx = tl.load(perm_ptr + kk, mask=k_ok, other=0)
-                else:
-                    kx = kk
-                acc += w * tl.load(x_row + kx, mask=k_ok, other=0.0).to(tl.float32)
+                xk = tl.load(x_row + kx, mask=k_ok, other=0.0).to(tl.float32)
+                acc += w * xk[None, :]
     if DOT:
         y = acc
     else:
-        y = tl.sum(tl.sum(acc, axis=2), axis=1)  # (BN,)
+        y = tl.sum(acc, axis=1)  # (BN,)
     if HAS_OUTL:
         if pid_k == 0:
             y = _outliers(y, x_ptr, ol_ptr, rp_ptr, offs_n, N, M, stride_xm, pid_m, BM, OC,
@@ -224,7 +215,7 @@ def launch(x2: torch.Tensor, p, cfg: Config, out: torch.Tensor | None = None) ->
         out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0:
         return out
-    n_chunks = p.qweight.shape[1] * 32 // p.bits // rp.chunk_k(p.bits)
+    n_chunks = p.qweight.shape[1] * 32 // p.bits // (32 * slots(p.bits))  # loop iterations
     bm = 16 if cfg.dot else 1
     grid_m, grid_n = -(-m // bm), -(-n // cfg.bn)
     split = cfg.split
