@@ -96,11 +96,12 @@ def test_layout_decodes_to_the_layer_weight(bits, gs, stat_bits, act):
     torch.testing.assert_close(spk.reference(x, p), lay.reference_product(x))
     # the op's default (CPU) implementation is that reference
     torch.testing.assert_close(spk.apply(x, p), lay.reference_product(x))
-    words = p.qweight.shape[1] * 32 // bits // spk.slots(bits)  # of the first plane
-    assert p.stats.shape == (48, words) and (p.perm is not None) == act
+    words = p.qweight.shape[0] * 32 // bits // spk.slots(bits)  # of the first plane
+    assert p.qweight.shape[1] == 48 and p.stats.shape == (words, 48)  # rows contiguous
+    assert (p.perm is not None) == act
     if stat_bits < 16:  # both statistic integers in one byte (one int16 at 8 bits)
         assert p.stats.dtype == (torch.uint8 if stat_bits <= 4 else torch.int16)
-        assert p.params.shape == (4, 48 // 16, words) and p.zeros is None
+        assert p.params.shape == (4, words, 48 // 16) and p.zeros is None
 
 
 def test_layout_is_cached_outside_the_state_dict_and_rebuilt_on_change():

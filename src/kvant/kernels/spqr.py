@@ -60,7 +60,9 @@ from kvant.kernels.triton import repack as rp
 log = logging.getLogger(__name__)
 
 KERNEL_MAX_M = 16  # rows of x the kernel takes; above, dequantize once and one matmul
-GEMV_MAX_M = 2  # rows of x the CUDA-core form takes by default; above, tensor cores
+# rows of x the CUDA-core form takes by default; above, tensor cores (sm_90 offline, 3 bits:
+# ~9.4 instructions a weight and row on CUDA cores, ~14 a weight for all 16 rows with tl.dot)
+GEMV_MAX_M = 1
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 MIN_SCALE = 1e-8  # core.stats.MIN_SCALE: second-level scales are clamped to it
 
@@ -152,6 +154,7 @@ def repack(qweight: torch.Tensor, bits: int, group_size: int, in_features: int,
     for r0 in range(0, n, step):
         q = torch.nn.functional.pad(unpack(qweight[r0:r0 + step], bits, k), (0, 1))
         words.append(rp._encode(q[:, cols_in], bits))
+    # transposed: (words, N), so a (32 words, rows) tile is contiguous along the rows
     sl = slots(bits)
     word_group = (torch.arange(kp // sl, device=dev) * sl // group_size).clamp(max=g - 1)
     if stat_bits < 16:
@@ -177,8 +180,9 @@ def repack(qweight: torch.Tensor, bits: int, group_size: int, in_features: int,
     perm_v = None
     if order is not None:
         perm_v = torch.where(pos < k, cols_in, 0).to(torch.int32).contiguous()
-    return SpQRPacked(torch.cat(words, 0).contiguous(), stats.contiguous(), zeros,
-                      None if params is None else params.contiguous(),
+    return SpQRPacked(torch.cat(words, 0).t().contiguous(), stats.t().contiguous(),
+                      None if zeros is None else zeros.t().contiguous(),
+                      None if params is None else params.transpose(1, 2).contiguous(),
                       perm_v,
                       outl, None if outl is None else rowptr.to(torch.int32).contiguous(),
                       bits, group_size, stat_group_size if stat_bits < 16 else 1, shift, k, n)
@@ -188,10 +192,10 @@ def grid(p: SpQRPacked) -> tuple[torch.Tensor, torch.Tensor]:
     """(s, z) float32 (N, Kp / S) of every word from the packed statistics, as the kernel
     computes them."""
     if p.stat_shift == 0:
-        return p.stats.float(), p.zeros.float()
+        return p.stats.t().float(), p.zeros.t().float()
     mask = (1 << p.stat_shift) - 1
-    u = p.stats.to(torch.int32) & 0xFFFF
-    prm = p.params.float().repeat_interleave(p.stat_group_size, dim=1)  # (4, N, G)
+    u = p.stats.t().to(torch.int32) & 0xFFFF
+    prm = p.params.transpose(1, 2).float().repeat_interleave(p.stat_group_size, dim=1)
     s = prm[0] + (u & mask).float() * prm[1]
     z = prm[2] + ((u >> p.stat_shift) & mask).float() * prm[3]
     return s.clamp_min(MIN_SCALE), z
@@ -200,8 +204,8 @@ def grid(p: SpQRPacked) -> tuple[torch.Tensor, torch.Tensor]:
 def dense_weight(p: SpQRPacked) -> torch.Tensor:
     """The dense part (N, K) float32 in stored column order, decoded from the packed layout."""
     k = p.in_features
-    kp = p.qweight.shape[1] * 32 // p.bits
-    qv = rp._decode(p.qweight, p.bits, kp).float()  # (N, Kp) in the chunk order
+    kp = p.qweight.shape[0] * 32 // p.bits
+    qv = rp._decode(p.qweight.t(), p.bits, kp).float()  # (N, Kp) in the chunk order
     pos = chunk_order(p.bits, kp, qv.device)
     q = torch.empty_like(qv).index_copy_(1, pos, qv)[:, :k]  # act-order sorted order
     s, z = grid(p)
@@ -229,7 +233,7 @@ def outlier_product(x: torch.Tensor, outliers: torch.Tensor, rowptr: torch.Tenso
 def _packed(qweight, stats, zeros, params, perm, outliers, rowptr, bits, group_size,
             stat_group_size, stat_shift, in_features) -> SpQRPacked:
     return SpQRPacked(qweight, stats, zeros, params, perm, outliers, rowptr, bits, group_size,
-                      stat_group_size, stat_shift, in_features, stats.shape[0])
+                      stat_group_size, stat_shift, in_features, stats.shape[1])
 
 
 def reference(x: torch.Tensor, p: SpQRPacked) -> torch.Tensor:
@@ -257,7 +261,7 @@ def spqr_linear(x: torch.Tensor, qweight: torch.Tensor, stats: torch.Tensor,
 @spqr_linear.register_fake
 def _(x, qweight, stats, zeros, params, perm, outliers, rowptr, bits, group_size,
       stat_group_size, stat_shift, in_features, autotune=False):
-    return x.new_empty((*x.shape[:-1], stats.shape[0]))
+    return x.new_empty((*x.shape[:-1], stats.shape[1]))
 
 
 def kernel_applies(x: torch.Tensor) -> bool:

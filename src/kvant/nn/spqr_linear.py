@@ -271,7 +271,7 @@ class SpQRLinear(QuantLinear):
         cached = self.__dict__.get("_kernel_pack")
         if torch.compiler.is_compiling():  # cannot trace the staleness check
             p = cached[1] if cached is not None and cached[0][0] == str(x.device) else None
-        elif torch.cuda.is_current_stream_capturing():  # cannot repack
+        elif x.is_cuda and torch.cuda.is_current_stream_capturing():  # cannot repack
             p = None
             if cached is not None and cached[0] == (str(x.device), self._pack_key()):
                 p = cached[1]

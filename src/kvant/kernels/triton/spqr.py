@@ -3,25 +3,27 @@ one launch, from the layout of kernels/spqr.py (which says why it is what it is 
 read per weight).
 
 A program owns BN output rows and a K-slice (split-K: partial tiles reduced by the last
-program, planes.store_or_reduce). It walks its chunks of the planes layout (repack.py); each
-32-column plane is handled as a (BN, 2, 16) tile, two halves of 16 columns, because a SpQR
-group (16 columns, or any multiple of 16) may change in the middle of a plane: every half
-lies inside one group, so its statistics are one (BN, 2, 1) value broadcast over 16 columns.
-Per plane and half the kernel reads the statistic byte of each row (``s_int | z_int << 4``)
-and the second-level (base, step) pairs (L1 hits: 16 rows share one), dequantizes
-``s = max(base + s_int·step, 1e-8)`` and ``z·s``, and per weight computes
+program, planes.store_or_reduce). An iteration of its loop reads one (32 words, BN rows)
+tile of the planes encoding (3 bits: the 2-bit words of half a chunk and the chunk's 1-bit
+words) -- 32·S columns, S = the consecutive columns a word holds (16 at 2/3 bits) -- and the
+(32, BN) tiles of statistic bytes and (base, step) pairs of the same words, so everything
+sits in one register layout: rows contiguous in memory (16-byte loads along the rows), each
+thread holding a few rows of a few words, so one x value serves several rows. With rows as
+the tile's second axis (the (N, ·) orientation) the compiler put one row in a thread and
+reloaded, converted and masked x for every weight: sm_90 offline, 3-bit BN 32, ~15 against
+~10 instructions a weight (scripts/kernel_ir.py). The statistics are dequantized once per
+tile, ``s = max(base + s_int·step, 1e-8)`` and ``z·s``, each element serving the S values of
+its word; per weight the kernel computes
 
     q    = plane3_qz / plane_qz with zero point 0  (LOP3 + FFMA, exact: planes.py)
-    w    = q · s − z·s                              (FFMA; z is real, so it cannot join the
-                                                     integer magic-number subtraction)
 
-then either (``DOT`` 0, CUDA cores, one row of x a program) ``acc += w · x`` into a (BN, 2,
-16) fp32 accumulator reduced once after the loop, as gemv.py; or (``DOT`` 1, tensor cores)
-the (BN, 32) tile rounded to x's dtype (the reference's own rounding of the weight) and
-``acc = tl.dot(w, x_tile (32, BM), acc)`` with BM 16 rows of x (rows past M masked). Act-order
-gathers x through ``perm``. The group scale cannot be applied to a partial sum as in gemv.py:
-groups of 16 are smaller than a plane, so it multiplies every weight (one FFMA more a weight
-than the W3/W4 kernels).
+then either (``DOT`` 0, CUDA cores, one row of x a program) ``accq += q · x`` (one FFMA a
+weight) and, once per word and iteration, ``acc += s · accq − z·s · Σx`` (z is real, so it
+cannot join the integer magic-number subtraction; Σx is the sum of the word's x, shared by
+all rows), the fp32 (32, BN) accumulator reduced once after the loop, as gemv.py; or
+(``DOT`` 1, tensor cores) ``w = q · s − z·s`` rounded to x's dtype (the reference's own
+rounding of the weight) and ``acc = tl.dot(x_tile (BM, 32), w (32, BN), acc)`` with BM 16
+rows of x (rows past M masked). Act-order gathers x through ``perm``.
 
 Outliers: the program with pid_k == 0 walks its rows' CSR ranges in (BN, OC) tiles of packed
 words (``fp16 bits << 16 | column``) in the epilogue and adds ``val · x[col]`` before the
@@ -45,20 +47,20 @@ log = logging.getLogger(__name__)
 
 
 @triton.jit
-def _stats(st_ptr, z_ptr, prm_ptr, sc, rows, offs_r, WS, NSG, magic, SG: tl.constexpr,
+def _stats(st_ptr, z_ptr, prm_ptr, wi, rows, N, NSG, WS, magic, SG: tl.constexpr,
            SHIFT: tl.constexpr):
-    """(s, z·s) float32 (BN, 32) of the words ``sc·32 + offs_r`` of rows ``rows`` (BN,): the
-    (N, Kp/S) tables hold them like the word tiles. The integers become floats by the magic
-    number (no I2F conversion)."""
-    offs = rows[:, None] * WS + (sc * 32 + offs_r)[None, :]  # (BN, 32)
+    """(s, z·s) float32 (32, BN) of words ``wi`` (32,) of rows ``rows`` (BN,): the (Kp/S, N)
+    tables hold them like the word tiles. The integers become floats by the magic number
+    (no I2F conversion)."""
+    offs = wi[:, None].to(tl.int64) * N + rows[None, :]  # (32, BN)
     if SHIFT == 0:  # plain fp16 scales, integer zeros
         s = tl.load(st_ptr + offs).to(tl.float32)
         z = tl.load(z_ptr + offs).to(tl.float32)
     else:
         MASK: tl.constexpr = (1 << SHIFT) - 1
         u = tl.load(st_ptr + offs).to(tl.int32)
-        pp = prm_ptr + (rows[:, None] // SG) * WS + (sc * 32 + offs_r)[None, :]
-        plane = NSG * WS  # (4, N/SG, Kp/S) tables
+        pp = prm_ptr + wi[:, None].to(tl.int64) * NSG + (rows // SG)[None, :]
+        plane = WS * NSG  # (4, Kp/S, N/SG) tables
         si = ((u & MASK) | magic).to(tl.float32, bitcast=True) - 8388608.0
         zi = (((u >> SHIFT) & MASK) | magic).to(tl.float32, bitcast=True) - 8388608.0
         s = tl.load(pp).to(tl.float32) + si * tl.load(pp + plane).to(tl.float32)
@@ -70,13 +72,15 @@ def _stats(st_ptr, z_ptr, prm_ptr, sc, rows, offs_r, WS, NSG, magic, SG: tl.cons
 
 @triton.jit(do_not_specialize=["M", "chunks_per_split", "n_chunks", "magic"])
 def spqr_kernel(x_ptr, qw_ptr, st_ptr, z_ptr, prm_ptr, perm_ptr, ol_ptr, rp_ptr, out_ptr,
-                part_ptr, cnt_ptr, M, N, K, W, NSG, stride_xm, stride_om, chunks_per_split,
+                part_ptr, cnt_ptr, M, N, K, NSG, stride_xm, stride_om, chunks_per_split,
                 n_chunks, magic,
-                BITS: tl.constexpr, GS: tl.constexpr, SG: tl.constexpr, SHIFT: tl.constexpr,
+                BITS: tl.constexpr, SG: tl.constexpr, SHIFT: tl.constexpr,
                 HAS_PERM: tl.constexpr, HAS_OUTL: tl.constexpr, DOT: tl.constexpr,
-                SPLIT: tl.constexpr, BN: tl.constexpr, BM: tl.constexpr, OC: tl.constexpr):
+                EVEN: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
+                BM: tl.constexpr, OC: tl.constexpr):
     """out (M, N) = x (M, K) @ (dense + S)ᵀ; grid (M / BM, N / BN, K splits) (module
-    docstring). W: words a row of qweight; NSG: second-level groups of rows (N / SG)."""
+    docstring). n_chunks: loop iterations of 32·S columns in all; NSG: second-level groups
+    of rows (N / SG); EVEN: K is a whole number of iterations (no masks on x)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -85,59 +89,71 @@ def spqr_kernel(x_ptr, qw_ptr, st_ptr, z_ptr, prm_ptr, perm_ptr, ol_ptr, rp_ptr,
     offs_n = pid_n * BN + tl.arange(0, BN)
     rows = tl.minimum(offs_n, N - 1)  # clamped: unmasked loads, tail rows discarded
     offs_r = tl.arange(0, 32)
-    w_ptrs = qw_ptr + rows[:, None].to(tl.int64) * W + offs_r[None, :]  # (BN, 32)
+    w_ptrs = qw_ptr + offs_r[:, None] * N + rows[None, :]  # (32, BN): rows contiguous
     if DOT:
         offs_m = pid_m * BM + tl.arange(0, BM)
         m_ok = offs_m < M
-        x_ptrs = x_ptr + offs_m[None, :].to(tl.int64) * stride_xm  # (1, BM)
-        acc = tl.zeros((BN, BM), tl.float32)
+        x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm  # (BM, 1)
+        acc = tl.zeros((BM, BN), tl.float32)
     else:
         x_row = x_ptr + pid_m.to(tl.int64) * stride_xm
-        acc = tl.zeros((BN, 32), tl.float32)
+        acc = tl.zeros((32, BN), tl.float32)
     c_lo = pid_k * chunks_per_split
     c_hi = tl.minimum(c_lo + chunks_per_split, n_chunks)
-    for sc in range(c_lo, c_hi):  # one (BN, 32) word tile a plane group
-        if BITS == 3:  # the 2-bit words of this half chunk, the 1-bit words shifted to it
-            lo = tl.load(w_ptrs + sc * 32)
-            hw = tl.load(w_ptrs + (n_chunks * 32 + (sc // 2) * 32)) >> ((sc % 2) * 16)
+    for sc in range(c_lo, c_hi):  # one (32, BN) word tile a plane group
+        wi = sc * 32 + offs_r  # (32,) words of the first plane
+        lo = tl.load(w_ptrs + sc * 32 * N)  # int32 offsets: words·N < 2**31
+        if BITS == 3:  # the 1-bit words of this chunk, shifted to this half
+            hw = tl.load(w_ptrs + (n_chunks + sc // 2) * 32 * N)
+            hw = hw >> ((sc % 2) * 16)
         else:
-            lo = tl.load(w_ptrs + sc * 32)
             hw = lo
         lo_hi = lo >> 16
         a_r = sc * SUB + offs_r * S  # (32,) first column of each word
-        s, zs = _stats(st_ptr, z_ptr, prm_ptr, sc, rows, offs_r, n_chunks * 32, NSG, magic,
-                       SG, SHIFT)
+        s, zs = _stats(st_ptr, z_ptr, prm_ptr, wi, rows, N, NSG, n_chunks * 32, magic, SG,
+                       SHIFT)
+        if not DOT:
+            accq = tl.zeros((32, BN), tl.float32)  # Σ_j q·x of each word this iteration
+            xs = tl.zeros((32,), tl.float32)  # Σ_j x of each word's columns
         for j in tl.static_range(S):  # plane j: value j of each word
             if BITS == 3:
                 q = plane3_qz(lo, lo_hi, hw, 0.0, magic, j)
             else:
                 q = plane_qz(lo, lo_hi, 0.0, magic, j, BITS)
-            w = q * s - zs  # (BN, 32): (q - z)·s, z real
             kk = a_r + j  # (32,) columns (act-order sorted) of this plane
-            k_ok = kk < K
             if HAS_PERM:
                 kx = tl.load(perm_ptr + sc * SUB + j * 32 + offs_r)  # contiguous
             else:
                 kx = kk
             if DOT:
-                xt = tl.load(x_ptrs + kx[:, None], mask=k_ok[:, None] & m_ok[None, :],
-                             other=0.0)  # (32, BM)
-                acc = tl.dot(w.to(xt.dtype), xt, acc)
+                if EVEN:
+                    xt = tl.load(x_ptrs + kx[None, :], mask=m_ok[:, None], other=0.0)
+                else:
+                    xt = tl.load(x_ptrs + kx[None, :], mask=m_ok[:, None] & (kk < K)[None, :],
+                                 other=0.0)  # (BM, 32)
+                w = q * s - zs  # (32, BN): (q - z)·s, z real, rounded as the reference
+                acc = tl.dot(xt, w.to(xt.dtype), acc)
             else:
-                xk = tl.load(x_row + kx, mask=k_ok, other=0.0).to(tl.float32)
-                acc += w * xk[None, :]
+                if EVEN:
+                    xk = tl.load(x_row + kx).to(tl.float32)
+                else:
+                    xk = tl.load(x_row + kx, mask=kk < K, other=0.0).to(tl.float32)
+                accq += q * xk[:, None]
+                xs += xk
+        if not DOT:  # Σ_j (q - z)·s·x = s·Σ q·x − z·s·Σ x: one FFMA a weight
+            acc += accq * s - zs * xs[:, None]
     if DOT:
         y = acc
     else:
-        y = tl.sum(acc, axis=1)  # (BN,)
+        y = tl.sum(acc, axis=0)  # (BN,)
     if HAS_OUTL:
         if pid_k == 0:
             y = _outliers(y, x_ptr, ol_ptr, rp_ptr, offs_n, N, M, stride_xm, pid_m, BM, OC,
                           DOT)
     if DOT:
-        mask = (offs_n < N)[:, None] & m_ok[None, :]
-        out_ptrs = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None]
-        part_offs = offs_m[None, :] * N + offs_n[:, None]
+        mask = m_ok[:, None] & (offs_n < N)[None, :]
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
+        part_offs = offs_m[:, None] * N + offs_n[None, :]
     else:
         mask = offs_n < N
         out_ptrs = out_ptr + pid_m * stride_om + offs_n
@@ -169,7 +185,7 @@ def _outliers(y, x_ptr, ol_ptr, rp_ptr, offs_n, N, M, stride_xm, pid_m, BM: tl.c
             xv = tl.load(x_ptr + offs_m[None, None, :].to(tl.int64) * stride_xm
                          + col[:, :, None], mask=ok[:, :, None] & m_ok[None, None, :],
                          other=0.0).to(tl.float32)  # (BN, OC, BM)
-            y += tl.sum(val[:, :, None] * xv, axis=1)
+            y += tl.trans(tl.sum(val[:, :, None] * xv, axis=1))  # (BM, BN)
         else:
             xv = tl.load(x_ptr + pid_m.to(tl.int64) * stride_xm + col, mask=ok,
                          other=0.0).to(tl.float32)
@@ -191,16 +207,16 @@ class Config:
 
 
 def heuristic(m: int) -> Config:
-    """CUDA cores for 1-2 rows (the weight is decoded once per row of x), tensor cores above
-    (decoded once per 16 rows). Not measured yet (benchmarks/spqr_speed.py --tune times the
-    candidates)."""
-    return Config(False, bn=32) if m <= GEMV_MAX_M else Config(True, bn=64)
+    """CUDA cores for one row (the weight is decoded once per row of x), tensor cores above
+    (decoded once per 16 rows). Chosen offline (sm_90, ptxas, no spills: 3 bits 128 / 172
+    registers), not measured yet: benchmarks/spqr_speed.py --tune times the candidates."""
+    return Config(False, bn=32) if m <= GEMV_MAX_M else Config(True, bn=64, warps=8)
 
 
 def candidates(m: int) -> list[Config]:
     """The configurations :func:`tune` times for ``m`` rows."""
     out = [Config(True, bn=bn, split=s, warps=w) for bn in (32, 64, 128) for s in (0, 1, 2, 4)
-           for w in (4, 8) if bn * 16 // (w * 32) <= 16]
+           for w in (4, 8)]
     if m <= 4:
         out += [Config(False, bn=bn, split=s) for bn in (16, 32, 64) for s in (0, 1, 2, 4, 8)]
     return out
@@ -215,7 +231,8 @@ def launch(x2: torch.Tensor, p, cfg: Config, out: torch.Tensor | None = None) ->
         out = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
     if m == 0:
         return out
-    n_chunks = p.qweight.shape[1] * 32 // p.bits // (32 * slots(p.bits))  # loop iterations
+    sub = 32 * slots(p.bits)  # columns a loop iteration
+    n_chunks = p.qweight.shape[0] * 32 // p.bits // sub  # loop iterations
     bm = 16 if cfg.dot else 1
     grid_m, grid_n = -(-m // bm), -(-n // cfg.bn)
     split = cfg.split
@@ -234,10 +251,11 @@ def launch(x2: torch.Tensor, p, cfg: Config, out: torch.Tensor | None = None) ->
         p.outliers if p.outliers is not None else any_t,
         p.rowptr if p.rowptr is not None else any_t, out, part,
         cnt if cnt is not None else any_t,
-        m, n, k, p.qweight.shape[1], max(1, n // p.stat_group_size), x2.stride(0),
+        m, n, k, max(1, n // p.stat_group_size), x2.stride(0),
         out.stride(0), cps, n_chunks, dispatch.MAGIC,
-        BITS=p.bits, GS=p.group_size, SG=p.stat_group_size, SHIFT=p.stat_shift,
+        BITS=p.bits, SG=p.stat_group_size, SHIFT=p.stat_shift,
         HAS_PERM=p.perm is not None, HAS_OUTL=p.outliers is not None, DOT=cfg.dot,
+        EVEN=k % sub == 0,
         SPLIT=split > 1, BN=cfg.bn, BM=bm, OC=8 if cfg.dot else 32, num_warps=cfg.warps,
         num_stages=cfg.stages)
     return out
