@@ -175,7 +175,8 @@ def write_md(records: list, path: Path) -> None:
     how = ("one CUDA graph (GPU time only), median of replays" if r0["mode"] == "cuda graph"
            else "eager on the CPU (the references: checks the script, not a speed)")
     lines = [f"## SpQR decode step vs W4 g128 and fp16, {r0['device']}", "",
-             f"Every Linear layer of the model once per step, {how}. SpQR: 3-bit g16, stat_bits 3 (16-row groups), act-order, "
+             f"Every Linear layer of the model once per step, {how}. SpQR: 3-bit g16, "
+             "stat_bits 3 (16-row groups), act-order, "
              f"{100 * r0['spqr']['outliers']:.0f} % outliers, **random valid buffers** (not a "
              "real quantization); W4: 4-bit g128 QuantLinear, random; fp16: nn.Linear. "
              f"Goal (issue #14): SpQR / W4 <= {r0['goal_ratio']} at batch 1 on llama2-7b. "

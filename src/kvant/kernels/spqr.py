@@ -126,6 +126,33 @@ def chunk_order(bits: int, kp: int, device=None) -> torch.Tensor:
     return c * ck + (pl // sl) * 32 * sl + r * sl + pl % sl
 
 
+def _hi_order(hi: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """The 3-bit high-bit plane's bit order: planes (h·16 + j) -> bit 2j + h of a 1-bit word
+    (h: the half of the chunk, j: the value in its 2-bit word), or back."""
+    rows, kp = hi.shape
+    t = hi.reshape(rows, kp // 1024, *((16, 2) if inverse else (2, 16)), 32)
+    return t.transpose(2, 3).reshape(rows, kp)
+
+
+def encode(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integers (rows, Kp) in the chunk order -> words (rows, Kp·bits/32): the planes
+    encoding (repack.py), at 3 bits with the high bit of value j of half h of a chunk at bit
+    2j + h of its 1-bit word (not h·16 + j): shifted once per tile (left by 2 - h, right by
+    14 + h) the word then has every high bit where its value's 2-bit field needs it, so the
+    kernel ors it in with no shift a weight."""
+    if bits != 3:
+        return rp._encode(q, bits)
+    return torch.cat([rp._pack_planes(q & 3, 2), rp._pack_planes(_hi_order(q >> 2), 1)], 1)
+
+
+def decode(w: torch.Tensor, bits: int, kp: int) -> torch.Tensor:
+    """Inverse of :func:`encode`: words -> (rows, Kp) int64."""
+    if bits != 3:
+        return rp._decode(w, bits, kp)
+    lo, hi = rp._unpack_planes(w[:, : kp // 16], 2), rp._unpack_planes(w[:, kp // 16:], 1)
+    return lo | (_hi_order(hi, inverse=True) << 2)
+
+
 def repack(qweight: torch.Tensor, bits: int, group_size: int, in_features: int,
            perm: Optional[torch.Tensor], stat_bits: int, stat_group_size: int,
            scale_q: Optional[torch.Tensor], zero_q: Optional[torch.Tensor],
@@ -153,7 +180,7 @@ def repack(qweight: torch.Tensor, bits: int, group_size: int, in_features: int,
     words = []
     for r0 in range(0, n, step):
         q = torch.nn.functional.pad(unpack(qweight[r0:r0 + step], bits, k), (0, 1))
-        words.append(rp._encode(q[:, cols_in], bits))
+        words.append(encode(q[:, cols_in], bits))
     # transposed: (words, N), so a (32 words, rows) tile is contiguous along the rows
     sl = slots(bits)
     word_group = (torch.arange(kp // sl, device=dev) * sl // group_size).clamp(max=g - 1)
@@ -205,7 +232,7 @@ def dense_weight(p: SpQRPacked) -> torch.Tensor:
     """The dense part (N, K) float32 in stored column order, decoded from the packed layout."""
     k = p.in_features
     kp = p.qweight.shape[0] * 32 // p.bits
-    qv = rp._decode(p.qweight.t(), p.bits, kp).float()  # (N, Kp) in the chunk order
+    qv = decode(p.qweight.t(), p.bits, kp).float()  # (N, Kp) in the chunk order
     pos = chunk_order(p.bits, kp, qv.device)
     q = torch.empty_like(qv).index_copy_(1, pos, qv)[:, :k]  # act-order sorted order
     s, z = grid(p)

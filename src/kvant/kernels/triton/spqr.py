@@ -15,7 +15,7 @@ reloaded, converted and masked x for every weight: sm_90 offline, 3-bit BN 32, ~
 tile, ``s = max(base + s_int·step, 1e-8)`` and ``z·s``, each element serving the S values of
 its word; per weight the kernel computes
 
-    q    = plane3_qz / plane_qz with zero point 0  (LOP3 + FFMA, exact: planes.py)
+    q    = _q3 / planes.plane_qz with zero point 0  (2 LOP3 + FFMA at 3 bits, exact)
 
 then either (``DOT`` 0, CUDA cores, one row of x a program) ``accq += q · x`` (one FFMA a
 weight) and, once per word and iteration, ``acc += s · accq − z·s · Σx`` (z is real, so it
@@ -41,9 +41,29 @@ import triton.language as tl
 
 from kvant.kernels.spqr import GEMV_MAX_M, slots
 from kvant.kernels.triton import dispatch
-from kvant.kernels.triton.planes import plane3_qz, plane_qz, split_k_buffers, store_or_reduce
+from kvant.kernels.triton.planes import plane_qz, split_k_buffers, store_or_reduce
 
 log = logging.getLogger(__name__)
+
+
+@triton.jit
+def _q3(lo, lo_hi, h_lo, h_hi, magic, J: tl.constexpr):
+    """q fp32 (exact) of value J (0..15) of 3-bit words: the 2-bit field from ``lo`` (J < 8)
+    or ``lo_hi = lo >> 16``, the high bit from ``h_lo`` / ``h_hi``, the 1-bit words already
+    shifted so that it sits just above the field (kernels/spqr.py, ``encode``): three LOP3
+    and one FFMA a weight, no shift (planes.plane3_qz shifts the high bit for every weight;
+    sm_90 offline, 3-bit BN 32: 1203 -> 1165 instructions a loop iteration, 9.1 a weight).
+    ptxas does not fuse the or of ``magic`` into the bit select (tried)."""
+    SH: tl.constexpr = (2 * J) % 16
+    MLO: tl.constexpr = 3 << SH
+    MHI: tl.constexpr = 4 << SH
+    INV: tl.constexpr = 1.0 / (1 << SH)
+    OFF: tl.constexpr = 1 << (23 - SH)
+    if J < 8:
+        f = ((lo & MLO) | (h_lo & MHI) | magic).to(tl.float32, bitcast=True)
+    else:
+        f = ((lo_hi & MLO) | (h_hi & MHI) | magic).to(tl.float32, bitcast=True)
+    return f * INV - OFF
 
 
 @triton.jit
@@ -103,12 +123,11 @@ def spqr_kernel(x_ptr, qw_ptr, st_ptr, z_ptr, prm_ptr, perm_ptr, ol_ptr, rp_ptr,
     for sc in range(c_lo, c_hi):  # one (32, BN) word tile a plane group
         wi = sc * 32 + offs_r  # (32,) words of the first plane
         lo = tl.load(w_ptrs + sc * 32 * N)  # int32 offsets: words·N < 2**31
-        if BITS == 3:  # the 1-bit words of this chunk, shifted to this half
-            hw = tl.load(w_ptrs + (n_chunks + sc // 2) * 32 * N)
-            hw = hw >> ((sc % 2) * 16)
-        else:
-            hw = lo
         lo_hi = lo >> 16
+        if BITS == 3:  # the chunk's 1-bit words, aligned for this half (h = sc % 2)
+            hw = tl.load(w_ptrs + (n_chunks + sc // 2) * 32 * N)
+            h_lo = hw << (2 - sc % 2)  # high bit of value j (< 8) at 2j + 2
+            h_hi = hw >> (14 + sc % 2)  # of value j (>= 8) at 2j - 14, as lo_hi's field
         a_r = sc * SUB + offs_r * S  # (32,) first column of each word
         s, zs = _stats(st_ptr, z_ptr, prm_ptr, wi, rows, N, NSG, n_chunks * 32, magic, SG,
                        SHIFT)
@@ -117,7 +136,7 @@ def spqr_kernel(x_ptr, qw_ptr, st_ptr, z_ptr, prm_ptr, perm_ptr, ol_ptr, rp_ptr,
             xs = tl.zeros((32,), tl.float32)  # Σ_j x of each word's columns
         for j in tl.static_range(S):  # plane j: value j of each word
             if BITS == 3:
-                q = plane3_qz(lo, lo_hi, hw, 0.0, magic, j)
+                q = _q3(lo, lo_hi, h_lo, h_hi, magic, j)
             else:
                 q = plane_qz(lo, lo_hi, 0.0, magic, j, BITS)
             kk = a_r + j  # (32,) columns (act-order sorted) of this plane
