@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 KERNEL_MAX_M = 16  # rows of x the kernel takes; above, dequantize once and one matmul
 # rows of x the CUDA-core form takes by default; above, tensor cores (sm_90 offline, 3 bits:
-# ~9.4 instructions a weight and row on CUDA cores, ~14 a weight for all 16 rows with tl.dot)
+# ~9.1 instructions a weight and row on CUDA cores, ~14 a weight for all 16 rows with tl.dot)
 GEMV_MAX_M = 1
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 MIN_SCALE = 1e-8  # core.stats.MIN_SCALE: second-level scales are clamped to it
