@@ -7,8 +7,10 @@ A result names the code that made it: ``commit`` is the checkout's HEAD and ``di
 when tracked files other than ``benchmarks/results/`` differ from it (``git status
 --porcelain``), so a dirty record's numbers may come from code no commit holds.
 :func:`provenance` refuses a dirty tree unless the script was given ``--allow-dirty``.
-A copy of the tree without ``.git`` (a device machine) names its code with the environment
-variables ``KVANT_COMMIT`` and ``KVANT_DIRTY`` (``0``/``1``), set by the script that copied it.
+A copy of the tree on a device machine names its code with the environment variables
+``KVANT_COMMIT`` and ``KVANT_DIRTY`` (``0``/``1``), set by the script that copied it; when
+set they win over git, because such a copy can carry a stale ``.git`` of an earlier commit
+(on 2026-12-02 a device copy's git said 82a0bf5+dirty for code that was e8d173b, clean).
 """
 
 from __future__ import annotations
@@ -52,11 +54,15 @@ def _git(*args: str, root: Path = ROOT) -> str | None:
 
 
 def git_commit() -> str:
-    """Short hash of HEAD, else ``KVANT_COMMIT`` (a copy without .git), else 'unknown'."""
+    """``KVANT_COMMIT`` when set (the script that copied the tree names its code: a device
+    copy may hold a stale .git of an earlier commit), else the short hash of HEAD, else
+    'unknown'."""
+    if os.environ.get("KVANT_COMMIT"):
+        return os.environ["KVANT_COMMIT"]
     out = _git("rev-parse", "--short", "HEAD")
     if out and out.strip():
         return out.strip()
-    return os.environ.get("KVANT_COMMIT") or "unknown"
+    return "unknown"
 
 
 def dirty_paths(root: Path = ROOT) -> list[str] | None:
@@ -69,12 +75,14 @@ def dirty_paths(root: Path = ROOT) -> list[str] | None:
 
 
 def tree_dirty() -> bool | None:
-    """True when the code differs from its commit; None when nothing says (no git, no
-    ``KVANT_DIRTY``)."""
+    """True when the code differs from its commit: ``KVANT_DIRTY`` when set (with
+    ``KVANT_COMMIT``, see :func:`git_commit`), else git's status; None when nothing says."""
+    flag = os.environ.get("KVANT_DIRTY")
+    if flag is not None and os.environ.get("KVANT_COMMIT"):
+        return flag not in ("0", "false", "")
     paths = dirty_paths()
     if paths is not None:
         return bool(paths)
-    flag = os.environ.get("KVANT_DIRTY")
     return None if flag is None else flag not in ("0", "false", "")
 
 
