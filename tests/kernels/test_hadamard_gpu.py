@@ -13,6 +13,7 @@ import torch
 
 from kvant.core.hadamard import RandomizedHadamard
 from kvant.kernels import hadamard as H
+from kvant.kernels import selfcheck
 from kvant.nn.quip_linear import kernel_plan
 
 pytestmark = [pytest.mark.gpu,
@@ -102,15 +103,23 @@ def test_quip_forward_with_the_kernel_equals_the_reference_path(monkeypatch, k, 
     from kvant.nn.quip_linear import QuipLinear
 
     m = _quip(k, n, seed=k + n)
+    selfcheck.forget()
     calls = _counting(monkeypatch)
     x = torch.randn(rows, k, device="cuda").to(dtype)
     QuipLinear._last_input = None
+    m(x)
+    # the first call of each side is checked against the reference (kernels/selfcheck.py):
+    # the kernel runs for the check, then for the result
+    assert calls == [False, False, True, True]
+    calls.clear()
+    QuipLinear._last_input = None
     y = m(x)
-    assert calls == [False, True]  # V x and Uᵀ y, one launch each
+    assert calls == [False, True]  # once trusted: V x and Uᵀ y, one launch each
+    calls.clear()
     m.transform_kernel = False
     QuipLinear._last_input = None
     ref = m(x)
-    assert len(calls) == 2 and y.dtype == ref.dtype == dtype
+    assert calls == [] and y.dtype == ref.dtype == dtype
     # the same packed product between transforms that agree to a rounding of the dtype
     err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < (2e-3 if dtype == torch.float16 else 1e-2)
@@ -118,12 +127,13 @@ def test_quip_forward_with_the_kernel_equals_the_reference_path(monkeypatch, k, 
 
 def test_quip_dispatch_falls_back_where_the_kernel_does_not_apply(monkeypatch):
     m = _quip(4096, 4096, seed=1)
+    selfcheck.forget()
     calls = _counting(monkeypatch)
     m(torch.randn(17, 4096, device="cuda").half())  # above MAX_ROWS
     m(torch.randn(2, 4096, device="cuda"))  # fp32 activations
     assert calls == []
     m(torch.randn(2, 8, 4096, device="cuda").half())  # 16 rows in a (2, 8, K) batch
-    assert calls == [False, True]
+    assert calls == [False, False, True, True]  # each side checked once, then computed
 
 
 def test_quip_forward_in_a_cuda_graph():
