@@ -136,7 +136,7 @@ def bench(n, k, bits, batches, log) -> list:
         iters = -(-(k // 8) // best.bkb)
         tiles = -(-m // (16 if best.dot else 1)) * -(-n // best.bn)
         split = best.split or (e8p.gemv_split(m, n, k // 8, best, sms)
-                               if best.dot == 0 and (k // 8) % 2 == 0
+                               if best.dot == 0 and best.paired and (k // 8) % 2 == 0
                                else e8p.auto_split(tiles, iters, sms))
         moved = nb + x.numel() * 2 + m * n * 2
         bpw = stored_bits(n, k, bits)

@@ -34,17 +34,17 @@ def _bin(name: str) -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_default(bits: int, m: int):
+def compile_default(bits: int, m: int, cfg=None):
     """(compiled kernel, config, weights one loop iteration decodes) for the default launch
-    of ``m`` rows at ``bits`` on the N x K layer."""
+    of ``m`` rows at ``bits`` on the N x K layer (or the launch ``cfg``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from kvant.kernels.triton import e8p
 
-    cfg = e8p.heuristic(m, bits)
-    if cfg.dot == 0 and hasattr(e8p, "e8p_gemv_kernel"):
+    cfg = cfg or e8p.heuristic(m, bits)
+    if cfg.dot == 0 and getattr(cfg, "paired", False):
         return _compile_gemv(e8p, cfg, bits, m)
     kb = K // 8
     bm = 16 if cfg.dot else 1
@@ -150,16 +150,17 @@ def opcode(ins: str) -> str:
     return ins.split()[0] if ins else ""
 
 
-def count(bits: int, m: int) -> dict:
-    """The main loop's counts for the default launch (module docstring)."""
-    compiled, cfg, weights = compile_default(bits, m)
+def count(bits: int, m: int, cfg=None) -> dict:
+    """The main loop's counts for the default launch (module docstring), or for ``cfg``."""
+    compiled, cfg, weights = compile_default(bits, m, cfg)
     body = main_loop(sass_lines(compiled.asm["cubin"]))
     ops = [opcode(x) for x in body]
     threads = 32 * cfg.warps
     return dict(bits=bits, batch=m, config=(f"dot {cfg.dot} bn {cfg.bn} bkb {cfg.bkb} "
                                             f"unpack {cfg.unpack} "
                                             f"{'table' if cfg.sign_table else 'computed'} "
-                                            f"w{cfg.warps} s{cfg.stages}"),
+                                            f"w{cfg.warps} s{cfg.stages}"
+                                            f"{' paired' if cfg.paired else ''}"),
                 loop=len(body), per_weight=round(len(body) * threads / weights, 3),
                 loads=sum(o.startswith(("LDG", "LDS", "LD.")) for o in ops),
                 hfma2=sum(o.startswith(("HFMA2", "HMUL2", "HADD2")) and ".F32" not in o

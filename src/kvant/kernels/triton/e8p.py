@@ -21,9 +21,11 @@ rows); three ways to turn table words into the dot's operand (``UNPACK``): even 
 halves as two products, halves joined back in column order, or the tables read as 16-bit
 values. Which is fastest is measured (benchmarks/codebook_kernel.py), not assumed.
 
-A CUDA-core launch (``dot`` 0) with an even number of codes a row runs the paired kernel of
-e8p_gemv.py instead (packed half-precision products, 3.75 instead of 8.8 sm_90 instructions
-a weight at 2 bits: benchmarks/e8p_sass_count.py); the CUDA-core form here takes the rest.
+A CUDA-core launch (``dot`` 0) with ``paired`` set and an even number of codes a row runs
+the paired kernel of e8p_gemv.py instead (packed half-precision products, 3.75 instead of
+8.8 sm_90 instructions a weight at 2 bits offline: benchmarks/e8p_sass_count.py; yet 30-70 %
+slower than the form here on the H200, benchmarks/results/codebook_kernel.md, so it is a
+tuning candidate, not the default).
 """
 
 from __future__ import annotations
@@ -298,7 +300,7 @@ def launch(x2: torch.Tensor, qweight: torch.Tensor, qweight_resid: Optional[torc
     if m == 0:
         return out
     absw, sgn = split_tables(tables, x2.dtype)
-    if cfg.dot == 0 and e8p_gemv.paired(x2, qweight, qweight_resid):
+    if cfg.dot == 0 and cfg.paired and e8p_gemv.paired(x2, qweight, qweight_resid):
         return e8p_gemv.launch(x2, qweight, qweight_resid, scales, tables, absw, bits, cfg,
                                out, counters)
     if cfg.unpack == 2:  # the same tables read as 16-bit values

@@ -15,7 +15,9 @@ class Config:
     along K (0: chosen from the SM count, :func:`auto_split`); ``sign_table``: the sign masks
     from the 128-row table (else computed); ``unpack`` how table words become the product's
     operand (0: even/odd halves, two products; 1: halves joined in column order; 2: the
-    tables read as 16-bit values, needs the sign table); Triton's warps and stages."""
+    tables read as 16-bit values, needs the sign table); Triton's warps and stages;
+    ``paired`` (dot 0 only): the paired CUDA-core kernel of e8p_gemv.py where the call allows
+    it (an even number of codes a row), else the CUDA-core form of e8p.py."""
 
     dot: int
     bn: int = 64
@@ -25,6 +27,7 @@ class Config:
     unpack: int = 0
     warps: int = 4
     stages: int = 2
+    paired: bool = False
 
 
 
@@ -39,30 +42,31 @@ def auto_split(tiles: int, iters: int, sms: int, most: int = 16) -> int:
 
 def heuristic(m: int, bits: int = 2) -> Config:
     """The default launch for ``m`` rows of x and ``bits``: the fastest candidate on the 8192²
-    layer in benchmarks/results/codebook_kernel.md (H200, 8d538da) for the tensor-core
-    forms: above 2 rows the weights as the tensor cores' A operand at BN 64, one stage (BKB
-    16 at 2 bits, 32 at 3-4). At 1-2 rows the paired CUDA-core kernel (e8p_gemv.py), BN
-    512 over 4 warps (4 rows a thread sharing x), chosen by the offline instruction count
-    (benchmarks/e8p_sass_count.py), not yet timed on a GPU; BKB, unpack and sign_table do
-    not apply to it."""
+    layer in benchmarks/results/codebook_kernel.md (H200): at 1-2 rows the CUDA-core form of
+    e8p.py, BN 32 (computed signs but at 3 bits; 8d538da: 33.4 / 55.4 / 53.5 µs at 2 / 3 / 4
+    bits, where the paired kernel of e8p_gemv.py, fewer instructions a weight offline, took
+    43.5 / 85.6 / 90.0 µs at its best tile on 2026-12-02, fbd6d40); above, the weights as
+    the tensor cores' A operand at BN 64, one stage (BKB 16 at 2 bits, 32 at 3-4)."""
     if m <= 2:
-        return Config(dot=0, bn=512, bkb=16, unpack=0, sign_table=False, warps=4, stages=2)
+        return Config(dot=0, bn=32, bkb=16, unpack=0, sign_table=bits == 3, warps=4, stages=2)
     return Config(dot=2, bn=64, bkb=16 if bits == 2 else 32, unpack=1, warps=4, stages=1)
 
 
-# (BN, BKB, unpack, sign table, warps, stages) of the CUDA-core form at 1-2 rows, which
-# runs the paired kernel (e8p_gemv.py: BKB, unpack and sign table unused there) whenever a
-# row has an even number of codes: BN a multiple of 32 x warps (each thread BN / (32·warps)
-# rows sharing x; offline sm_90 instructions a weight at 2/3/4 bits: 2 rows 3.97/5.66/7.38,
-# 4 rows 3.75/5.53/7.12, 8 rows 3.51/5.41/6.91 at 80-128 registers).
+# (BN, BKB, unpack, sign table, warps, stages, paired) of the CUDA-core forms at 1-2 rows:
+# e8p.py's (the measured default) and the paired kernel (e8p_gemv.py: BKB, unpack and sign
+# table unused there; BN a multiple of 32 x warps, each thread BN / (32·warps) rows sharing
+# x; offline sm_90 instructions a weight at 2/3/4 bits: 2 rows 3.97/5.66/7.38, 4 rows
+# 3.75/5.53/7.12, 8 rows 3.51/5.41/6.91 at 80-128 registers, yet slower on the H200).
 # (dot, BN, BKB, unpack, sign table, warps, stages): what tune() and the benchmark time. The
 # tensor-core forms pipeline the table gathers into shared memory (cp.async) at stages >= 2:
 # BN·BKB·32 bytes a stage and stage (74-140 KB at BN 128, BKB 16, 2-4 bits), so the large
 # tiles run at one stage. Offline compile for sm_90 (Triton 3.6's ptxas, as
 # scripts/kernel_ir.py does): every one fits in shared memory; at 3-4 bits BN 64 x BKB 32
 # spills a few hundred bytes.
-GEMV_TILES = ((512, 16, 0, False, 4, 2), (256, 16, 0, False, 2, 2), (1024, 16, 0, False, 8, 2),
-              (1024, 16, 0, False, 4, 2))
+GEMV_TILES = ((32, 16, 0, True, 4, 2, False), (64, 16, 0, True, 4, 2, False),
+              (64, 16, 2, True, 4, 2, False), (32, 16, 0, False, 4, 2, False),
+              (512, 16, 0, False, 4, 2, True), (256, 16, 0, False, 2, 2, True),
+              (1024, 16, 0, False, 8, 2, True), (1024, 16, 0, False, 4, 2, True))
 DOT_TILES = ((2, 64, 16, 1, True, 4, 1), (2, 64, 16, 1, True, 4, 2), (2, 64, 16, 2, True, 4, 2),
              (2, 128, 16, 1, True, 4, 2), (2, 128, 16, 1, True, 8, 2), (2, 256, 16, 1, True, 8, 2),
              (2, 64, 32, 1, True, 4, 1), (2, 64, 16, 1, False, 4, 2),
@@ -83,8 +87,8 @@ def candidates(m: int, bits: int = 2) -> list[Config]:
     x and ``bits``: tensor-core tiles whose shared memory (:func:`smem_estimate`) fits."""
     out = []
     if m <= 2:
-        out += [Config(dot=0, bn=bn, bkb=bkb, unpack=u, sign_table=st, warps=w, stages=sg)
-                for bn, bkb, u, st, w, sg in GEMV_TILES]
+        out += [Config(dot=0, bn=bn, bkb=bkb, unpack=u, sign_table=st, warps=w, stages=sg,
+                       paired=pr) for bn, bkb, u, st, w, sg, pr in GEMV_TILES]
     for d, bn, bkb, u, st, w, sg in DOT_TILES:
         cfg = Config(dot=d, bn=bn, bkb=bkb, unpack=u, sign_table=st, warps=w, stages=sg)
         if smem_estimate(cfg, bits) <= 200 * 1024:
