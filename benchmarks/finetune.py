@@ -140,8 +140,8 @@ def markdown(records: list[dict], title: str = "Fine-tuning after rounding on th
         f"Block settings: {json.dumps(b)}. End-to-end settings: {json.dumps(e)}.", "",
         f"Float perplexity: {flt['ppl']:.4f}.", "",
         "| method | bits | group | bits/weight | tuning | ppl | Δ ppl % | eval KL | "
-        "calib KL | tune s (block + e2e) |",
-        "|---|---|---|---|---|---|---|---|---|---|"]
+        "calib KL | tune s (block + e2e) | code, device |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {v: i for i, v in enumerate(VARIANTS)}
     for r in sorted(q, key=lambda r: (r["method"], -r["bits"], order[r["finetune"]])):
         lines.append(
@@ -149,7 +149,8 @@ def markdown(records: list[dict], title: str = "Fine-tuning after rounding on th
             f"| {r['bits_per_weight']:.3f} "
             f"| {r['finetune']} | {r['ppl']:.4f} | {100 * (r['ppl'] / flt['ppl'] - 1):+.1f} "
             f"| {r['kl']:.4f} | {r['calib_kl']:.4f} | "
-            f"{r['tune_seconds_block']:.0f} + {r['tune_seconds_e2e']:.0f} |")
+            f"{r['tune_seconds_block']:.0f} + {r['tune_seconds_e2e']:.0f} | "
+            f"{r['commit']}{'+dirty' if r['dirty'] else ''} {r['device']} |")
     lines += ["", footer]
     return "\n".join(lines) + "\n"
 
