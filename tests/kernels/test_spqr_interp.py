@@ -64,8 +64,12 @@ def test_spqr_kernel_matches_the_reference_in_the_interpreter():
     pytest.importorskip("triton")
     # (K, N, bits, group, stat_bits, stat rows, act-order, outlier fraction, M, dtype,
     #  tensor cores, BN, split): N tails (48 rows, BN 32), K tails (320, 192: padded chunks),
-    # uneven splits, outlier rows longer than the epilogue's tile (0.15: ~48 a row)
-    cases = [(320, 48, 3, 16, 3, 16, True, 0.02, 1, "float16", False, 32, 1),
+    # uneven splits, outlier rows longer than the epilogue's tile (0.15: ~48 a row); 3-bit K
+    # of 512 and 1536 end on a whole loop iteration but pad half a chunk (SmolLM2's 1536: the
+    # H200 found it reading x past K, 2026-12-02)
+    cases = [(512, 32, 3, 16, 3, 16, True, 0.01, 1, "float16", False, 32, 1),
+             (1536, 32, 3, 16, 3, 16, False, 0.0, 1, "float16", False, 32, 2),
+             (1536, 32, 3, 16, 3, 16, True, 0.01, 16, "float16", True, 32, 1),(320, 48, 3, 16, 3, 16, True, 0.02, 1, "float16", False, 32, 1),
              (320, 48, 3, 16, 3, 16, True, 0.02, 3, "bfloat16", False, 32, 2),
              (320, 48, 3, 16, 3, 16, True, 0.02, 16, "float16", True, 32, 1),
              (320, 48, 3, 32, 16, 16, False, 0.0, 3, "float16", True, 64, 1),

@@ -274,7 +274,9 @@ def launch(x2: torch.Tensor, p, cfg: Config, out: torch.Tensor | None = None) ->
         out.stride(0), cps, n_chunks, dispatch.MAGIC,
         BITS=p.bits, SG=p.stat_group_size, SHIFT=p.stat_shift,
         HAS_PERM=p.perm is not None, HAS_OUTL=p.outliers is not None, DOT=cfg.dot,
-        EVEN=k % sub == 0,
+        # whole iterations of real columns only: a 3-bit K of 512 mod 1024 pads half a chunk
+        # (two iterations of 512), whose x must read as zeros (q = 0 there, but z·s·Σx not)
+        EVEN=k == n_chunks * sub,
         SPLIT=split > 1, BN=cfg.bn, BM=bm, OC=8 if cfg.dot else 32, num_warps=cfg.warps,
         num_stages=cfg.stages)
     return out
