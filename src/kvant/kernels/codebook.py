@@ -21,12 +21,9 @@ where CUDA and Triton exist, importing this module registers the Triton kernel
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
-
-log = logging.getLogger(__name__)
 
 KERNEL_MAX_M = 16  # rows of x the Triton kernel takes; above, the reference (one matmul)
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # the tables' order of absolute tables
@@ -144,14 +141,10 @@ def prepare(device: torch.device, tables: Optional[torch.Tensor] = None) -> bool
 def _register_cuda() -> bool:
     """Register the Triton kernel as the op's CUDA implementation where CUDA and Triton
     exist. A CPU-only install never imports Triton."""
-    from kvant.kernels import triton as kt
+    from kvant.kernels.triton import kernel_module
 
-    if not kt.available():
-        return False
-    try:
-        from kvant.kernels.triton import e8p
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        log.warning("E8P Triton kernel not registered: %s", e)
+    e8p = kernel_module("e8p")
+    if e8p is None:
         return False
 
     @torch.library.register_kernel("kvant::e8p_linear", "cuda")

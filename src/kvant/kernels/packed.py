@@ -15,14 +15,12 @@ business (``QuantLinear.prepare``); nothing here caches anything per layer or pe
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
 
 from kvant.kernels.triton import repack as rp
 
-log = logging.getLogger(__name__)
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # the Triton kernels take 16-bit inputs
 
@@ -60,14 +58,10 @@ def _(x, qweight, scales, zeros, perm, bits, group_size, in_features, pairs, til
 def _register_cuda() -> bool:
     """Register the Triton kernels as the op's CUDA implementation where CUDA and Triton
     exist. A CPU-only install never imports Triton."""
-    from kvant.kernels import triton as kt
+    from kvant.kernels.triton import kernel_module
 
-    if not kt.available():
-        return False
-    try:
-        from kvant.kernels.triton import dispatch
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        log.warning("Triton kernels not registered: %s", e)
+    dispatch = kernel_module("dispatch")
+    if dispatch is None:
         return False
 
     @torch.library.register_kernel("kvant::wq_linear_packed", "cuda")

@@ -48,7 +48,6 @@ Typical total: 3 + 0.5 + 0.25 + 0.32 ≈ 4.07 bits read a weight (W4 g128's kern
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Optional
 
@@ -56,8 +55,6 @@ import torch
 
 from kvant.formats.packing import unpack
 from kvant.kernels.triton import repack as rp
-
-log = logging.getLogger(__name__)
 
 KERNEL_MAX_M = 16  # rows of x the kernel takes; above, dequantize once and one matmul
 # rows of x the CUDA-core form takes by default; above, tensor cores (sm_90 offline, 3 bits:
@@ -318,14 +315,10 @@ def apply(x: torch.Tensor, p: SpQRPacked, autotune: bool = False) -> torch.Tenso
 def _register_cuda() -> bool:
     """Register the Triton kernel as the op's CUDA implementation where CUDA and Triton
     exist. A CPU-only install never imports Triton."""
-    from kvant.kernels import triton as kt
+    from kvant.kernels.triton import kernel_module
 
-    if not kt.available():
-        return False
-    try:
-        from kvant.kernels.triton import spqr as ks
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        log.warning("SpQR Triton kernel not registered: %s", e)
+    ks = kernel_module("spqr")
+    if ks is None:
         return False
 
     @torch.library.register_kernel("kvant::spqr_linear", "cuda")

@@ -18,3 +18,20 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def kernel_module(name: str):
+    """``kvant.kernels.triton.<name>`` where the GPU kernels can run (:func:`available`),
+    else None; an import that fails there is logged once as a warning naming the module, so
+    the op keeps its reference implementation instead of breaking ``import kvant``."""
+    if not available():
+        return None
+    import importlib
+    import logging
+
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        logging.getLogger(__name__).warning("Triton kernel module %s not registered: %s",
+                                            name, e)
+        return None
