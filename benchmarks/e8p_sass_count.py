@@ -44,7 +44,8 @@ def compile_default(bits: int, m: int, cfg=None):
     from kvant.kernels.triton import e8p
 
     cfg = cfg or e8p.heuristic(m, bits)
-    if cfg.dot == 0 and getattr(cfg, "paired", False):
+    # a Config without ``paired`` (a worktree before 7372ba7) ran the paired kernel at dot 0
+    if cfg.dot == 0 and getattr(cfg, "paired", hasattr(e8p, "e8p_gemv_kernel")):
         return _compile_gemv(e8p, cfg, bits, m)
     kb = K // 8
     bm = 16 if cfg.dot else 1

@@ -71,7 +71,7 @@ def run_config(model, calib, ref, config, block_cfg, e2e_cfg, stamp, device, met
         t0 = time.perf_counter()
         report = kvant.quantize(q, config, calib, opts, mixed=mixed)
         q.to(compute)
-        plan = getattr(report, "plan", None)
+        plan = report.plan
         quant_s = time.perf_counter() - t0
         block_s = sum(b["finetune"]["seconds"] for b in report.blocks if "finetune" in b)
         q2 = copy.deepcopy(q)

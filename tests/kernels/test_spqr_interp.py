@@ -131,3 +131,9 @@ def test_unsupported_grids_stay_on_the_reference():
     assert lay.kernel_pack() is None
     x = torch.randn(2, 72)
     torch.testing.assert_close(lay(x), x @ lay.dequantized_weight().t())
+
+
+def test_the_kernels_scale_clamp_is_the_statistics_one():
+    from kvant.core.stats import MIN_SCALE
+
+    assert spk.MIN_SCALE == MIN_SCALE  # a copy: kernels import nothing from core

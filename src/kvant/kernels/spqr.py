@@ -61,7 +61,9 @@ KERNEL_MAX_M = 16  # rows of x the kernel takes; above, dequantize once and one 
 # ~9.1 instructions a weight and row on CUDA cores, ~14 a weight for all 16 rows with tl.dot)
 GEMV_MAX_M = 1
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-MIN_SCALE = 1e-8  # core.stats.MIN_SCALE: second-level scales are clamped to it
+# core.stats.MIN_SCALE, the clamp of second-level scales (kernels import nothing from core:
+# tests/kernels/test_kernels_dispatch.py)
+MIN_SCALE = 1e-8
 
 
 @dataclass
@@ -241,17 +243,28 @@ def dense_weight(p: SpQRPacked) -> torch.Tensor:
     return torch.empty_like(w).index_copy_(1, stored, w)
 
 
+def csr_matmul(x: torch.Tensor, rowptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
+               n: int) -> torch.Tensor:
+    """``x @ Sᵀ`` for a CSR matrix S (n, K): x (..., K) -> (..., n) in x's dtype.
+
+    Index-based reference (gather the columns, scatter-add into rows), float32 accumulation;
+    works on every device and for nnz == 0."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    out = torch.zeros(x2.shape[0], n, dtype=torch.float32, device=x.device)
+    if vals.numel():
+        counts = (rowptr[1:] - rowptr[:-1]).long()
+        rows = torch.repeat_interleave(torch.arange(n, device=x.device), counts)
+        contrib = x2[:, cols.long()].float() * vals.float()  # (B, nnz)
+        out.index_add_(1, rows, contrib)
+    return out.to(x.dtype).reshape(*lead, n)
+
+
 def outlier_product(x: torch.Tensor, outliers: torch.Tensor, rowptr: torch.Tensor,
                     n: int) -> torch.Tensor:
-    """``x @ Sᵀ`` float32 (..., n) from the packed outlier words."""
-    counts = (rowptr[1:] - rowptr[:-1]).long()
-    rows = torch.repeat_interleave(torch.arange(n, device=x.device), counts)
-    cols = (outliers & 0xFFFF).long()
-    vals = (outliers >> 16).to(torch.int16).view(torch.float16).float()
-    x2 = x.reshape(-1, x.shape[-1]).float()
-    out = torch.zeros(x2.shape[0], n, dtype=torch.float32, device=x.device)
-    out.index_add_(1, rows, x2[:, cols] * vals)
-    return out.reshape(*x.shape[:-1], n)
+    """``x @ Sᵀ`` (..., n) in x's dtype from the packed outlier words."""
+    vals = (outliers >> 16).to(torch.int16).view(torch.float16)
+    return csr_matmul(x, rowptr, outliers & 0xFFFF, vals, n)
 
 
 def _packed(qweight, stats, zeros, params, perm, outliers, rowptr, bits, group_size,
@@ -265,7 +278,7 @@ def reference(x: torch.Tensor, p: SpQRPacked) -> torch.Tensor:
     roundings of SpQRLinear.reference_product)."""
     y = torch.matmul(x, dense_weight(p).to(x.dtype).t())
     if p.outliers is not None:
-        y = y + outlier_product(x, p.outliers, p.rowptr, p.out_features).to(x.dtype)
+        y = y + outlier_product(x, p.outliers, p.rowptr, p.out_features)
     return y
 
 

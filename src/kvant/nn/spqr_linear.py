@@ -45,6 +45,7 @@ from kvant.core.stats import dequantize_stats
 from kvant.formats.packing import pack, packed_width, unpack
 from kvant.kernels import selfcheck
 from kvant.kernels import spqr as spk
+from kvant.kernels.spqr import csr_matmul
 from kvant.kernels.triton.repack import source_key
 from kvant.nn.qlinear import QuantLinear, _resolved
 
@@ -57,23 +58,6 @@ KERNEL_RTOL = 2e-2
 # the stored tensors the kernel layout is built from, in kernels.spqr.repack's order
 PACK_SOURCES = ("qweight", "perm", "scale_q", "zero_q", "scale_stats", "zero_stats", "scales",
                 "qzeros", "outlier_rowptr", "outlier_cols", "outlier_vals")
-
-def csr_matmul(x: torch.Tensor, rowptr: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor,
-               n: int) -> torch.Tensor:
-    """``x @ Sᵀ`` for a CSR matrix S (n, K): x (..., K) -> (..., n) in x's dtype.
-
-    Index-based reference (gather the columns, scatter-add into rows), float32 accumulation;
-    works on every device and for nnz == 0.
-    """
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    out = torch.zeros(x2.shape[0], n, dtype=torch.float32, device=x.device)
-    if vals.numel():
-        counts = (rowptr[1:] - rowptr[:-1]).long()
-        rows = torch.repeat_interleave(torch.arange(n, device=x.device), counts)
-        contrib = x2[:, cols.long()].float() * vals.float()  # (B, nnz)
-        out.index_add_(1, rows, contrib)
-    return out.to(x.dtype).reshape(*lead, n)
 
 
 def to_csr(mask: torch.Tensor, values: torch.Tensor, index_dtype: torch.dtype):

@@ -26,13 +26,12 @@ from kvant.kernels.triton import repack as rp
 from kvant.kernels.triton.gemm import dequant_kernel, wq_dot_kernel
 from kvant.kernels.triton.gemv import wq_gemv_kernel
 from kvant.kernels.triton.pairs import wq_dot_pairs_kernel
-from kvant.kernels.triton.planes import split_k_buffers
+from kvant.kernels.triton.planes import device_counters, split_k_buffers
 
 log = logging.getLogger(__name__)
 
 GEMV_MAX_M = 4  # rows of x the CUDA-core kernel takes (2/3/8 bits; 4 bits use tl.dot)
 DOT_MAX_M = 64  # 2/3/8 bits above: dequantize + cuBLAS (H200 tuning: dequant at 128)
-_COUNTER_SLOTS = 1 << 16  # split-K tile counters per device
 _SMEM_BUDGET = 200 * 1024  # bytes of pipelined tiles a program may keep in shared memory
 MAGIC = 0x4B000000  # float bits of 2**23, passed at run time (see planes.py)
 
@@ -164,7 +163,7 @@ def dot_warps(bn: int, bm: int) -> int:
 
 
 _TUNED: dict[tuple, Config] = {}
-_COUNTERS: dict[int, torch.Tensor] = {}
+_COUNTERS: dict[tuple, torch.Tensor] = {}
 
 
 def _bucket(m: int) -> int:
@@ -177,11 +176,7 @@ def _tune_key(m: int, p: rp.PackedWeight, dtype: torch.dtype) -> tuple:
 
 
 def _counters(device: torch.device) -> Optional[torch.Tensor]:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    cnt = _COUNTERS.get(idx)
-    if cnt is None and not torch.cuda.is_current_stream_capturing():
-        cnt = _COUNTERS[idx] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return cnt
+    return device_counters(_COUNTERS, device)
 
 
 def launch(x2: torch.Tensor, p: rp.PackedWeight, cfg: Config,

@@ -42,11 +42,10 @@ from kvant.kernels.triton.e8p_configs import (  # noqa: F401  (re-exported)
     DOT_TILES, GEMV_TILES, Config, auto_split, candidates, heuristic, smem_estimate)
 from kvant.kernels.triton import e8p_gemv
 from kvant.kernels.triton.e8p_gemv import e8p_gemv_kernel, gemv_split, resid_words  # noqa: F401
-from kvant.kernels.triton.planes import split_k_buffers, store_or_reduce
+from kvant.kernels.triton.planes import device_counters, split_k_buffers, store_or_reduce
 
 log = logging.getLogger(__name__)
 _MASK_HI = tl.constexpr(-2147450880)  # 0x80008000 as int32: bits 15 and 31
-_COUNTER_SLOTS = 1 << 16  # split-K tile counters per device
 _RESID_KIND = {None: 0, "e8p1": 1, "e8p": 2}
 
 
@@ -266,24 +265,10 @@ _COUNTERS: dict[tuple, torch.Tensor] = {}
 _TUNED: dict[tuple, Config] = {}
 
 
-def _dev_key(device: torch.device) -> tuple:
-    if device.type == "cuda" and device.index is None:
-        return ("cuda", torch.cuda.current_device())
-    return (device.type, device.index)
-
-
-def _capturing(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
 def counters(device: torch.device) -> Optional[torch.Tensor]:
     """The split-K tile counters of ``device`` (zeros; each launch leaves them at zero),
     made on first use outside graph capture (None during a capture that finds none)."""
-    idx = _dev_key(device)
-    cnt = _COUNTERS.get(idx)
-    if cnt is None and not _capturing(device):
-        cnt = _COUNTERS[idx] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return cnt
+    return device_counters(_COUNTERS, device)
 
 
 def launch(x2: torch.Tensor, qweight: torch.Tensor, qweight_resid: Optional[torch.Tensor],

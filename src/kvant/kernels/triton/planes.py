@@ -15,6 +15,22 @@ import triton
 import triton.language as tl
 
 
+COUNTER_SLOTS = 1 << 16  # split-K tile counters per device and kernel module
+
+
+def device_counters(registry: dict, device: torch.device) -> torch.Tensor | None:
+    """The split-K tile counters of ``device`` in ``registry`` (each kernel module keeps its
+    own, keyed by (type, index)): zeros, made on first use outside a CUDA-graph capture (every
+    launch leaves them at zero); None during a capture that finds none."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device.type, device.index)
+    cnt = registry.get(key)
+    if cnt is None and not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        cnt = registry[key] = torch.zeros(COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return cnt
+
+
 def split_k_buffers(split: int, per: int, total: int, tiles: int, out: torch.Tensor,
                     counters) -> tuple:
     """Host side of the split-K epilogue (:func:`store_or_reduce`): ``(split, per, cnt,

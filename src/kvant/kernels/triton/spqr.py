@@ -41,7 +41,8 @@ import triton.language as tl
 
 from kvant.kernels.spqr import GEMV_MAX_M, slots
 from kvant.kernels.triton import dispatch
-from kvant.kernels.triton.planes import plane_qz, split_k_buffers, store_or_reduce
+from kvant.kernels.triton.planes import (device_counters, plane_qz, split_k_buffers,
+                                         store_or_reduce)
 
 log = logging.getLogger(__name__)
 
@@ -284,20 +285,12 @@ def launch(x2: torch.Tensor, p, cfg: Config, out: torch.Tensor | None = None) ->
 
 _TUNED: dict[tuple, Config] = {}
 _COUNTERS: dict[tuple, torch.Tensor] = {}
-_COUNTER_SLOTS = 1 << 16  # split-K tile counters per device
 
 
 def counters(device: torch.device) -> torch.Tensor | None:
     """The split-K tile counters of ``device`` (zeros; each launch leaves them at zero), made
     on first use outside graph capture (None during a capture that finds none)."""
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    key = (device.type, device.index)
-    cnt = _COUNTERS.get(key)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if cnt is None and not capturing:
-        cnt = _COUNTERS[key] = torch.zeros(_COUNTER_SLOTS, dtype=torch.int32, device=device)
-    return cnt
+    return device_counters(_COUNTERS, device)
 
 
 def _key(m: int, p, dtype: torch.dtype) -> tuple:
