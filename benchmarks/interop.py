@@ -17,7 +17,9 @@ Each engine then runs in a subprocess of the Python that has it
 - vLLM (``--vllm-python``; CPU build, bf16): load, greedy tokens and the window tokens'
   log-probabilities (on a CPU without AVX-512 its int4 GEMM is missing and the forward
   fails after loading: the record keeps the message). Only the RTN grids: for loading, the
-  layout decides, not the rounding.
+  layout decides, not the rounding. Run weight-only (``VLLM_CPU_INT4_W4A8=0``): by default,
+  on a CPU with AMX, vLLM also rounds the activations to int8 per token (W4A8), which is
+  not the model the exports hold (on SmolLM2 it cost 0.02-0.05 nats of NLL, 2026-12-02).
 
 Writes ``interop.{json,md}`` (records per /work/shared/BENCHMARKS.md, interop schema).
 Exports, references and each engine's answer live in ``--work`` (outside the repository;
@@ -146,7 +148,9 @@ def run_engine(python: str, engine: str, export: str, ref_dir: Path, timeout: in
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     if engine == "vllm":
-        env.update(VLLM_TARGET_DEVICE="cpu", VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        # weight-only: with AMX, vLLM's CPU int4 linear quantizes activations unless told not to
+        env.update(VLLM_TARGET_DEVICE="cpu", VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                   VLLM_CPU_INT4_W4A8="0")
     cmd = [python, str(WORKER), engine, export, str(ref_dir)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -271,10 +275,11 @@ def md_table(records: list[dict], settings: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def avx512() -> bool:
-    """Whether this CPU has AVX-512 (vLLM's CPU int4 GEMM needs it)."""
+def cpu_flag(flag: str) -> bool:
+    """Whether this CPU has ``flag`` (``avx512f``: vLLM's CPU int4 GEMM needs it;
+    ``amx_tile``: bf16 products take another path, in torch and in vLLM)."""
     try:
-        return "avx512f" in Path("/proc/cpuinfo").read_text()
+        return flag in Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return False
 
@@ -319,7 +324,8 @@ def main() -> None:
     eval_s = (f"wikitext2 test, window 0 of {args.eval_len} tokens; greedy {NEW_TOKENS} "
               f"tokens after its first {PROMPT_TOKENS}")
     base = {"model": MODEL, "device": rec.device_name("cpu"), "date": rec.today(),
-            "cpu_avx512": avx512(), "calib": calib_s, "eval": eval_s, **prov}
+            "cpu_avx512": cpu_flag("avx512f"), "cpu_amx": cpu_flag("amx_tile"),
+            "calib": calib_s, "eval": eval_s, **prov}
     grids = prepare(args, load)
     if args.prepare_only:
         return
@@ -327,7 +333,8 @@ def main() -> None:
     out = Path(args.out)
     write_json(records, out / "interop.json")
     settings = (f"{rec.today()}, {base['device']} (AVX-512: "
-                f"{'yes' if base['cpu_avx512'] else 'no'}). Calibration: {calib_s}. Compared on: "
+                f"{'yes' if base['cpu_avx512'] else 'no'}, AMX: "
+                f"{'yes' if base['cpu_amx'] else 'no'}). Calibration: {calib_s}. Compared on: "
                 f"{eval_s}. Reference: kvant's own model (float32; float tensors kept in "
                 "float32, the exports hold them in float16). GPTQ without act-order. Where the fp32 "
                 "reader differs from kvant: the float tensors (embeddings, norms) are stored in "

@@ -147,6 +147,10 @@ def run_vllm(export: Path, ref: dict, ref_weights: dict, res: dict) -> None:
     res["loads"] = True
     # the kernel it picked is in its log (stderr), read by the caller
     res["note"] = f"quantization {llm.llm_engine.model_config.quantization}"
+    from vllm import envs
+
+    if envs.VLLM_CPU_INT4_W4A8 and torch.cpu._is_amx_tile_supported():
+        res["note"] += ", int8 activations (VLLM_CPU_INT4_W4A8)"  # its int4 linear's default
     n = ref["greedy"].shape[1]
     params = SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n)
     out = llm.generate([{"prompt_token_ids": ref["prompt"][0].tolist()}], params)
