@@ -173,8 +173,10 @@ def kvant_file(src_f32: Path, dst: Path, gtype: str, method: str, embed_type: st
     # "awq+gptq" rounds AWQ's scaled weights with GPTQ
     if method not in METHODS:
         raise SystemExit(f"unknown method {method!r}; one of {list(METHODS)}")
-    cfg = GPTQConfig(grid=grid) if method == "gptq" else AWQConfig(
-        grid=grid, scale_unfoldable=False, rounding="gptq" if method == "awq+gptq" else "rtn")
+    sink = {} if args.sink_weight is None else {"sink_weight": args.sink_weight}
+    cfg = GPTQConfig(grid=grid, **sink) if method == "gptq" else AWQConfig(
+        grid=grid, scale_unfoldable=False, rounding="gptq" if method == "awq+gptq" else "rtn",
+        **sink)
     t0 = time.time()
     kvant.quantize(model, cfg, calib, EngineOptions(device="cpu", show_progress=False))
     secs = time.time() - t0
@@ -212,6 +214,8 @@ def main() -> None:
     p.add_argument("--prior", default=None, help="an earlier run's gguf_quality.json: its "
                    "kvant rows join the table when scored on as many windows")
     p.add_argument("--no-float", action="store_true", help="leave the F32 file unscored")
+    p.add_argument("--sink-weight", type=float, default=None,
+                   help="kvant's configs get this sink_weight (WalkConfig; default: theirs)")
     p.add_argument("--allow-dirty", action="store_true")
     args = p.parse_args()
     if args.worker:
@@ -269,13 +273,14 @@ def main() -> None:
                     f", imatrix from {calib}" if im else ", no imatrix"))))
         for method in [m for m in args.methods.split(",") if m]:
             embed_type = tensor_types(work / f"llamacpp-{gtype}.gguf")["token_embd.weight"]
-            kv = work / f"kvant-{method}-{gtype}.gguf"
-            key = f"kvant:{method}:{gtype}:{cal}"
+            label = method if args.sink_weight is None else f"{method} sink{args.sink_weight:g}"
+            kv = work / f"kvant-{label.replace(' ', '-')}-{gtype}.gguf"
+            key = f"kvant:{label}:{gtype}:{cal}"
             if args.files_only:
                 step(key, lambda: kvant_file(f32, kv, gtype, method, embed_type, args))
             info = step(key)  # made by a --files-only run beside this one, or not yet
             files.append((kv, dict(
-                gguf_type=gtype, method=method, quantizer="kvant", calib=calib, **(info or {}),
+                gguf_type=gtype, method=label, quantizer="kvant", calib=calib, **(info or {}),
                 embed=f"token_embd {embed_type} (llama.cpp's choice, rounded to nearest)")))
     if not args.no_float:
         files.append((f32, dict(

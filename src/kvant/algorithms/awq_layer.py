@@ -29,7 +29,8 @@ class AWQLayer(LayerQuantizer):
         self.acc = None
         if config.rounding == "gptq" or config.outlier_budget > 0:
             from kvant.core.hessian import HessianAccumulator
-            self.acc = HessianAccumulator(weight.shape[1], weight.device)
+            self.acc = HessianAccumulator(weight.shape[1], weight.device,
+                                          sink_weight=config.sink_weight)
 
     def observe(self, x: torch.Tensor) -> None:
         if self.acc is not None:
