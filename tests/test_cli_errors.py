@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from kvant import cli, cli_quantize
+from kvant.config import ConfigError
 from kvant.model.nanogpt import GPTConfig, GPTLanguageModel, embedded_text
 
 TINY = GPTConfig(vocab_size=65, n_embd=32, n_head=2, n_layer=2, block_size=32, dropout=0.0)
@@ -73,6 +74,8 @@ QUANT = ["quantize", "tiny", "--out", "out", "--method", "gptq", "--group-size",
     (["--option", "bits=3", "--option", "bits=2"], "'bits' is set twice"),
     (["--bits", "3", "--option", "bits=2"], "'bits' is set twice"),
     (["--option", "damp_percent=nan"], "damp_percent must be a finite number, got nan"),
+    (["--sink-weight", "0.5"], "sink_weight must be a finite number >= 1, got 0.5"),
+    (["--sink-weight", "inf"], "sink_weight must be a finite number, got inf"),
     (["--option", "ignore=nothere"], r"\['nothere'\] match no linear layer"),
     (["--option", "bits"], "--option 'bits': expected key=value"),
     (["--bits", "5"], r"bits must be one of \(2, 3, 4, 8\), got 5"),
@@ -108,6 +111,13 @@ def test_unset_flags_keep_the_method_defaults():
     assert (spqr.bits, spqr.group_size, spqr.act_order) == (3, 16, True)
     gptq = cli_quantize.config_from_args(p.parse_args(["quantize", "m", "--out", "o", "--method", "gptq"]))
     assert (gptq.bits, gptq.group_size, gptq.sym) == (4, 128, False)
+    assert gptq.sink_weight == 1.0
+    sunk = cli_quantize.config_from_args(p.parse_args(["quantize", "m", "--out", "o", "--method",
+                                                       "gptq", "--sink-weight", "64"]))
+    assert sunk.sink_weight == 64.0
+    with pytest.raises(ConfigError, match="--sink-weight does not apply to method 'rtn'"):
+        cli_quantize.config_from_args(p.parse_args(["quantize", "m", "--out", "o", "--method",
+                                                    "rtn", "--sink-weight", "64"]))
     set_ = cli_quantize.config_from_args(p.parse_args(["quantize", "m", "--out", "o", "--method", "spqr",
                                                "--bits", "4", "--group-size", "32"]))
     assert (set_.bits, set_.group_size) == (4, 32)

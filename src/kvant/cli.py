@@ -187,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-true-sequential", dest="true_sequential", action="store_const",
                    const=False, default=None)
     q.add_argument("--damp-percent", type=float, default=None)
+    q.add_argument("--sink-weight", type=float, default=None,
+                   help="how many times the first token of each calibration window counts in "
+                        "the layer Hessians (GPTQ, QuIP, SpQR, AWQ's GPTQ rounding; default 1): "
+                        "a decoder's attention sink, which GPTQ otherwise rounds carelessly")
     q.add_argument("--grid", default=None,
                    help="'int' (default: kvant's integer grid of --bits/--group-size) or "
                         "'gguf:TYPE' (Q4_0, Q4_1, Q8_0, Q4_K, Q3_K, Q2_K, Q6_K): round on "
