@@ -211,6 +211,9 @@ def main() -> None:
     p.add_argument("--no-imatrix", action="store_true", help="no llama.cpp imatrix files")
     p.add_argument("--imatrix-refs-only", action="store_true",
                    help="of llama.cpp's files, only those with an imatrix")
+    p.add_argument("--no-refs", action="store_true",
+                   help="make llama.cpp's files (kvant copies their token_embd type) but "
+                        "score kvant's only (the references come from another run)")
     p.add_argument("--prior", default=None, help="an earlier run's gguf_quality.json: its "
                    "kvant rows join the table when scored on as many windows")
     p.add_argument("--no-float", action="store_true", help="leave the F32 file unscored")
@@ -267,6 +270,8 @@ def main() -> None:
             info = step(f"ref:{gtype}{tag}", lambda: call_worker(
                 args.llama_python, "quantize", src=str(f32), dst=str(ref), ftype=ftype,
                 imatrix=str(im) if im else None))
+            if args.no_refs:
+                continue
             files.append((ref, dict(
                 gguf_type=gtype, method=f"llama.cpp{tag}", quantizer="llama.cpp",
                 engine_version=info["version"], reference=f"llama_model_quantize {name}" + (
