@@ -393,15 +393,16 @@ def _write(records: list, out: Path) -> None:
              "and with an importance matrix (llama-imatrix's statistic, mean x² per input "
              "column, from a float forward of kvant's calibration samples: llama-cpp-python "
              "ships no llama-imatrix program).", "",
-             "| type | file | ppl | MiB | tensor types (token_embd and matrices) |",
-             "|---|---|---|---|---|"]
+             "| type | file | ppl | MiB | tensor types (token_embd and matrices) | code, device |",
+             "|---|---|---|---|---|---|"]
     for r in records:
         who = "float (F32)" if r["method"] == "float" else (
             f"kvant {r['method'].upper()}" if r["quantizer"] == "kvant" else r["method"])
         if r.get("earlier_run"):
             who += f" (earlier run: {r['commit']}{'+dirty' if r['dirty'] else ''}, {r['date']})"
         lines.append(f"| {r['gguf_type']} | {who} | {r['ppl']:.4f} | {mb(r['bytes'])} | "
-                     f"{_fmt_types(r['tensor_types'])} |")
+                     f"{_fmt_types(r['tensor_types'])} | {r['commit']}"
+                     f"{'+dirty' if r['dirty'] else ''} {r['device']} |")
     old = [f"{r['gguf_type']} {r['earlier_ppl_reference']:.4f}" for r in records
            if r.get("earlier_run") and r.get("earlier_ppl_reference") is not None]
     if old:
