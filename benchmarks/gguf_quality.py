@@ -397,7 +397,7 @@ def _write(records: list, out: Path) -> None:
              "|---|---|---|---|---|---|"]
     for r in records:
         who = "float (F32)" if r["method"] == "float" else (
-            f"kvant {r['method'].upper()}" if r["quantizer"] == "kvant" else r["method"])
+            f"kvant {_label(r['method'])}" if r["quantizer"] == "kvant" else r["method"])
         if r.get("earlier_run"):
             who += f" (earlier run: {r['commit']}{'+dirty' if r['dirty'] else ''}, {r['date']})"
         lines.append(f"| {r['gguf_type']} | {who} | {r['ppl']:.4f} | {mb(r['bytes'])} | "
@@ -415,6 +415,12 @@ def _write(records: list, out: Path) -> None:
               f"llama-cpp-python {r0['engine_version']}. Code and device: {r0['commit']}"
               f"{'+dirty' if r0['dirty'] else ''} {r0['device']}, {r0['date']}."]
     (out / "gguf_quality.md").write_text("\n".join(lines) + "\n")
+
+
+def _label(method: str) -> str:
+    """'awq+gptq' -> 'AWQ+GPTQ'; 'gptq sink128' -> 'GPTQ, sink_weight 128'."""
+    name, _, rest = method.partition(" ")
+    return name.upper() + (f", sink_weight {rest[4:]}" if rest.startswith("sink") else "")
 
 
 def _fmt_types(c: dict) -> str:
