@@ -65,8 +65,9 @@ def test_block_tuning_lowers_kl_and_keeps_codes(small, method, target):
     cls = kvant.RTNConfig if method == "rtn" else kvant.GPTQConfig
     config = cls(bits=2, group_size=64)
     plain, _ = _quantized(model, config, calib)
+    # 32 steps: at 16, GPTQ's block 0 fell by 0.907 on an AMX CPU (0.73 at 32), too near 0.9
     tuned, report = _quantized(model, config, calib,
-                               TuneConfig(steps=16, lr=1e-2, target=target))
+                               TuneConfig(steps=32, lr=1e-2, target=target))
     for b in report.blocks:  # each block's output error fell on its calibration inputs
         ft = b["finetune"]
         assert ft["target"] == target
