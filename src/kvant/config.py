@@ -180,7 +180,7 @@ class WalkConfig(MethodConfig):
     act_order: quantize columns in order of decreasing diag(H); stores ``g_idx``.
     true_sequential: calibrate a block's Linears in order, later ones on quantized earlier ones.
     sink_weight: how many times the first token of every calibration window counts in the
-        layer Hessians (>= 1; kvant.core.hessian.sink_weighted says why it matters).
+        layer Hessians (>= 1; kvant.core.hessian.sink_gram says why it matters).
     """
 
     damp_percent: float = 0.01
@@ -195,8 +195,8 @@ def _check_walk(cfg: WalkConfig) -> None:
         raise ConfigError(f"damp_percent must be in (0, 1), got {cfg.damp_percent!r}")
     if type(cfg.block_size) is not int or cfg.block_size <= 0:  # noqa: E721 (bool is no size)
         raise ConfigError(f"block_size must be a positive int, got {cfg.block_size!r}")
-    w = cfg.sink_weight
-    if isinstance(w, bool) or not isinstance(w, (int, float)) or not (1 <= w < float("inf")):
+    w = cfg.sink_weight  # non-finite floats were refused by _check_floats
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 1:
         raise ConfigError(f"sink_weight must be a finite number >= 1, got {w!r}")
     for name in ("act_order", "true_sequential", "static_groups"):
         if not isinstance(getattr(cfg, name, False), bool):

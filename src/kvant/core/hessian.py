@@ -63,24 +63,32 @@ def gram(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return x.t() @ x
 
 
-def sink_weighted(x: torch.Tensor, rows: torch.Tensor, sink_weight: float) -> torch.Tensor:
-    """``rows`` (M, K), the input ``x`` (..., T, K) flattened, with the rows of position 0
-    of every window scaled by ``sqrt(sink_weight)``, so that in ``Σ x xᵀ`` the first token
-    of a window counts ``sink_weight`` times. ``rows`` itself when the weight is 1 or ``x``
-    has no position axis (a 2-D input: routed expert tokens, whose positions are unknown).
+def first_positions(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+    """The rows (B, K) of position 0 of every window of the input ``x`` (..., T, K), taken
+    from ``rows`` (x flattened to (M, K)); None when ``x`` has no position axis (a 2-D input:
+    routed expert tokens, whose positions are unknown) or windows of one token."""
+    if x.dim() < 3 or x.shape[-2] < 2:
+        return None
+    return rows.view(-1, x.shape[-2], rows.shape[-1])[:, 0]
+
+
+def sink_gram(x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype,
+              sink_weight: float = 1.0) -> torch.Tensor:
+    """``Σ x xᵀ`` (K, K) over ``rows`` with the first position of every window counted
+    ``sink_weight`` times: ``rowsᵀ rows + (w - 1) x₀ᵀ x₀`` (a (B, K) correction, so the
+    (M, K) rows are never copied). Without positions (:func:`first_positions`) plain.
 
     Why: a decoder turns the first token of every sequence into an attention sink (huge
     activations, attended to by every later query); it is 1 row in T of the calibration
     statistics, so an unweighted Hessian lets GPTQ move error onto its direction, which the
     whole sequence then reads (measured on SmolLM2: ~10× the position-0 error of plain
-    rounding in the attention projections, at no gain in perplexity).
+    rounding in the attention projections, and a worse perplexity; docs/METHODS.md).
     """
-    if sink_weight == 1.0 or x.dim() < 3 or x.shape[-2] < 2:
-        return rows
-    t = x.shape[-2]
-    w = torch.ones(t, 1, device=rows.device, dtype=rows.dtype)
-    w[0] = sink_weight ** 0.5
-    return (rows.view(-1, t, rows.shape[-1]) * w).view(-1, rows.shape[-1])
+    g = gram(rows, dtype)
+    x0 = first_positions(x, rows) if sink_weight != 1.0 else None
+    if x0 is not None:
+        g = g.add_(gram(x0, dtype), alpha=sink_weight - 1.0)
+    return g
 
 
 class HessianAccumulator:
@@ -89,7 +97,7 @@ class HessianAccumulator:
     ``add(x)`` takes inputs of any leading shape (..., k); ``n`` counts rows (tokens).
     H lives on ``device`` in ``dtype`` (float32, or float64 for the float64 option).
     ``sink_weight``: how many times the first position of each window counts
-    (:func:`sink_weighted`; inputs (..., T, k) only).
+    (:func:`sink_gram`; inputs (..., T, k) only).
     """
 
     def __init__(self, k: int, device: torch.device | str | None = None,
@@ -117,8 +125,7 @@ class HessianAccumulator:
         """Accumulate inputs ``x`` (..., k)."""
         rows = self.rows(x)
         if rows.shape[0]:
-            self.add_gram(gram(sink_weighted(x, rows, self.sink_weight), self.dtype),
-                          rows.shape[0])
+            self.add_gram(sink_gram(x, rows, self.dtype, self.sink_weight), rows.shape[0])
 
     def add_shared(self, x: torch.Tensor, grams: "SharedGram") -> None:
         """Accumulate inputs ``x`` (..., k), taking ``xᵀx`` from ``grams``: computed once for
@@ -169,12 +176,12 @@ class SharedGram:
     def gram(self, x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype,
              sink_weight: float = 1.0) -> torch.Tensor:
         """``rowsᵀ rows`` (K, K) of the input ``x`` (rows = x as (M, K) on the compute
-        device; the first position weighted by ``sink_weight``, :func:`sink_weighted`),
+        device; the first position weighted by ``sink_weight``, :func:`sink_gram`),
         reused when the previous call saw the very same tensor object."""
         memo = self._memo
         if memo is not None and memo[0] is x and memo[1] == (dtype, sink_weight):
             return memo[2]
-        g = gram(sink_weighted(x, rows, sink_weight), dtype)
+        g = sink_gram(x, rows, dtype, sink_weight)
         self._memo = (x, (dtype, sink_weight), g)
         return g
 
