@@ -119,7 +119,7 @@ def config_key(config_dict: dict) -> str:
 
 def config_label(cfg: MethodConfig) -> str:
     """The method's name plus the options that make it a variant (``gptq-actorder``,
-    ``awq+gptq``, ``rot+rtn``, ``rtn+outliers``, ``-clip``, ``-sym``)."""
+    ``awq+gptq``, ``rot+rtn``, ``rtn+outliers``, ``-clip``, ``-sym``, ``-sink128``)."""
     name = cfg.method
     rounding, base = getattr(cfg, "rounding", None), getattr(cfg, "base", None)
     if name == "awq" and rounding == "gptq":
@@ -134,6 +134,9 @@ def config_label(cfg: MethodConfig) -> str:
         name += "-clip"
     if cfg.sym:
         name += "-sym"
+    sink = getattr(cfg, "sink_weight", 1.0)
+    if sink != 1.0:  # the attention-sink weight of the Hessian (WalkConfig)
+        name += f"-sink{sink:g}"
     return name
 
 

@@ -334,3 +334,14 @@ def test_nanogpt_tables_script_is_kvant_bench_in_the_tables_format(tmp_path, mon
     assert len(again) == 3 and again[1:] != recs[1:]  # replaced (timings differ), not added
     assert [r["ppl"] for r in again] == pytest.approx([r["ppl"] for r in recs], rel=1e-6)
     sys.modules.pop("nanogpt_tables", None)
+
+
+def test_config_label_names_the_variant_options():
+    """Rows of one method that differ in a variant option get different labels."""
+    from kvant.bench import config_label
+    from kvant.algorithms.registry import config_from_spec
+
+    assert config_label(config_from_spec("gptq:bits=4,act_order=true")) == "gptq-actorder"
+    assert config_label(config_from_spec("gptq:bits=4,sink_weight=128")) == "gptq-sink128"
+    assert config_label(config_from_spec("quip:bits=3,sink_weight=2.5")) == "quip-sink2.5"
+    assert config_label(config_from_spec("awq:bits=4,rounding=gptq")) == "awq+gptq"
