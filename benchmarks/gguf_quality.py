@@ -125,7 +125,7 @@ def _calib(tok, args):
     import kvant
 
     return kvant.calibration_data(tok, "c4", n_samples=args.n_calib, seq_len=args.seq_len,
-                                  seed=0, calib_file=args.calib_file)
+                                  seed=args.calib_seed, calib_file=args.calib_file)
 
 
 def write_imatrix(src_f32: Path, dst: Path, args) -> dict:
@@ -174,15 +174,19 @@ def kvant_file(src_f32: Path, dst: Path, gtype: str, method: str, embed_type: st
     if method not in METHODS:
         raise SystemExit(f"unknown method {method!r}; one of {list(METHODS)}")
     sink = {} if args.sink_weight is None else {"sink_weight": args.sink_weight}
+    if args.sink_max_share is not None:
+        sink["sink_max_share"] = args.sink_max_share
     cfg = GPTQConfig(grid=grid, **sink) if method == "gptq" else AWQConfig(
         grid=grid, scale_unfoldable=False, rounding="gptq" if method == "awq+gptq" else "rtn",
         **sink)
     t0 = time.time()
-    kvant.quantize(model, cfg, calib, EngineOptions(device="cpu", show_progress=False))
+    kvant.quantize(model, cfg, calib, EngineOptions(device=args.device, show_progress=False))
     secs = time.time() - t0
+    model.to("cpu")
     kvant.export_gguf(model, dst, type=gtype, source_gguf=src_f32, embed_type=embed_type,
                       overwrite=True)
-    return {"quant_seconds": round(secs, 1)}
+    return {"quant_seconds": round(secs, 1), "quant_device": args.device,
+            "config": cfg.to_dict()}
 
 
 def main() -> None:
@@ -208,6 +212,8 @@ def main() -> None:
     p.add_argument("--work", default="/tmp/kvant-gguf-quality", help="files and cached steps")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     p.add_argument("--files-only", action="store_true", help="make the files, score nothing")
+    p.add_argument("--table-only", action="store_true",
+                   help="write the tables from the cached scores, score nothing")
     p.add_argument("--no-imatrix", action="store_true", help="no llama.cpp imatrix files")
     p.add_argument("--imatrix-refs-only", action="store_true",
                    help="of llama.cpp's files, only those with an imatrix")
@@ -219,6 +225,11 @@ def main() -> None:
     p.add_argument("--no-float", action="store_true", help="leave the F32 file unscored")
     p.add_argument("--sink-weight", type=float, default=None,
                    help="kvant's configs get this sink_weight (WalkConfig; default: theirs)")
+    p.add_argument("--sink-max-share", type=float, default=None,
+                   help="and this sink_max_share (default: the config's)")
+    p.add_argument("--calib-seed", type=int, default=0,
+                   help="calibration sample seed, of kvant and the imatrix (for a seed spread)")
+    p.add_argument("--device", default="cpu", help="where kvant quantizes (cpu, cuda)")
     p.add_argument("--allow-dirty", action="store_true")
     args = p.parse_args()
     if args.worker:
@@ -255,8 +266,8 @@ def main() -> None:
         return {"bytes": f32.stat().st_size}
 
     step("f32", write_f32)
-    cal = f"{args.n_calib}x{args.seq_len}"
-    calib = f"c4 {cal} seed 0"
+    cal = f"{args.n_calib}x{args.seq_len}" + (f"s{args.calib_seed}" if args.calib_seed else "")
+    calib = f"c4 {args.n_calib}x{args.seq_len} seed {args.calib_seed}"
     imat = work / f"imatrix-{cal}.npz"
     if not args.no_imatrix:
         step(f"imatrix:{cal}", lambda: write_imatrix(f32, imat, args))
@@ -266,8 +277,10 @@ def main() -> None:
         name, ftype = LLAMA_FTYPES[gtype]
         variants = (("", None),) + ((("+imatrix", imat),) if not args.no_imatrix else ())
         for tag, im in variants[1:] if args.imatrix_refs_only else variants:
-            ref = work / f"llamacpp{tag.replace('+', '-')}-{gtype}.gguf"
-            info = step(f"ref:{gtype}{tag}", lambda: call_worker(
+            seeded = tag and args.calib_seed  # an imatrix file depends on the calibration
+            sfx = f"-s{args.calib_seed}" if seeded else ""
+            ref = work / f"llamacpp{tag.replace('+', '-')}{sfx}-{gtype}.gguf"
+            info = step(f"ref:{gtype}{tag}{sfx}", lambda: call_worker(
                 args.llama_python, "quantize", src=str(f32), dst=str(ref), ftype=ftype,
                 imatrix=str(im) if im else None))
             if args.no_refs:
@@ -279,7 +292,10 @@ def main() -> None:
         for method in [m for m in args.methods.split(",") if m]:
             embed_type = tensor_types(work / f"llamacpp-{gtype}.gguf")["token_embd.weight"]
             label = method if args.sink_weight is None else f"{method} sink{args.sink_weight:g}"
-            kv = work / f"kvant-{label.replace(' ', '-')}-{gtype}.gguf"
+            if args.sink_weight is not None and args.sink_max_share is not None:
+                label += f" share{args.sink_max_share:g}"
+            sfx = f"-s{args.calib_seed}" if args.calib_seed else ""
+            kv = work / f"kvant-{label.replace(' ', '-')}{sfx}-{gtype}.gguf"
             key = f"kvant:{label}:{gtype}:{cal}"
             if args.files_only:
                 step(key, lambda: kvant_file(f32, kv, gtype, method, embed_type, args))
@@ -318,6 +334,8 @@ def score(args, files, step, rec, prov, work, cal) -> None:
         ready = [(f, x) for f, x in files if f.exists() and
                  (x["quantizer"] != "kvant" or step(f"kvant:{x['method']}:{x['gguf_type']}:{cal}"))]
         _write(_records(ready, done, args, rec, prov, work, cal), Path(args.out))
+        if args.table_only:
+            return
         k, n_shards = map(int, args.shard.split("/"))
         todo = [(len(done(f)), i, f) for i, (f, _) in enumerate(ready)
                 if len(done(f)) * args.chunk < args.windows and i % n_shards == k]
@@ -418,9 +436,15 @@ def _write(records: list, out: Path) -> None:
 
 
 def _label(method: str) -> str:
-    """'awq+gptq' -> 'AWQ+GPTQ'; 'gptq sink128' -> 'GPTQ, sink_weight 128'."""
-    name, _, rest = method.partition(" ")
-    return name.upper() + (f", sink_weight {rest[4:]}" if rest.startswith("sink") else "")
+    """'awq+gptq' -> 'AWQ+GPTQ'; 'gptq sink128 share0.2' -> 'GPTQ, sink_weight 128,
+    sink_max_share 0.2'."""
+    name, *opts = method.split(" ")
+    names = {"sink": "sink_weight", "share": "sink_max_share"}
+    out = [name.upper()]
+    for o in opts:
+        key = next((k for k in names if o.startswith(k)), None)
+        out.append(f"{names[key]} {o[len(key):]}" if key else o)
+    return ", ".join(out)
 
 
 def _fmt_types(c: dict) -> str:

@@ -135,8 +135,11 @@ def config_label(cfg: MethodConfig) -> str:
     if cfg.sym:
         name += "-sym"
     sink = getattr(cfg, "sink_weight", 1.0)
-    if sink != 1.0:  # the attention-sink weight of the Hessian (WalkConfig)
+    if sink != 1.0:  # the attention-sink weight of the Hessian (WalkConfig) and its cap
         name += f"-sink{sink:g}"
+        share = getattr(cfg, "sink_max_share", 0.2)
+        if share != 0.2:
+            name += f"-share{share:g}"
     return name
 
 

@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how many times the first token of each calibration window counts in "
                         "the layer Hessians (GPTQ, QuIP, SpQR, AWQ's GPTQ rounding; default 1): "
                         "a decoder's attention sink, which GPTQ otherwise rounds carelessly")
+    q.add_argument("--sink-max-share", type=float, default=None,
+                   help="with --sink-weight: the most of a layer's Hessian trace the weighted "
+                        "first tokens may take (default 0.2); layers whose input the sink "
+                        "already dominates keep it at weight 1")
     q.add_argument("--grid", default=None,
                    help="'int' (default: kvant's integer grid of --bits/--group-size) or "
                         "'gguf:TYPE' (Q4_0, Q4_1, Q8_0, Q4_K, Q3_K, Q2_K, Q6_K): round on "

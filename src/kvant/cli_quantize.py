@@ -21,7 +21,8 @@ def config_from_args(args):
     fields: dict = {}
     known = {f.name for f in dataclasses.fields(cls)}
     for name in ("bits", "group_size", "sym", "clip", "act_order", "static_groups",
-                 "damp_percent", "sink_weight", "true_sequential", "quantize_head", "grid"):
+                 "damp_percent", "sink_weight", "sink_max_share",
+                 "true_sequential", "quantize_head", "grid"):
         val = getattr(args, name)
         if val is not None:
             if name not in known:

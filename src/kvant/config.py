@@ -181,6 +181,8 @@ class WalkConfig(MethodConfig):
     true_sequential: calibrate a block's Linears in order, later ones on quantized earlier ones.
     sink_weight: how many times the first token of every calibration window counts in the
         layer Hessians (>= 1; kvant.core.hessian.sink_gram says why it matters).
+    sink_max_share: the most of a layer's Hessian trace the weighted first tokens may take,
+        in (0, 1]; where they already hold more, their weight stays 1 (docs/METHODS.md).
     """
 
     damp_percent: float = 0.01
@@ -188,6 +190,7 @@ class WalkConfig(MethodConfig):
     act_order: bool = False
     true_sequential: bool = True
     sink_weight: float = 1.0
+    sink_max_share: float = 0.2
 
 
 def _check_walk(cfg: WalkConfig) -> None:
@@ -198,6 +201,9 @@ def _check_walk(cfg: WalkConfig) -> None:
     w = cfg.sink_weight  # non-finite floats were refused by _check_floats
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 1:
         raise ConfigError(f"sink_weight must be a finite number >= 1, got {w!r}")
+    s = cfg.sink_max_share
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1:
+        raise ConfigError(f"sink_max_share must be a number in (0, 1], got {s!r}")
     for name in ("act_order", "true_sequential", "static_groups"):
         if not isinstance(getattr(cfg, name, False), bool):
             raise ConfigError(f"{name} must be a bool, got {getattr(cfg, name)!r}")

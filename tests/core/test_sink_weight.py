@@ -74,3 +74,52 @@ def test_gptq_keeps_the_sink_token_accurate():
     assert sink1 > 2 * rest1  # the failure being fixed
     assert sink16 < 0.3 * sink1
     assert rest16 < 1.3 * rest1
+
+
+def _windows_with_sink(scale: float, seed: int = 3):
+    """(windows, T, K) inputs whose first position is ``scale`` times a typical token in one
+    channel (a massive activation when scale is large)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 16, 8, generator=g, dtype=torch.float64)
+    x[:, 0] = 0.1 * x[:, 0]
+    x[:, 0, 0] = scale
+    return x
+
+
+def test_sink_weight_is_capped_at_its_share_of_the_trace():
+    x = _windows_with_sink(1.0)
+    x0, rest = x[:, 0].reshape(-1, 8), x[:, 1:].reshape(-1, 8)
+    t0, tr = float(x0.square().sum()), float(rest.square().sum())
+    for share in (0.05, 0.2):
+        acc = HessianAccumulator(8, dtype="float64", sink_weight=1e4, sink_max_share=share)
+        acc.add(x)
+        w = share / (1 - share) * tr / t0  # the weight that gives the sink exactly `share`
+        assert 1 < w < 1e4
+        want = rest.t() @ rest + w * x0.t() @ x0
+        torch.testing.assert_close(acc.H, 2 * want / acc.n)
+        got_share = w * t0 / (w * t0 + tr)
+        assert abs(got_share - share) < 1e-12
+    # below the cap the weight is the one asked for
+    low = HessianAccumulator(8, dtype="float64", sink_weight=2.0, sink_max_share=0.2)
+    low.add(x)
+    torch.testing.assert_close(low.H, 2 * (rest.t() @ rest + 2 * x0.t() @ x0) / low.n)
+
+
+def test_a_dominant_sink_keeps_weight_one():
+    """A massive first-position activation (80-99 % of a down_proj input's trace on SmolLM2)
+    is not weighted further under the cap; without the cap it swamps every other token."""
+    x = _windows_with_sink(300.0)
+    capped = HessianAccumulator(8, dtype="float64", sink_weight=128.0,
+                                sink_max_share=GPTQConfig().sink_max_share)
+    plain = HessianAccumulator(8, dtype="float64")
+    free = HessianAccumulator(8, dtype="float64", sink_weight=128.0, sink_max_share=1.0)
+    for a in (capped, plain, free):
+        a.add(x)
+    torch.testing.assert_close(capped.H, plain.H)
+    assert float(free.H[0, 0]) > 100 * float(plain.H[0, 0])
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, float("nan"), True])
+def test_config_refuses_bad_shares(bad):
+    with pytest.raises(ConfigError, match="sink_max_share"):
+        GPTQConfig(sink_weight=8, sink_max_share=bad)

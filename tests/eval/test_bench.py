@@ -344,4 +344,6 @@ def test_config_label_names_the_variant_options():
     assert config_label(config_from_spec("gptq:bits=4,act_order=true")) == "gptq-actorder"
     assert config_label(config_from_spec("gptq:bits=4,sink_weight=128")) == "gptq-sink128"
     assert config_label(config_from_spec("quip:bits=3,sink_weight=2.5")) == "quip-sink2.5"
+    assert config_label(config_from_spec("gptq:bits=4,sink_weight=128,sink_max_share=1")
+                        ) == "gptq-sink128-share1"
     assert config_label(config_from_spec("awq:bits=4,rounding=gptq")) == "awq+gptq"

@@ -139,7 +139,8 @@ class _GPTQLayer(HessianLayer):
         self.method, self.name, self.weight = method, name, weight
         self.config = method.config_for(name)
         self.acc = HessianAccumulator(weight.shape[1], weight.device,
-                                      self.config.hessian_dtype, self.config.sink_weight)
+                                      self.config.hessian_dtype, self.config.sink_weight,
+                                      self.config.sink_max_share)
         self.grams = method.grams
         self.seconds_hessian = 0.0
 

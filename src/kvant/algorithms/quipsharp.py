@@ -160,7 +160,8 @@ class _QuIPSharpLayer(_QuIPLayer):
         self.method, self.name, self.weight = method, name, weight
         self.config, self.input_key = method.config_for(name), input_key
         self.acc = (HessianAccumulator(weight.shape[1], weight.device,
-                                       sink_weight=self.config.sink_weight)
+                                       sink_weight=self.config.sink_weight,
+                                       sink_max_share=self.config.sink_max_share)
                     if method.needs_calibration else None)
         self.grams = method.grams
 

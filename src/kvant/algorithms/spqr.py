@@ -220,7 +220,8 @@ class _SpQRLayer(HessianLayer):
         self.method, self.name, self.weight = method, name, weight
         self.config = method.config_for(name)
         self.acc = HessianAccumulator(weight.shape[1], weight.device,
-                                      sink_weight=self.config.sink_weight) \
+                                      sink_weight=self.config.sink_weight,
+                                      sink_max_share=self.config.sink_max_share) \
             if method.needs_calibration else None
         self.grams = method.grams
 
