@@ -216,7 +216,7 @@ def main() -> None:
                    help="write the tables from the cached scores, score nothing")
     p.add_argument("--no-imatrix", action="store_true", help="no llama.cpp imatrix files")
     p.add_argument("--imatrix-refs-only", action="store_true",
-                   help="of llama.cpp's files, only those with an imatrix")
+                   help="of llama.cpp's files, score only those with an imatrix")
     p.add_argument("--no-refs", action="store_true",
                    help="make llama.cpp's files (kvant copies their token_embd type) but "
                         "score kvant's only (the references come from another run)")
@@ -276,14 +276,14 @@ def main() -> None:
     for gtype in args.types.split(","):
         name, ftype = LLAMA_FTYPES[gtype]
         variants = (("", None),) + ((("+imatrix", imat),) if not args.no_imatrix else ())
-        for tag, im in variants[1:] if args.imatrix_refs_only else variants:
+        for tag, im in variants:  # both made: kvant copies the plain file's token_embd type
             seeded = tag and args.calib_seed  # an imatrix file depends on the calibration
             sfx = f"-s{args.calib_seed}" if seeded else ""
             ref = work / f"llamacpp{tag.replace('+', '-')}{sfx}-{gtype}.gguf"
             info = step(f"ref:{gtype}{tag}{sfx}", lambda: call_worker(
                 args.llama_python, "quantize", src=str(f32), dst=str(ref), ftype=ftype,
                 imatrix=str(im) if im else None))
-            if args.no_refs:
+            if args.no_refs or (args.imatrix_refs_only and not tag):
                 continue
             files.append((ref, dict(
                 gguf_type=gtype, method=f"llama.cpp{tag}", quantizer="llama.cpp",
