@@ -117,7 +117,7 @@ class _GGUFWalk:
         ones = torch.ones(vals.shape[0], 1, device=vals.device)
         return ones, torch.zeros_like(ones)  # unused: quantize_column does the rounding
 
-    def quantize_column(self, w: torch.Tensor, s, z, d: float) -> torch.Tensor:
+    def quantize_column(self, w: torch.Tensor, s, z, d) -> torch.Tensor:
         """w (N,): one column, rounded on its sub-block's grid -> dequantized (N,)."""
         j = (self.col % self.t.block) // self.t.sub
         a = self.a[:, j:j + 1]

@@ -56,7 +56,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, args: QuantArgs, *, block_si
     - ``group_params(cols (N, C)) -> (scale (N, 1), zero (N, 1))`` replaces
       :func:`~kvant.core.grid.find_params` wherever a grid is found (whole rows per channel,
       one group otherwise); zeros must be whole numbers in [0, 2**bits).
-    - ``quantize_column(w (N,), scale (N, 1), zero (N, 1), d: float) -> (N,)`` replaces the
+    - ``quantize_column(w (N,), scale (N, 1), zero (N, 1), d: 0-d tensor) -> (N,)`` replaces the
       rounding of one column by the grid; it returns the dequantized values the column takes
       (which may leave some off the grid, e.g. outliers kept in float). Their error drives the
       update; the stored integers are those values rounded to the grid, and

@@ -26,8 +26,10 @@ import torch
 
 # find(vals (N, C)) -> (scale (N, 1), zero (N, 1)) for one group's current columns
 FindParams = Callable[[torch.Tensor], tuple]
-# quantize_column(w (N,), scale (N, 1), zero (N, 1), d: float) -> dequantized (N,)
-QuantizeColumn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor]
+# quantize_column(w (N,), scale (N, 1), zero (N, 1), d: 0-d tensor) -> dequantized (N,); d is
+# the column's inverse-Hessian diagonal, left on the device (a float would sync every column)
+QuantizeColumn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                          torch.Tensor]
 # on_inverse(U (K, K), perm (K,) or None): the inverse-Hessian factor, before the walk
 OnInverse = Callable[[torch.Tensor, Optional[torch.Tensor]], None]
 
@@ -83,7 +85,7 @@ def _walk_block(W1, Hinv1, Q1, E1, bits: int, params, qcol: Optional[QuantizeCol
             q.round_().add_(z).clamp_(0, maxq)
             torch.sub(q, z, out=e).mul_(s)  # e = dequantized column, for now
         else:
-            deq = qcol(w, s.unsqueeze(1), z.unsqueeze(1), float(Hinv1[i, i]))
+            deq = qcol(w, s.unsqueeze(1), z.unsqueeze(1), Hinv1[i, i])
             torch.div(deq, s, out=q)
             q.round_().add_(z).clamp_(0, maxq)
             e.copy_(deq)

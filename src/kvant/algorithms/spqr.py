@@ -136,8 +136,10 @@ class OutlierWalk(WalkHooks):
         self.fits.append(fit)
         return fit.scale, fit.zero  # (N, 1) each
 
-    def quantize_column(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, d: float):
+    def quantize_column(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
+                        d: torch.Tensor):
         """Round column w (N,) on (s, z) (N, 1); outliers keep w (as dense + fp16 residual)."""
+        d = float(d)  # the order check below needs its value on the host
         i = self.col
         self.col += 1
         if self.d_host[i] != d:
