@@ -132,3 +132,55 @@ def plot_ppl_vs_bits(records: list[dict], path: str | os.PathLike, title: str) -
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points (bits per weight, perplexity) no other point beats: none has
+    at most their bits and at most their perplexity, one of the two strictly lower. Sorted
+    by bits; of equal points the first is kept."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1], i))
+    front, best = [], float("inf")
+    for i in order:
+        if points[i][1] < best:  # cheaper points came first: only a lower ppl survives
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_pareto(points: list[tuple[float, float, str]], path: str | os.PathLike, title: str,
+                float_ppl: float | None = None) -> list[int]:
+    """PNG: every quantized model as a point (bits per weight, perplexity on a log axis),
+    one colour per label, the Pareto front (:func:`pareto_front`) drawn as a step line
+    through its points. Returns the front's indices. Raises ImportError naming the ``plot``
+    extra when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError(PLOT_HINT) from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    front = pareto_front([(b, p) for b, p, _ in points])
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = plt.get_cmap("tab20").colors
+    markers = "os^vDP*Xhp<>"
+    for i, label in enumerate(sorted({lab for _, _, lab in points})):
+        pts = [(b, p) for b, p, lab in points if lab == label]
+        ax.scatter([b for b, _ in pts], [p for _, p in pts], marker=markers[i % len(markers)],
+                   color=colors[i % len(colors)], label=label, s=28, zorder=3)
+    fb = [points[i][0] for i in front]
+    fp = [points[i][1] for i in front]
+    ax.step(fb, fp, where="post", color="k", lw=1.2, label="Pareto front", zorder=2)
+    ax.scatter(fb, fp, facecolors="none", edgecolors="k", s=90, zorder=4)
+    if float_ppl is not None:
+        ax.axhline(float_ppl, color="k", ls="--", lw=1, label=f"float ({float_ppl:.2f})")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bits per weight (scales, zeros, extras counted)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return front
