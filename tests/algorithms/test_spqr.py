@@ -200,3 +200,24 @@ def test_cuda_forward_matches_cpu():
     # the walk itself on the GPU picks the same kind of result
     res = spqr_gptq(W.cuda(), H.cuda(), SpQRConfig(), "l")
     assert res.info["outliers"] > 0 and res.qweight.device.type == "cpu"
+
+
+def test_walk_order_is_checked_after_the_walk():
+    """The hooks record each column's inverse-Hessian diagonal (no per-column host sync) and
+    check the order once: a walk that skips or swaps columns is refused, naming the first."""
+    from kvant.algorithms.spqr import OutlierWalk
+
+    W, H = _layer(n=32, k=16, seed=3)
+    U = torch.linalg.cholesky(torch.linalg.inv(H + 0.01 * torch.eye(16)), upper=True)
+    cfg = SpQRConfig(act_order=False, group_size=16)
+    hooks = OutlierWalk(W, cfg, "l")
+    hooks.on_inverse(U, None)
+    order = list(range(16))
+    order[5], order[6] = 6, 5
+    s, z = hooks.group_params(W.clone())
+    for i in order:
+        hooks.quantize_column(W[:, i].clone(), s, z, U[i, i])
+    with pytest.raises(RuntimeError, match="unexpected order \\(column 5 of 16"):
+        hooks.check_order()
+    res = spqr_gptq(W, H, cfg, "l")  # the real walk passes the check
+    assert res.qweight.shape == W.shape

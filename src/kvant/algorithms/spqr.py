@@ -111,7 +111,7 @@ class OutlierWalk(WalkHooks):
         """Called by gptq_quantize with U (K, K) and the walk order."""
         cfg = self.cfg
         self.d, self.perm = U.diagonal().clone(), perm
-        self.d_host = self.d.tolist()  # checked per column without a device sync
+        self.seen: list[torch.Tensor] = []  # the d of each visited column, checked once
         Ww = self.W.to(U.device) if perm is None else self.W.to(U.device)[:, perm]
         inv_d2 = self.d.reciprocal().square()
         if cfg.outlier_budget > 0:
@@ -119,6 +119,17 @@ class OutlierWalk(WalkHooks):
                                          cfg.bits, cfg.stat_bits >= 16)
         elif math.isfinite(cfg.outlier_threshold):
             self.tau = cfg.outlier_threshold * float((Ww.var(0) * inv_d2).mean())
+
+    def check_order(self) -> None:
+        """After the walk: the columns came in the order ``on_inverse`` was told (each
+        column's d is U's diagonal entry), else a RuntimeError naming the first that did
+        not."""
+        seen = torch.stack(self.seen) if self.seen else self.d[:0]
+        bad = (seen != self.d[:len(seen)]).nonzero()
+        if len(seen) != len(self.d) or len(bad):
+            i = int(bad[0, 0]) if len(bad) else len(seen)
+            raise RuntimeError(f"layer {self.layer!r}: the GPTQ walk visited columns in an "
+                               f"unexpected order (column {i} of {len(self.d)} differs)")
 
     def group_params(self, cols: torch.Tensor):
         """cols (N, C): the current columns of the next group in walk order."""
@@ -139,12 +150,9 @@ class OutlierWalk(WalkHooks):
     def quantize_column(self, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor,
                         d: torch.Tensor):
         """Round column w (N,) on (s, z) (N, 1); outliers keep w (as dense + fp16 residual)."""
-        d = float(d)  # the order check below needs its value on the host
         i = self.col
         self.col += 1
-        if self.d_host[i] != d:
-            raise RuntimeError(f"layer {self.layer!r}: the GPTQ walk visited columns in an "
-                               f"unexpected order (column {i}: d={d}, expected {self.d_host[i]})")
+        self.seen.append(d)  # a 0-d device tensor: comparing it here would sync every column
         q, deq = round_on_grid(w, s[:, 0], z[:, 0], self.cfg.bits)
         self.Q[:, i] = q
         if self.fixed is not None:
@@ -185,6 +193,7 @@ def spqr_gptq(W: torch.Tensor, H: torch.Tensor, cfg: Settings, layer: str = "") 
                         damp_percent=cfg.damp_percent, act_order=cfg.act_order, layer=layer,
                         hooks=hooks)
     res.info.pop("dequantized", None)
+    hooks.check_order()
     perm = hooks.perm
     Q, mask, R = hooks.Q, hooks.mask, hooks.R
     if perm is not None:  # walk order -> original column order
