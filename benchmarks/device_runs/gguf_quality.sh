@@ -20,7 +20,8 @@ G=(python3 benchmarks/gguf_quality.py --gguf /root/stash/smollm2.gguf --work /tm
 start=$(date +%s)
 timeout "$secs" "${G[@]}" --files-only "$@" > "$R/files.log" 2>&1 || echo "files step: rc $?"
 left=$((secs - $(date +%s) + start))
-for k in $(seq 0 $((shards - 1))); do
+[ "$left" -gt 10 ] || { echo "no time left to score after the files step"; left=0; }
+for k in $( [ "$left" -gt 0 ] && seq 0 $((shards - 1)) ); do
   timeout "$left" "${G[@]}" --shard "$k/$shards" --threads 1 --out "$R/shard$k" "$@" \
     > "$R/score$k.log" 2>&1 &
 done
