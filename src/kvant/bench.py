@@ -137,8 +137,8 @@ def config_label(cfg: MethodConfig) -> str:
     sink = getattr(cfg, "sink_weight", 1.0)
     if sink != 1.0:  # the attention-sink weight of the Hessian (WalkConfig) and its cap
         name += f"-sink{sink:g}"
-        share = getattr(cfg, "sink_max_share", 0.2)
-        if share != 0.2:
+        share = getattr(cfg, "sink_max_share", None)
+        if share is not None and share != type(cfg).sink_max_share:  # not the default
             name += f"-share{share:g}"
     return name
 

@@ -29,9 +29,7 @@ class AWQLayer(LayerQuantizer):
         self.acc = None
         if config.rounding == "gptq" or config.outlier_budget > 0:
             from kvant.core.hessian import HessianAccumulator
-            self.acc = HessianAccumulator(weight.shape[1], weight.device,
-                                          sink_weight=config.sink_weight,
-                                          sink_max_share=config.sink_max_share)
+            self.acc = HessianAccumulator.for_config(weight.shape[1], weight.device, config)
 
     def observe(self, x: torch.Tensor) -> None:
         if self.acc is not None:

@@ -138,9 +138,8 @@ class _GPTQLayer(HessianLayer):
     def __init__(self, method: "GPTQ", name: str, weight: torch.Tensor):
         self.method, self.name, self.weight = method, name, weight
         self.config = method.config_for(name)
-        self.acc = HessianAccumulator(weight.shape[1], weight.device,
-                                      self.config.hessian_dtype, self.config.sink_weight,
-                                      self.config.sink_max_share)
+        self.acc = HessianAccumulator.for_config(weight.shape[1], weight.device, self.config,
+                                                  dtype=self.config.hessian_dtype)
         self.grams = method.grams
         self.seconds_hessian = 0.0
 

@@ -159,9 +159,7 @@ class _QuIPSharpLayer(_QuIPLayer):
     def __init__(self, method: "QuIPSharp", name: str, weight: torch.Tensor, input_key: str):
         self.method, self.name, self.weight = method, name, weight
         self.config, self.input_key = method.config_for(name), input_key
-        self.acc = (HessianAccumulator(weight.shape[1], weight.device,
-                                       sink_weight=self.config.sink_weight,
-                                       sink_max_share=self.config.sink_max_share)
+        self.acc = (HessianAccumulator.for_config(weight.shape[1], weight.device, self.config)
                     if method.needs_calibration else None)
         self.grams = method.grams
 

@@ -230,9 +230,7 @@ class _SpQRLayer(HessianLayer):
     def __init__(self, method: "SpQR", name: str, weight: torch.Tensor):
         self.method, self.name, self.weight = method, name, weight
         self.config = method.config_for(name)
-        self.acc = HessianAccumulator(weight.shape[1], weight.device,
-                                      sink_weight=self.config.sink_weight,
-                                      sink_max_share=self.config.sink_max_share) \
+        self.acc = HessianAccumulator.for_config(weight.shape[1], weight.device, self.config) \
             if method.needs_calibration else None
         self.grams = method.grams
 

@@ -94,13 +94,15 @@ def sink_gram(x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype,
     x0 = first_positions(x, rows) if sink_weight != 1.0 else None
     if x0 is not None:
         g0 = gram(x0, dtype)
-        w = sink_weight
-        if sink_max_share < 1.0:
-            t0 = float(g0.diagonal().sum())
-            rest = float(g.diagonal().sum()) - t0
-            if t0 > 0:  # w t0 / (w t0 + rest) <= share  <=>  w <= share/(1-share) rest/t0
-                w = max(1.0, min(w, sink_max_share / (1.0 - sink_max_share) * rest / t0))
-        g = g.add_(g0, alpha=w - 1.0)
+        if sink_max_share < 1.0:  # on the device: no host sync per batch
+            t0 = g0.diagonal().sum()
+            rest = g.diagonal().sum() - t0
+            # w t0 / (w t0 + rest) <= share  <=>  w <= share/(1-share) rest/t0
+            cap = sink_max_share / (1.0 - sink_max_share) * rest / t0.clamp(min=1e-30)
+            w = cap.clamp(max=sink_weight).clamp(min=1.0)
+            g = g.add_(g0.mul_(w - 1.0))
+        else:
+            g = g.add_(g0, alpha=sink_weight - 1.0)
     return g
 
 
@@ -122,6 +124,13 @@ class HessianAccumulator:
         self.n = 0
         self.sink_weight = float(sink_weight)
         self.sink_max_share = float(sink_max_share)
+
+    @classmethod
+    def for_config(cls, k: int, device, config, **kw) -> "HessianAccumulator":
+        """An accumulator with ``config``'s Hessian options (``sink_weight`` and
+        ``sink_max_share`` of a WalkConfig; plain where the config has none)."""
+        return cls(k, device, sink_weight=getattr(config, "sink_weight", 1.0),
+                   sink_max_share=getattr(config, "sink_max_share", 1.0), **kw)
 
     @property
     def device(self) -> torch.device:
