@@ -127,6 +127,13 @@ def markdown(records: list[dict], title: str = "Fine-tuning after rounding on th
     q = [r for r in records if r["method"] != "float"]
     b = next((r["tune_block"] for r in q if r["tune_block"]), None)
     e = next((r["tune_e2e"] for r in q if r["tune_e2e"]), None)
+    # rows merged from runs with other end-to-end settings say theirs in the tuning column
+    varied = len({json.dumps(r["tune_e2e"], sort_keys=True) for r in q if r["tune_e2e"]}) > 1
+
+    def tuning(r: dict) -> str:
+        t = r.get("tune_e2e")
+        return f"{r['finetune']} (lr {t['lr']:g}, {t['tokens']} tokens)" if varied and t \
+            else r["finetune"]
     lines = [
         f"# {title}", "",
         note, f"Dates: {', '.join(sorted({r['date'] for r in records}))}. "
@@ -137,7 +144,9 @@ def markdown(records: list[dict], title: str = "Fine-tuning after rounding on th
         "Adam); e2e = end-to-end tuning of the untuned model (KL to the float model's "
         "next-token distributions on the calibration windows); both = block, then e2e. "
         "Packed integer codes are never changed by tuning (tests/tune).", "",
-        f"Block settings: {json.dumps(b)}. End-to-end settings: {json.dumps(e)}.", "",
+        f"Block settings: {json.dumps(b)}. End-to-end settings: {json.dumps(e)}" +
+        (" (of the first tuned row; rows differ in lr or tokens: see the tuning column)."
+         if varied else "."), "",
         f"Float perplexity: {flt['ppl']:.4f}.", "",
         "| method | bits | group | bits/weight | tuning | ppl | Δ ppl % | eval KL | "
         "calib KL | tune s (block + e2e) | code, device |",
@@ -147,7 +156,7 @@ def markdown(records: list[dict], title: str = "Fine-tuning after rounding on th
         lines.append(
             f"| {r['method']} | {_bits(r)} | {group_label(r['group_size'])} "
             f"| {r['bits_per_weight']:.3f} "
-            f"| {r['finetune']} | {r['ppl']:.4f} | {100 * (r['ppl'] / flt['ppl'] - 1):+.1f} "
+            f"| {tuning(r)} | {r['ppl']:.4f} | {100 * (r['ppl'] / flt['ppl'] - 1):+.1f} "
             f"| {r['kl']:.4f} | {r['calib_kl']:.4f} | "
             f"{r['tune_seconds_block']:.0f} + {r['tune_seconds_e2e']:.0f} | "
             f"{r['commit']}{'+dirty' if r['dirty'] else ''} {r['device']} |")
