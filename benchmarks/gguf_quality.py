@@ -162,7 +162,7 @@ def write_imatrix(src_f32: Path, dst: Path, args) -> dict:
 
 
 def kvant_file(src_f32: Path, dst: Path, gtype: str, method: str, embed_type: str,
-               args) -> dict:
+               args, prov: dict) -> dict:
     import kvant
     from kvant.config import AWQConfig, EngineOptions, GPTQConfig
 
@@ -185,8 +185,9 @@ def kvant_file(src_f32: Path, dst: Path, gtype: str, method: str, embed_type: st
     model.to("cpu")
     kvant.export_gguf(model, dst, type=gtype, source_gguf=src_f32, embed_type=embed_type,
                       overwrite=True)
+    # the code that made the file, which a later scoring run's commit need not be
     return {"quant_seconds": round(secs, 1), "quant_device": args.device,
-            "config": cfg.to_dict()}
+            "config": cfg.to_dict(), "file_commit": prov["commit"], "file_dirty": prov["dirty"]}
 
 
 def main() -> None:
@@ -291,14 +292,17 @@ def main() -> None:
                     f", imatrix from {calib}" if im else ", no imatrix"))))
         for method in [m for m in args.methods.split(",") if m]:
             embed_type = tensor_types(work / f"llamacpp-{gtype}.gguf")["token_embd.weight"]
-            label = method if args.sink_weight is None else f"{method} sink{args.sink_weight:g}"
-            if args.sink_weight is not None and args.sink_max_share is not None:
-                label += f" share{args.sink_max_share:g}"
+            label = method
+            if args.sink_weight is not None:  # the cap's value too: it has a default
+                from kvant.config import GPTQConfig
+
+                share = args.sink_max_share or GPTQConfig.sink_max_share
+                label += f" sink{args.sink_weight:g} share{share:g}"
             sfx = f"-s{args.calib_seed}" if args.calib_seed else ""
             kv = work / f"kvant-{label.replace(' ', '-')}{sfx}-{gtype}.gguf"
             key = f"kvant:{label}:{gtype}:{cal}"
             if args.files_only:
-                step(key, lambda: kvant_file(f32, kv, gtype, method, embed_type, args))
+                step(key, lambda: kvant_file(f32, kv, gtype, method, embed_type, args, prov))
             info = step(key)  # made by a --files-only run beside this one, or not yet
             files.append((kv, dict(
                 gguf_type=gtype, method=label, quantizer="kvant", calib=calib, **(info or {}),
@@ -420,7 +424,7 @@ def _write(records: list, out: Path) -> None:
             who += f" (earlier run: {r['commit']}{'+dirty' if r['dirty'] else ''}, {r['date']})"
         lines.append(f"| {r['gguf_type']} | {who} | {r['ppl']:.4f} | {mb(r['bytes'])} | "
                      f"{_fmt_types(r['tensor_types'])} | {r['commit']}"
-                     f"{'+dirty' if r['dirty'] else ''} {r['device']} |")
+                     f"{'+dirty' if r['dirty'] else ''} {r['device']}{_made(r)} |")
     old = [f"{r['gguf_type']} {r['earlier_ppl_reference']:.4f}" for r in records
            if r.get("earlier_run") and r.get("earlier_ppl_reference") is not None]
     if old:
@@ -433,6 +437,14 @@ def _write(records: list, out: Path) -> None:
               f"llama-cpp-python {r0['engine_version']}. Code and device: {r0['commit']}"
               f"{'+dirty' if r0['dirty'] else ''} {r0['device']}, {r0['date']}."]
     (out / "gguf_quality.md").write_text("\n".join(lines) + "\n")
+
+
+def _made(r: dict) -> str:
+    """', file made at C' when a kvant file was made by other code than the run's."""
+    c = r.get("file_commit")
+    if not c or (c == r["commit"] and r.get("file_dirty") == r["dirty"]):
+        return ""
+    return f", file made at {c}{'+dirty' if r.get('file_dirty') else ''}"
 
 
 def _label(method: str) -> str:
