@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
@@ -23,21 +22,18 @@ def _points(quality: list, tune: list) -> tuple[float, list]:
     if len(floats) != 1:
         raise SystemExit(f"the tables' float rows disagree: {sorted(floats)}")
     pts = []
-    for r in quality:
-        if r["method"] != "float" and r.get("bits_per_weight"):
-            # bits/weight to 3 decimals: layouts that differ in the 5th are the same size
-            pts.append(dict(bpw=round(r["bits_per_weight"], 3), ppl=r["ppl"], label=r["method"],
-                            spec=r.get("spec", r["method"]), tuning="none",
-                            code=f"{r.get('commit', 'unknown')} {r.get('device', '')}"))
-    for r in tune:
-        if r["method"] != "float" and r.get("bits_per_weight"):
-            tuned = r.get("finetune", "none")
-            if tuned == "none":
-                continue  # the untuned rounding is in the quality table or its own row below
-            pts.append(dict(bpw=round(r["bits_per_weight"], 3), ppl=r["ppl"],
-                            label=f"{r['method']} +{tuned}", spec=r.get("spec", r["method"]),
-                            tuning=tuned,
-                            code=f"{r.get('commit', 'unknown')} {r.get('device', '')}"))
+    # the quality table's rows untuned; the tuning table's only where tuned (its untuned
+    # rows repeat a rounding)
+    rows = [(r, "none") for r in quality] + [
+        (r, r.get("finetune", "none")) for r in tune if r.get("finetune", "none") != "none"]
+    for r, tuned in rows:
+        if r["method"] == "float" or not r.get("bits_per_weight"):
+            continue
+        # bits/weight to 3 decimals: layouts that differ in the 5th are the same size
+        pts.append(dict(bpw=round(r["bits_per_weight"], 3), ppl=r["ppl"],
+                        label=r["method"] + ("" if tuned == "none" else f" +{tuned}"),
+                        spec=r.get("spec", r["method"]), tuning=tuned,
+                        code=f"{r.get('commit', 'unknown')} {r.get('device', '')}"))
     return floats.pop(), pts
 
 
@@ -49,7 +45,6 @@ def main(argv=None) -> int:
     p.add_argument("--max-ppl", type=float, default=200.0,
                    help="leave out rows above this perplexity (the plot's log axis)")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from kvant.eval.plot import plot_pareto
 
     base, pts = _points(json.loads(Path(args.quality).read_text()),
