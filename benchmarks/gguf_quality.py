@@ -11,7 +11,9 @@ are the float model, as in benchmarks/smollm2.py: no higher-precision SmolLM2 is
    float forward of kvant's calibration samples, handed to llama.cpp through
    ``llama_model_quantize_params.imatrix``;
 3. kvant quantizes the float model on the type's grid (``grid="gguf:TYPE"``: every tensor
-   on llama.cpp's type for it in that file type, kvant.core.gguf_mix; the same C4 samples) with GPTQ, with AWQ, and with AWQ's scales rounded by GPTQ (``awq+gptq``; pick
+   on llama.cpp's type for it in that file type, kvant.core.gguf_mix: the types of its
+   +imatrix file, or with ``--gguf-mix plain`` those of its file without one; the same C4
+   samples) with GPTQ, with AWQ, and with AWQ's scales rounded by GPTQ (``awq+gptq``; pick
    with ``--methods``) and exports it (``kvant.export_gguf``); the token
    embedding gets the type llama.cpp's file gave it (rounded to nearest at export);
 4. llama.cpp's perplexity of every file: its own logits (``logits_all``) on WikiText-2 test,
@@ -173,12 +175,13 @@ def kvant_file(src_f32: Path, dst: Path, gtype: str, method: str, embed_type: st
     # "awq+gptq" rounds AWQ's scaled weights with GPTQ
     if method not in METHODS:
         raise SystemExit(f"unknown method {method!r}; one of {list(METHODS)}")
-    sink = {} if args.sink_weight is None else {"sink_weight": args.sink_weight}
+    opts = {} if args.sink_weight is None else {"sink_weight": args.sink_weight}
     if args.sink_max_share is not None:
-        sink["sink_max_share"] = args.sink_max_share
-    cfg = GPTQConfig(grid=grid, **sink) if method == "gptq" else AWQConfig(
+        opts["sink_max_share"] = args.sink_max_share
+    opts["gguf_mix"] = args.gguf_mix
+    cfg = GPTQConfig(grid=grid, **opts) if method == "gptq" else AWQConfig(
         grid=grid, scale_unfoldable=False, rounding="gptq" if method == "awq+gptq" else "rtn",
-        **sink)
+        **opts)
     t0 = time.time()
     kvant.quantize(model, cfg, calib, EngineOptions(device=args.device, show_progress=False))
     secs = time.time() - t0
@@ -228,6 +231,9 @@ def main() -> None:
                    help="kvant's configs get this sink_weight (WalkConfig; default: theirs)")
     p.add_argument("--sink-max-share", type=float, default=None,
                    help="and this sink_max_share (default: the config's)")
+    p.add_argument("--gguf-mix", default="auto", choices=["auto", "imatrix", "plain"],
+                   help="kvant's per-tensor types (MethodConfig.gguf_mix): auto = those of "
+                        "llama.cpp's +imatrix file; plain = those of its file without one")
     p.add_argument("--calib-seed", type=int, default=0,
                    help="calibration sample seed, of kvant and the imatrix (for a seed spread)")
     p.add_argument("--device", default="cpu", help="where kvant quantizes (cpu, cuda)")
@@ -298,6 +304,8 @@ def main() -> None:
 
                 share = args.sink_max_share or GPTQConfig.sink_max_share
                 label += f" sink{args.sink_weight:g} share{share:g}"
+            if args.gguf_mix != "auto":
+                label += f" {args.gguf_mix}mix"
             sfx = f"-s{args.calib_seed}" if args.calib_seed else ""
             kv = work / f"kvant-{label.replace(' ', '-')}{sfx}-{gtype}.gguf"
             key = f"kvant:{label}:{gtype}:{cal}"
@@ -452,6 +460,7 @@ def _label(method: str) -> str:
     sink_max_share 0.2'."""
     name, *opts = method.split(" ")
     names = {"sink": "sink_weight", "share": "sink_max_share"}
+    opts = [f"llama.cpp's {o[:-3]} types" if o.endswith("mix") else o for o in opts]
     out = [name.upper()]
     for o in opts:
         key = next((k for k in names if o.startswith(k)), None)

@@ -119,7 +119,8 @@ def config_key(config_dict: dict) -> str:
 
 def config_label(cfg: MethodConfig) -> str:
     """The method's name plus the options that make it a variant (``gptq-actorder``,
-    ``awq+gptq``, ``rot+rtn``, ``rtn+outliers``, ``-clip``, ``-sym``, ``-sink128``)."""
+    ``awq+gptq``, ``rot+rtn``, ``rtn+outliers``, ``-clip``, ``-sym``, ``-sink128``,
+    ``-plainmix``)."""
     name = cfg.method
     rounding, base = getattr(cfg, "rounding", None), getattr(cfg, "base", None)
     if name == "awq" and rounding == "gptq":
@@ -140,6 +141,8 @@ def config_label(cfg: MethodConfig) -> str:
         share = getattr(cfg, "sink_max_share", None)
         if share is not None and share != type(cfg).sink_max_share:  # not the default
             name += f"-share{share:g}"
+    if getattr(cfg, "gguf_mix", "auto") != "auto":  # llama.cpp's per-tensor types followed
+        name += f"-{cfg.gguf_mix}mix"
     return name
 
 

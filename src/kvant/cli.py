@@ -200,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "'gguf:TYPE' (Q4_0, Q4_1, Q8_0, Q4_K, Q3_K, Q2_K, Q6_K): round on "
                         "llama.cpp's exact block grid, for `kvant export --format gguf`; the "
                         "type fixes bits and blocks (rtn, gptq, awq)")
+    q.add_argument("--gguf-mix", default=None, choices=["auto", "imatrix", "plain"],
+                   help="with --grid gguf:TYPE: follow llama.cpp's per-tensor types with an "
+                        "importance matrix (imatrix: a few early ffn_down one type wider at "
+                        "Q4_0/Q5_0) or without (plain: the smallest file); auto (default): "
+                        "imatrix for methods that calibrate on data")
     q.add_argument("--option", action="append",
                    help="other method field, key=value (repeat --option ignore=NAME to keep "
                         "several layers in float)")

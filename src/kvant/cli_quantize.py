@@ -22,7 +22,7 @@ def config_from_args(args):
     known = {f.name for f in dataclasses.fields(cls)}
     for name in ("bits", "group_size", "sym", "clip", "act_order", "static_groups",
                  "damp_percent", "sink_weight", "sink_max_share",
-                 "true_sequential", "quantize_head", "grid"):
+                 "true_sequential", "quantize_head", "grid", "gguf_mix"):
         val = getattr(args, name)
         if val is not None:
             if name not in known:

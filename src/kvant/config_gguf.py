@@ -9,6 +9,9 @@ import dataclasses
 from typing import Any
 
 
+# which of llama.cpp's per-tensor type rules a GGUF grid follows (MethodConfig.gguf_mix)
+GGUF_MIXES = ("auto", "imatrix", "plain")
+
 # why a method cannot round on llama.cpp's grids
 _NO_GGUF = {
     "quip": "QuIP rounds W in a rotated basis (U W V^T) that a GGUF file cannot undo",
@@ -25,7 +28,11 @@ def check_gguf_grid(cfg: Any):
     g = cfg.grid
     if not isinstance(g, str) or not (g == "int" or g.lower().startswith("gguf:")):
         raise ConfigError(f"grid must be 'int' or 'gguf:TYPE', got {g!r}")
+    if cfg.gguf_mix not in GGUF_MIXES:
+        raise ConfigError(f"gguf_mix must be one of {list(GGUF_MIXES)}, got {cfg.gguf_mix!r}")
     if g == "int":
+        if cfg.gguf_mix != "auto":
+            raise ConfigError(f"gguf_mix={cfg.gguf_mix!r} applies only to a 'gguf:TYPE' grid")
         return None
     from kvant.core.gguf_grid import TYPES
 
@@ -54,6 +61,12 @@ def check_gguf_grid(cfg: Any):
     object.__setattr__(cfg, "bits", t.bits)
     object.__setattr__(cfg, "group_size", t.block)
     return t
+
+
+def uses_imatrix_mix(cfg: Any, calibrated: bool) -> bool:
+    """Whether a GGUF grid follows llama.cpp's importance-matrix types: ``cfg.gguf_mix``,
+    where "auto" means yes for a method that calibrates on data (``calibrated``)."""
+    return calibrated if cfg.gguf_mix == "auto" else cfg.gguf_mix == "imatrix"
 
 
 def with_gguf_type(cfg: Any, name: str):

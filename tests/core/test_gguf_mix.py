@@ -114,6 +114,38 @@ def test_engine_rounds_each_layer_on_its_mix_type():
                                                   else first]
 
 
+def test_gguf_mix_picks_llama_cpps_plain_or_imatrix_types():
+    """``gguf_mix``: GPTQ (data) on Q4_0 follows the +imatrix types (layer 0's ffn_down as
+    Q4_1) under "auto" and "imatrix", llama.cpp's plain types (all Q4_0: the smaller file)
+    under "plain"; RTN under "imatrix" widens it too; only "auto" on the int grid."""
+    import transformers
+
+    import kvant
+    from kvant.config import ConfigError, GPTQConfig, RTNConfig
+
+    cfg = transformers.LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=256,
+                                   num_hidden_layers=8, num_attention_heads=3,
+                                   num_key_value_heads=1, max_position_embeddings=64)
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    got = {}
+    for name, qc in (("gptq auto", GPTQConfig(grid="gguf:Q4_0")),
+                     ("gptq imatrix", GPTQConfig(grid="gguf:Q4_0", gguf_mix="imatrix")),
+                     ("gptq plain", GPTQConfig(grid="gguf:Q4_0", gguf_mix="plain")),
+                     ("rtn imatrix", RTNConfig(grid="gguf:Q4_0", gguf_mix="imatrix"))):
+        torch.manual_seed(0)
+        m = transformers.LlamaForCausalLM(cfg).eval()
+        kvant.quantize(m, qc, calib)
+        got[name] = [m.model.layers[i].mlp.down_proj.gguf_type for i in (0, 1)]
+    assert got == {"gptq auto": ["Q4_1", "Q4_0"], "gptq imatrix": ["Q4_1", "Q4_0"],
+                   "gptq plain": ["Q4_0", "Q4_0"], "rtn imatrix": ["Q4_1", "Q4_0"]}
+    assert GPTQConfig.from_dict(GPTQConfig(grid="gguf:Q4_0", gguf_mix="plain").to_dict()
+                                ).gguf_mix == "plain"
+    with pytest.raises(ConfigError, match="applies only to a 'gguf:TYPE' grid"):
+        GPTQConfig(gguf_mix="plain")
+    with pytest.raises(ConfigError, match="gguf_mix must be one of"):
+        GPTQConfig(grid="gguf:Q4_0", gguf_mix="imat")
+
+
 # -- llama.cpp itself (opt-in) ----------------------------------------------------------------
 def _llama_python():
     """A Python that imports llama_cpp: this one, or KVANT_LLAMA_PYTHON."""

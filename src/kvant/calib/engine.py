@@ -32,6 +32,7 @@ from kvant.calib.head import plan_head, quantize_head
 from kvant.calib.placement import on_device_except_blocks
 from kvant.calib.runner import BlockRunner
 from kvant.config import EngineOptions, MethodConfig
+from kvant.config_gguf import uses_imatrix_mix
 from kvant.core.gguf_grid import type_for_grid
 from kvant.core.grid import check_group_size
 from kvant.core.result import quant_linear_class
@@ -208,8 +209,8 @@ def quantize_model(model: nn.Module, config: MethodConfig, calib: torch.Tensor |
     # a plan: each layer by its own planned method and width (kvant.calib.planned)
     method = build(config) if plan is None else plan.build_method(config)
     if plan is None and getattr(config, "grid", "int") != "int":
-        method.layer_configs.update(_gguf_mix(model, prefix, blocks, config,
-                                              method.needs_calibration))
+        method.layer_configs.update(_gguf_mix(model, prefix, blocks, config, uses_imatrix_mix(
+            config, method.needs_calibration)))
     method.check_model(model, blocks, config.ignore)  # refuse what it cannot do, up front
     check_calibration(model, blocks, method, calib, options)  # token ids valid, memory fits
     if method.needs_calibration and (calib is None or len(calib) == 0):
