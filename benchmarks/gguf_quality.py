@@ -194,6 +194,8 @@ def kvant_file(src_f32: Path, dst: Path, gtype: str, method: str, embed_type: st
 
 
 def main() -> None:
+    from kvant.config_gguf import GGUF_MIXES
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", choices=["quantize", "ppl"])
     p.add_argument("--worker-args")
@@ -231,7 +233,7 @@ def main() -> None:
                    help="kvant's configs get this sink_weight (WalkConfig; default: theirs)")
     p.add_argument("--sink-max-share", type=float, default=None,
                    help="and this sink_max_share (default: the config's)")
-    p.add_argument("--gguf-mix", default="auto", choices=["auto", "imatrix", "plain"],
+    p.add_argument("--gguf-mix", default="auto", choices=GGUF_MIXES,
                    help="kvant's per-tensor types (MethodConfig.gguf_mix): auto = those of "
                         "llama.cpp's +imatrix file; plain = those of its file without one")
     p.add_argument("--calib-seed", type=int, default=0,

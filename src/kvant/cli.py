@@ -10,6 +10,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from kvant.config_gguf import GGUF_MIXES
 from kvant.cli_quantize import _output_guard, check_positive_flags, cmd_quantize
 from kvant.eval.table import group_label
 
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'gguf:TYPE' (Q4_0, Q4_1, Q8_0, Q4_K, Q3_K, Q2_K, Q6_K): round on "
                         "llama.cpp's exact block grid, for `kvant export --format gguf`; the "
                         "type fixes bits and blocks (rtn, gptq, awq)")
-    q.add_argument("--gguf-mix", default=None, choices=["auto", "imatrix", "plain"],
+    q.add_argument("--gguf-mix", default=None, choices=GGUF_MIXES,
                    help="with --grid gguf:TYPE: follow llama.cpp's per-tensor types with an "
                         "importance matrix (imatrix: a few early ffn_down one type wider at "
                         "Q4_0/Q5_0) or without (plain: the smallest file); auto (default): "

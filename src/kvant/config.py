@@ -92,11 +92,8 @@ class MethodConfig:
         llama.cpp's block grid of that type (kvant.core.gguf_grid), so that the GGUF export
         holds exactly the quantized weights; ``bits`` and ``group_size`` then become the
         type's (a conflicting value is an error) and ``sym`` / ``clip`` do not apply.
-    gguf_mix: on a GGUF grid, whose per-tensor types to follow (kvant.core.gguf_mix):
-        "imatrix" (llama.cpp's types when it quantizes with an importance matrix: a few
-        early ffn_down matrices one type wider at Q4_0 / Q5_0), "plain" (its types without
-        one: the smallest file of the type) or "auto" (imatrix for methods that calibrate
-        on data, plain for RTN). Only "auto" applies to the "int" grid.
+    gguf_mix: a GGUF grid's per-tensor types, llama.cpp's with ("imatrix") or without
+        ("plain") an importance matrix; "auto": kvant.config_gguf.uses_imatrix_mix.
     """
 
     method: ClassVar[str] = ""

@@ -64,8 +64,9 @@ def check_gguf_grid(cfg: Any):
 
 
 def uses_imatrix_mix(cfg: Any, calibrated: bool) -> bool:
-    """Whether a GGUF grid follows llama.cpp's importance-matrix types: ``cfg.gguf_mix``,
-    where "auto" means yes for a method that calibrates on data (``calibrated``)."""
+    """Whether a GGUF grid follows llama.cpp's importance-matrix types (kvant.core.gguf_mix:
+    at Q4_0 / Q5_0 a few early ffn_down one type wider; "plain" is the smallest file):
+    ``cfg.gguf_mix``, where "auto" means yes for a method that calibrates on data."""
     return calibrated if cfg.gguf_mix == "auto" else cfg.gguf_mix == "imatrix"
 
 
