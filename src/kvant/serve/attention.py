@@ -5,14 +5,17 @@ every cached key and value G times whenever it is given a mask and runs under
 ``torch.compile`` (``repeat_kv``): for a Llama-3-70B block at batch 1 and a 2048-token cache
 that is 64 MB written and read again per block, every decode step, where the cache itself
 is 8 MB. Here the G query heads of a group become G·q query rows of that group's one
-key/value head instead, so the cache is read once, by the ordinary SDPA kernel:
+key/value head instead, so the cache is read once:
 
     query (B, H, q, D) -> (B, H_kv, G·q, D)        row g·q + i  = head h_kv·G + g, position i
     mask  (B, 1, q, T) -> (B, 1, G·q, T)            the same rows of the mask for every g
     SDPA over H_kv heads -> (B, H_kv, G·q, D) -> (B, H, q, D)
 
 Query head h attends to key/value head h // G, as transformers' ``repeat_kv`` pairs them.
-The result equals SDPA on repeated heads up to float rounding (tests/serve). Used by
+The result equals SDPA on repeated heads up to float rounding (tests/serve). On CUDA a
+decode step's few rows a head go to kvant's split-KV kernel (kvant.kernels.attention: SDPA's
+kernels run one program per head, most of an H200 idle at batch 1); everything else, and every
+other device, runs SDPA over the folded rows. Used by
 :class:`kvant.serve.StaticDecoder` for its decode steps; registered in transformers'
 ``AttentionInterface`` as :data:`NAME`.
 """
@@ -20,7 +23,8 @@ The result equals SDPA on repeated heads up to float rounding (tests/serve). Use
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from kvant.kernels import attention as kattn
 
 NAME = "kvant_grouped"
 
@@ -49,15 +53,12 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
         raise ValueError(f"{NAME} attention needs a mask shared by all heads (dim 1 of size "
                          f"1), got {tuple(attention_mask.shape)}")
     qg = query.reshape(b, hkv, g * q, d)  # heads h_kv·G .. h_kv·G + G - 1 are consecutive
-    mask = None
-    if attention_mask is not None:
-        m = attention_mask[..., :t]
-        mask = m.unsqueeze(2).expand(m.shape[0], m.shape[1], g, q, t) \
-            .reshape(m.shape[0], m.shape[1], g * q, t)
-    out = F.scaled_dot_product_attention(qg, key, value, attn_mask=mask,
-                                         dropout_p=dropout if module.training else 0.0,
-                                         scale=scaling)  # (B, H_kv, G·q, D)
-    return out.reshape(b, h, q, d).transpose(1, 2).contiguous(), None
+    mask = attention_mask[..., :t] if attention_mask is not None else None
+    scale = scaling if scaling is not None else d ** -0.5
+    p = dropout if module.training else 0.0
+    if p == 0.0 and kattn.applies(qg, key, value, mask):  # decode steps on CUDA: split-KV
+        return kattn.gqa_decode(qg, key, value, mask, scale, q), None
+    return kattn.reference(qg, key, value, mask, scale, q, dropout=p), None
 
 
 def register() -> str | None:
@@ -68,6 +69,7 @@ def register() -> str | None:
     except ImportError:
         return None
     AttentionInterface.register(NAME, grouped_attention)
+    kattn.ensure_kernel()  # here, not while torch.compile traces a step
     return NAME
 
 
