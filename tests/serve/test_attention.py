@@ -94,3 +94,14 @@ def test_generate_is_the_same_with_either_attention(gqa_llama):
     assert gqa_llama.config._attn_implementation not in (NAME, None)
     with pytest.raises(GenerateError, match="attention must be one of"):
         generate(gqa_llama, ids, 2, attention="flash")
+
+
+def test_kernel_shape_rule():
+    from kvant.kernels.attention import shape_fits
+
+    assert shape_fits(8, 1, 128)  # Llama-3-70B decode: 8 query heads a key/value head
+    assert shape_fits(2 * 5, 5, 16)  # two heads a group, five positions
+    assert not shape_fits(1, 1, 128)  # Llama-2-7B (no grouping): SDPA was faster there
+    assert not shape_fits(8 * 16, 16, 128)  # 128 rows: a prompt, SDPA's prefill kernels
+    assert not shape_fits(8, 1, 96)  # head size not a power of two
+    assert not shape_fits(8, 1, 8)  # below tl.dot's 16

@@ -35,7 +35,7 @@ def test_kernel_matches_sdpa(dtype, b, h, hkv, t, d):
     ka.ensure_kernel()
     qh, k, v, mask = _inputs(b, h, hkv, 1, t, d, dtype, seed=b + t, filled=t // 2 + 3)
     qg = qh.reshape(b, hkv, h // hkv, d)
-    assert ka.applies(qg, k, v, mask)
+    assert ka.applies(qg, k, v, mask, 1)
     out, _ = grouped_attention(_Module().eval(), qh, k, v, mask, scaling=d ** -0.5)
     ref = ka.reference(qg.float(), k.float(), v.float(), mask, d ** -0.5, 1)
     tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]  # a few ulps of the output
@@ -54,12 +54,14 @@ def test_kernel_matches_sdpa(dtype, b, h, hkv, t, d):
 def test_dispatch():
     ka.ensure_kernel()
     qh, k, v, mask = _inputs(1, 64, 8, 1, 512, 128, torch.float16, 0, 100)
-    assert ka.applies(qh.reshape(1, 8, 8, 128), k, v, mask)
+    assert ka.applies(qh.reshape(1, 8, 8, 128), k, v, mask, 1)
     long = torch.zeros(1, 8, 8 * 16, 128, device="cuda", dtype=torch.float16)  # 16 positions
-    assert not ka.applies(long, k, v, None)  # 128 rows: SDPA's prefill kernels
-    assert not ka.applies(qh.float().reshape(1, 8, 8, 128), k.float(), v.float(), mask)
+    assert not ka.applies(long, k, v, None, 16)  # 128 rows: SDPA's prefill kernels
+    assert not ka.applies(qh.float().reshape(1, 8, 8, 128), k.float(), v.float(), mask, 1)
     assert not ka.applies(torch.zeros(1, 8, 8, 96, device="cuda", dtype=torch.float16),
-                          k[..., :96], v[..., :96], mask)  # head size not a power of two
+                          k[..., :96], v[..., :96], mask, 1)  # head size not a power of two
+    mha = torch.zeros(1, 8, 1, 128, device="cuda", dtype=torch.float16)  # G = 1: SDPA
+    assert not ka.applies(mha, k, v, mask, 1)
 
 
 def test_cuda_graph_capture():

@@ -9,8 +9,9 @@ folded rows, which is what serve/attention.py ran before the kernel existed. A f
 implementation makes the op traceable by ``torch.compile``; the kernel makes no host
 synchronisation, so CUDA graphs capture it.
 
-:func:`applies` says where the kernel runs: few rows a head (decode steps; a long prompt keeps
-SDPA's prefill kernels), fp16/bf16, a power-of-two head size from 16 to 256.
+:func:`applies` says where the kernel runs: grouped query heads, few rows a head (decode
+steps; a long prompt keeps SDPA's prefill kernels), fp16/bf16, a power-of-two head size from
+16 to 256.
 """
 
 from __future__ import annotations
@@ -77,14 +78,22 @@ def _(q, k, v, mask, scale, q_len):
     return q.new_empty(b, q_len, r // q_len * hkv, d)
 
 
+def shape_fits(rows: int, q_len: int, head_dim: int) -> bool:
+    """The kernel's shape rule: query heads grouped (G = rows / q_len ≥ 2), at most MAX_ROWS
+    folded rows a key/value head, a head size in HEAD_DIMS. G = 1 (a key/value head per query
+    head) keeps SDPA: there its inputs are the model's own, cuDNN splits the cache itself,
+    and it was faster than this kernel on the Llama-2-7B shape (decode_attention.md)."""
+    return 2 * q_len <= rows <= MAX_ROWS and head_dim in HEAD_DIMS
+
+
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            mask: Optional[torch.Tensor]) -> bool:
+            mask: Optional[torch.Tensor], q_len: int) -> bool:
     """Whether the split-KV kernel runs this call: CUDA with Triton, fp16/bf16 q, k and v of
-    one dtype with a contiguous last dim, at most MAX_ROWS folded rows, a head size in
-    HEAD_DIMS, and a mask (if any) of the shape the kernel reads."""
+    one dtype with a contiguous last dim, :func:`shape_fits`, and a mask (if any) of the
+    shape the kernel reads."""
     if not (q.is_cuda and q.dtype in KERNEL_DTYPES and k.dtype == q.dtype == v.dtype):
         return False
-    if q.shape[2] > MAX_ROWS or q.shape[3] not in HEAD_DIMS:
+    if not shape_fits(q.shape[2], q_len, q.shape[3]):
         return False
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         return False

@@ -56,7 +56,7 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     mask = attention_mask[..., :t] if attention_mask is not None else None
     scale = scaling if scaling is not None else d ** -0.5
     p = dropout if module.training else 0.0
-    if p == 0.0 and kattn.applies(qg, key, value, mask):  # decode steps on CUDA: split-KV
+    if p == 0.0 and kattn.applies(qg, key, value, mask, q):  # decode steps on CUDA: split-KV
         return kattn.gqa_decode(qg, key, value, mask, scale, q), None
     return kattn.reference(qg, key, value, mask, scale, q, dropout=p), None
 
