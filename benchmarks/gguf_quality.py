@@ -181,7 +181,7 @@ def kvant_file(src_f32: Path, dst: Path, gtype: str, method: str, embed_type: st
     opts["gguf_mix"] = args.gguf_mix
     cfg = GPTQConfig(grid=grid, **opts) if method == "gptq" else AWQConfig(
         grid=grid, scale_unfoldable=False, rounding="gptq" if method == "awq+gptq" else "rtn",
-        **opts)
+        clip_search=args.awq_clip == "on", **opts)
     t0 = time.time()
     kvant.quantize(model, cfg, calib, EngineOptions(device=args.device, show_progress=False))
     secs = time.time() - t0
@@ -236,6 +236,8 @@ def main() -> None:
     p.add_argument("--gguf-mix", default="auto", choices=GGUF_MIXES,
                    help="kvant's per-tensor types (MethodConfig.gguf_mix): auto = those of "
                         "llama.cpp's +imatrix file; plain = those of its file without one")
+    p.add_argument("--awq-clip", default="on", choices=["on", "off"],
+                   help="AWQ's clip search (AWQConfig.clip_search) for the awq methods")
     p.add_argument("--calib-seed", type=int, default=0,
                    help="calibration sample seed, of kvant and the imatrix (for a seed spread)")
     p.add_argument("--device", default="cpu", help="where kvant quantizes (cpu, cuda)")
@@ -308,6 +310,8 @@ def main() -> None:
                 label += f" sink{args.sink_weight:g} share{share:g}"
             if args.gguf_mix != "auto":
                 label += f" {args.gguf_mix}mix"
+            if args.awq_clip == "off" and method != "gptq":
+                label += " noclip"
             sfx = f"-s{args.calib_seed}" if args.calib_seed else ""
             kv = work / f"kvant-{label.replace(' ', '-')}{sfx}-{gtype}.gguf"
             key = f"kvant:{label}:{gtype}:{cal}"
@@ -462,7 +466,8 @@ def _label(method: str) -> str:
     sink_max_share 0.2'."""
     name, *opts = method.split(" ")
     names = {"sink": "sink_weight", "share": "sink_max_share"}
-    opts = [f"llama.cpp's {o[:-3]} types" if o.endswith("mix") else o for o in opts]
+    opts = [f"llama.cpp's {o[:-3]} types" if o.endswith("mix") else
+            "clip_search off" if o == "noclip" else o for o in opts]
     out = [name.upper()]
     for o in opts:
         key = next((k for k in names if o.startswith(k)), None)
