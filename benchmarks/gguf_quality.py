@@ -194,8 +194,6 @@ def kvant_file(src_f32: Path, dst: Path, gtype: str, method: str, embed_type: st
 
 
 def main() -> None:
-    from kvant.config_gguf import GGUF_MIXES
-
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", choices=["quantize", "ppl"])
     p.add_argument("--worker-args")
@@ -233,9 +231,10 @@ def main() -> None:
                    help="kvant's configs get this sink_weight (WalkConfig; default: theirs)")
     p.add_argument("--sink-max-share", type=float, default=None,
                    help="and this sink_max_share (default: the config's)")
-    p.add_argument("--gguf-mix", default="auto", choices=GGUF_MIXES,
-                   help="kvant's per-tensor types (MethodConfig.gguf_mix): auto = those of "
-                        "llama.cpp's +imatrix file; plain = those of its file without one")
+    p.add_argument("--gguf-mix", default="auto",
+                   help="kvant's per-tensor types (MethodConfig.gguf_mix: auto, imatrix or "
+                        "plain): auto = those of llama.cpp's +imatrix file; plain = those of "
+                        "its file without one")
     p.add_argument("--awq-clip", default="on", choices=["on", "off"],
                    help="AWQ's clip search (AWQConfig.clip_search) for the awq methods")
     p.add_argument("--calib-seed", type=int, default=0,
@@ -243,8 +242,12 @@ def main() -> None:
     p.add_argument("--device", default="cpu", help="where kvant quantizes (cpu, cuda)")
     p.add_argument("--allow-dirty", action="store_true")
     args = p.parse_args()
-    if args.worker:
+    if args.worker:  # llama.cpp's Python: no torch, no kvant
         return run_worker(args)
+    from kvant.config_gguf import GGUF_MIXES
+
+    if args.gguf_mix not in GGUF_MIXES:
+        p.error(f"--gguf-mix takes one of {', '.join(GGUF_MIXES)}, got {args.gguf_mix!r}")
     if not args.gguf:
         p.error("--gguf is required")
 
