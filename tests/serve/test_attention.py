@@ -105,3 +105,15 @@ def test_kernel_shape_rule():
     assert not shape_fits(8 * 16, 16, 128)  # 128 rows: a prompt, SDPA's prefill kernels
     assert not shape_fits(8, 1, 96)  # head size not a power of two
     assert not shape_fits(8, 1, 8)  # below tl.dot's 16
+
+
+def test_kernel_mask_rule():
+    from kvant.kernels.attention import mask_fits
+
+    assert mask_fits((2, 1, 1, 512), 2, 1, 512)  # the static decoder's, batch-expanded
+    assert mask_fits((1, 1, 3, 512), 2, 3, 512)  # shared by the batch
+    assert not mask_fits((2, 1, 1, 500), 2, 1, 512)  # shorter than the cache
+    assert not mask_fits((2, 1, 1, 512), 2, 3, 512)  # one row for three positions
+    assert not mask_fits((2, 8, 1, 512), 2, 1, 512)  # per head
+    assert not mask_fits((4, 1, 1, 512), 2, 1, 512)  # another batch
+    assert not mask_fits((1, 512), 2, 1, 512)

@@ -86,17 +86,24 @@ def shape_fits(rows: int, q_len: int, head_dim: int) -> bool:
     return 2 * q_len <= rows <= MAX_ROWS and head_dim in HEAD_DIMS
 
 
+def mask_fits(mask_shape: tuple, batch: int, q_len: int, t: int) -> bool:
+    """Whether the kernel reads a mask of ``mask_shape`` right: (B or 1, 1, q_len, T) exactly
+    (no other broadcast: the kernel indexes the query and key dims by their strides)."""
+    return (len(mask_shape) == 4 and mask_shape[0] in (1, batch) and mask_shape[1] == 1
+            and mask_shape[2] == q_len and mask_shape[3] == t)
+
+
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             mask: Optional[torch.Tensor], q_len: int) -> bool:
     """Whether the split-KV kernel runs this call: CUDA with Triton, fp16/bf16 q, k and v of
-    one dtype with a contiguous last dim, :func:`shape_fits`, and a mask (if any) of the
-    shape the kernel reads."""
+    one dtype with a contiguous last dim, :func:`shape_fits`, and a mask (if any) that
+    :func:`mask_fits`."""
     if not (q.is_cuda and q.dtype in KERNEL_DTYPES and k.dtype == q.dtype == v.dtype):
         return False
     if not shape_fits(q.shape[2], q_len, q.shape[3]):
         return False
     if any(t.stride(-1) != 1 for t in (q, k, v)):
         return False
-    if mask is not None and (mask.dim() != 4 or mask.shape[1] != 1):
+    if mask is not None and not mask_fits(tuple(mask.shape), q.shape[0], q_len, k.shape[2]):
         return False
     return _READY if _READY is not None else ensure_kernel()
