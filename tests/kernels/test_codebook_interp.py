@@ -8,15 +8,11 @@ gets wrong (values ~1e10); bf16 on the CUDA-core form here, everywhere on the GP
 Triton 3.6's interpreter takes ``int()`` of one-element arrays, which numpy >= 2.4 refuses
 for a loop bound; the script patches that one conversion (the kernel is unchanged)."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from interp_patch import PATCH
+from interp_patch import PATCH, run_cases
 
 pytest.importorskip("triton")
 
@@ -50,11 +46,7 @@ BOUND = {"float16": 2e-3, "bfloat16": 1e-2}
 
 
 def _run(cases):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(SRC))
-    r = subprocess.run([sys.executable, "-c", f"CASES = {cases!r}\n" + SCRIPT],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_cases(SCRIPT, cases, SRC)
 
 
 def test_e8p_kernel_matches_the_reference_in_the_interpreter():

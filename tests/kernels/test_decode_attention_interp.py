@@ -6,15 +6,11 @@ split whose keys are all masked, the output written in the model's (B, q, H, D) 
 the interpreter's bf16 ``tl.dot`` is not exact enough to say anything (the GPU test checks
 bf16). interp_patch: Triton 3.6's interpreter and numpy >= 2.4 (a loop bound)."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from interp_patch import PATCH
+from interp_patch import PATCH, run_cases
 
 pytest.importorskip("triton")
 
@@ -51,11 +47,7 @@ print(json.dumps(res))
 
 
 def _run(cases):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(SRC))
-    r = subprocess.run([sys.executable, "-c", f"CASES = {cases!r}\n" + SCRIPT],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_cases(SCRIPT, cases, SRC)
 
 
 def test_split_kv_kernel_matches_sdpa_in_the_interpreter():

@@ -4,15 +4,11 @@ Triton). The inline-PTX unpacking cannot run there, so these run the pure-Triton
 that both paths are bit-identical. fp16 only: the interpreter's bf16 ``tl.dot`` is wrong
 (values ~1e10 on a plain bf16 dot), so bf16 is checked on the GPU."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from interp_patch import PATCH
+from interp_patch import PATCH, run_cases
 
 pytest.importorskip("triton")
 
@@ -49,11 +45,7 @@ print(json.dumps(res))
 
 
 def _run(cases):
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(SRC))
-    r = subprocess.run([sys.executable, "-c", f"CASES = {cases!r}\n" + SCRIPT],
-                       capture_output=True, text=True, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_cases(SCRIPT, cases, SRC)
 
 
 def test_mma_and_dequant_match_the_reference_in_the_interpreter():
