@@ -47,6 +47,7 @@ LLAMA_FTYPES = {"Q4_0": ("MOSTLY_Q4_0", 2), "Q4_K": ("MOSTLY_Q4_K_S", 14),
                 "Q3_K": ("MOSTLY_Q3_K_S", 11)}
 CTX = 2048
 METHODS = ("gptq", "awq", "awq+gptq")
+_CLIP = {"auto": None, "on": True, "off": False}  # --awq-clip -> AWQConfig.clip_search
 
 
 # -- llama.cpp side (runs under --llama-python; imports no torch / kvant) -------------------
@@ -181,7 +182,7 @@ def kvant_file(src_f32: Path, dst: Path, gtype: str, method: str, embed_type: st
     opts["gguf_mix"] = args.gguf_mix
     cfg = GPTQConfig(grid=grid, **opts) if method == "gptq" else AWQConfig(
         grid=grid, scale_unfoldable=False, rounding="gptq" if method == "awq+gptq" else "rtn",
-        clip_search=args.awq_clip == "on", **opts)
+        clip_search=_CLIP[args.awq_clip], **opts)
     t0 = time.time()
     kvant.quantize(model, cfg, calib, EngineOptions(device=args.device, show_progress=False))
     secs = time.time() - t0
@@ -235,8 +236,9 @@ def main() -> None:
                    help="kvant's per-tensor types (MethodConfig.gguf_mix: auto, imatrix or "
                         "plain): auto = those of llama.cpp's +imatrix file; plain = those of "
                         "its file without one")
-    p.add_argument("--awq-clip", default="on", choices=["on", "off"],
-                   help="AWQ's clip search (AWQConfig.clip_search) for the awq methods")
+    p.add_argument("--awq-clip", default="auto", choices=list(_CLIP),
+                   help="AWQ's clip search (AWQConfig.clip_search) for the awq methods; auto: "
+                        "the library's default for the grid (off on GGUF grids)")
     p.add_argument("--calib-seed", type=int, default=0,
                    help="calibration sample seed, of kvant and the imatrix (for a seed spread)")
     p.add_argument("--device", default="cpu", help="where kvant quantizes (cpu, cuda)")
@@ -313,7 +315,7 @@ def main() -> None:
                 label += f" sink{args.sink_weight:g} share{share:g}"
             if args.gguf_mix != "auto":
                 label += f" {args.gguf_mix}mix"
-            if args.awq_clip == "off" and method != "gptq":
+            if args.awq_clip != "on" and method != "gptq":  # auto: off on GGUF grids
                 label += " noclip"
             sfx = f"-s{args.calib_seed}" if args.calib_seed else ""
             kv = work / f"kvant-{label.replace(' ', '-')}{sfx}-{gtype}.gguf"

@@ -185,7 +185,7 @@ class AWQ(QuantMethod):
         with _naming(block, groups, runner.prefix):
             report += self._prepare(groups)
         with _naming(block, [list(linears)], runner.prefix):
-            clip = self._clip() if self.config.clip_search else {}
+            clip = self._clip() if self.config.clips else {}
         return {"awq": report, "awq_clip": clip}
 
     def _not_scaled(self, names: list[str], treatment: str) -> dict:
@@ -203,11 +203,12 @@ class AWQ(QuantMethod):
         st.specs = [(names[0], plan[0]) for names, plan in zip(groups, plans)]
         st.sig = probe_signature(st.runner, st.probe, st.specs)
         st.y_ref = st.sig["y"]
-        caps = capture_groups(st.block, st.specs, st.runner.inputs)
+        sink = (self.config.sink_weight, self.config.sink_max_share)
+        caps = capture_groups(st.block, st.specs, st.runner.inputs, *sink)
         report = []
         for i, names in enumerate(groups):
             if caps[i] is None:  # stale: an earlier fold changed what this group reads
-                caps[i] = capture_groups(st.block, [st.specs[i]], st.runner.inputs)[0]
+                caps[i] = capture_groups(st.block, [st.specs[i]], st.runner.inputs, *sink)[0]
             before = st.sig
             entry = self._group(i, names, plans[i], caps[i])
             caps[i] = None

@@ -29,6 +29,7 @@ from kvant.calib.capture import BlockInput, block_output
 from kvant.calib.runner import BlockRunner
 from kvant.config import QuantArgs
 from kvant.core.grid import fake_quantize, find_params, weight_params
+from kvant.core.hessian import sink_gram, sink_weight_of
 from kvant.model.discovery import is_conv1d, linear_weight
 
 
@@ -38,13 +39,16 @@ class GroupCapture:
 
     abs_sum: (K,) float32 sum of |x| over all tokens; tokens: how many; calls: the inspected
     module's (args, kwargs, float output) of every call; gram: (K, K) float32 ``Σ xᵀx``
-    instead of calls when the inspected module is the group's single Linear.
+    instead of calls when the inspected module is the group's single Linear, with the first
+    position of every window counted as the sink weight says (core.hessian.sink_gram);
+    first_weights: per call, that weight of the call's first positions (1.0: unweighted).
     """
 
     abs_sum: torch.Tensor | None = None
     tokens: int = 0
     calls: list = field(default_factory=list)
     gram: torch.Tensor | None = None
+    first_weights: list = field(default_factory=list)
 
     @property
     def act_mean(self) -> torch.Tensor:
@@ -147,7 +151,8 @@ def changed(before: dict, after: dict, j: int, tol: float) -> bool:
 
 
 @torch.no_grad()
-def capture_groups(block: nn.Module, specs: list[tuple[str, str]], inputs) -> list:
+def capture_groups(block: nn.Module, specs: list[tuple[str, str]], inputs,
+                   sink_weight: float = 1.0, sink_max_share: float = 1.0) -> list:
     """One pass over all calibration inputs recording, for each (first Linear, inspected
     module) of ``specs``, a :class:`GroupCapture`: |x| of the Linear's input, and the
     inspected module's calls (the block's own calls when the module is "").
@@ -155,9 +160,15 @@ def capture_groups(block: nn.Module, specs: list[tuple[str, str]], inputs) -> li
     When the inspected module is the Linear itself (a group of one Linear), its output
     error is a quadratic form in the weight error, ``||x ΔWᵀ||² = tr(ΔW G ΔWᵀ)``: only the
     Gram matrix ``G = Σ xᵀx`` is kept, and each grid point costs N·K² instead of T·N·K.
+
+    ``sink_weight`` / ``sink_max_share``: the first position of every window counts that
+    many times in the loss (capped by its share of the Linear's input energy), as in GPTQ's
+    Hessian (core.hessian.sink_gram), so the scales are searched for the objective a GPTQ
+    rounding after them minimises.
     """
     caps = [GroupCapture() for _ in specs]
     runner = BlockRunner(block, inputs)
+    last_w: dict = {}  # id(cap) -> the first positions' weight of the latest Linear call
 
     def stats(a, cap, single):
         x = a[0].detach()
@@ -166,23 +177,36 @@ def capture_groups(block: nn.Module, specs: list[tuple[str, str]], inputs) -> li
         cap.abs_sum = s if cap.abs_sum is None else cap.abs_sum + s
         cap.tokens += rows.shape[0]
         if single:
-            g = rows.float().t() @ rows.float()
+            g = sink_gram(x.float(), rows.float(), torch.float32, sink_weight, sink_max_share)
             cap.gram = g if cap.gram is None else cap.gram + g
+        else:
+            last_w[id(cap)] = sink_weight_of(x, sink_weight, sink_max_share)
+
+    def call(a, kw, out, cap):
+        cap.calls.append((a, kw, block_output(out).detach()))
+        cap.first_weights.append(last_w.get(id(cap), 1.0))
 
     before, after = [], []
     for (first, module), cap in zip(specs, caps):
         single = module == first
         before.append((first, lambda a, kw, cap=cap, single=single: stats(a, cap, single)))
         if module and not single:  # the module's calls: (args, kwargs, float output)
-            after.append((module, lambda a, kw, out, cap=cap: cap.calls.append(
-                (a, kw, block_output(out).detach()))))
+            after.append((module, lambda a, kw, out, cap=cap: call(a, kw, out, cap)))
     whole = any(not module for _, module in specs)  # the block itself is inspected
+    whole_w: dict = {}  # id(cap) -> weights per input, the block inspected as a whole
+    if whole:  # the Linear runs once per input: its weights in input order
+        before += [(first, lambda a, kw, cap=cap: whole_w.setdefault(id(cap), []).append(
+            sink_weight_of(a[0].detach(), sink_weight, sink_max_share)))
+            for (first, module), cap in zip(specs, caps) if not module]
     outs = runner.run(before=before, after=after, keep_outputs=whole)
     if whole:
-        for inp, out in zip(inputs, outs):
+        for i, (inp, out) in enumerate(zip(inputs, outs)):
             for (_, module), cap in zip(specs, caps):
                 if not module:
+                    ws = whole_w.get(id(cap), [])
                     cap.calls.append((inp.args, inp.kwargs, out))
+                    # a Linear run other than once per input: its calls can't be matched
+                    cap.first_weights.append(ws[i] if len(ws) == len(inputs) else 1.0)
     return caps
 
 
@@ -226,6 +250,7 @@ def search_scale(module: nn.Module, lins: list[nn.Module], cap: GroupCapture,
     weights = [linear_weight(l).detach().float().clone() for l in lins]
     runner = BlockRunner(module, [BlockInput(a, kw) for a, kw, _ in cap.calls])
     refs = [ref for _, _, ref in cap.calls]
+    first_w = cap.first_weights if len(cap.first_weights) == len(refs) else None
     dev = weights[0].device
     act = cap.act_mean.to(dev)
     keep = keep.to(dev)
@@ -246,7 +271,7 @@ def search_scale(module: nn.Module, lins: list[nn.Module], cap: GroupCapture,
             dw = cand[lins[0]].to(lins[0].weight.dtype).float() - weights[0]
             loss = float(((dw @ cap.gram) * dw).sum()) / (cap.tokens * dw.shape[0])
         else:  # the module's output error with the candidate weights, restored after
-            loss = runner.probe(weights=cand, reference=refs)
+            loss = runner.probe(weights=cand, reference=refs, first_weights=first_w)
         losses.append(loss)
         if loss < best[0]:
             best = (loss, alpha, s)

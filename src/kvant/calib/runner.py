@@ -152,18 +152,26 @@ class BlockRunner:
     @torch.no_grad()
     def probe(self, *, weights: dict | None = None, modules: dict | None = None,
               inputs: list[BlockInput] | None = None,
-              reference: list[torch.Tensor] | None = None):
+              reference: list[torch.Tensor] | None = None,
+              first_weights: list | None = None):
         """Run a candidate (see :meth:`patched`) on ``inputs`` (default: the calibration
         inputs) and restore the block. Without ``reference``: the outputs. With it (one
         tensor per input): the mean squared error over all elements, each call's float32
         sum accumulated in float64 on the device and read once (one host synchronisation
-        per probe, not per call)."""
+        per probe, not per call). ``first_weights`` (one per input, a number or 0-dim
+        tensor): the error at position 0 of every window of that input's (B, T, C) output
+        counts that many times (outputs without a position axis are unweighted)."""
         with self.patched(weights, modules):
             if reference is None:
                 return self.outputs(inputs)
             total, count = None, 0
-            for inp, ref in zip(self._inputs(inputs), reference, strict=True):
-                part = (self.output(inp).float() - ref.float()).pow(2).sum().double()
+            weights0 = first_weights or [1.0] * len(reference)
+            for inp, ref, w0 in zip(self._inputs(inputs), reference, weights0, strict=True):
+                err = (self.output(inp).float() - ref.float()).pow(2)
+                if not (isinstance(w0, float) and w0 == 1.0) and err.dim() >= 3 \
+                        and err.shape[-2] >= 2:
+                    err[..., 0, :] *= w0
+                part = err.sum().double()
                 total = part if total is None else total + part
                 count += ref.numel()
         return float(total) / max(count, 1) if total is not None else 0.0

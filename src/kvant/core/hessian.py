@@ -96,14 +96,36 @@ def sink_gram(x: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype,
         g0 = gram(x0, dtype)
         if sink_max_share < 1.0:  # on the device: no host sync per batch
             t0 = g0.diagonal().sum()
-            rest = g.diagonal().sum() - t0
-            # w t0 / (w t0 + rest) <= share  <=>  w <= share/(1-share) rest/t0
-            cap = sink_max_share / (1.0 - sink_max_share) * rest / t0.clamp(min=1e-30)
-            w = cap.clamp(max=sink_weight).clamp(min=1.0)
+            w = capped_sink_weight(t0, g.diagonal().sum(), sink_weight, sink_max_share)
             g = g.add_(g0.mul_(w - 1.0))
         else:
             g = g.add_(g0, alpha=sink_weight - 1.0)
     return g
+
+
+def capped_sink_weight(t0: torch.Tensor, total: torch.Tensor, sink_weight: float,
+                       sink_max_share: float) -> torch.Tensor:
+    """The first positions' weight (0-dim, on the device) given their share ``t0`` of a
+    batch's input energy ``total`` (traces of the Gram matrices): ``sink_weight``, lowered
+    so that they take at most ``sink_max_share`` of the weighted total, never below 1."""
+    rest = total - t0
+    # w t0 / (w t0 + rest) <= share  <=>  w <= share/(1-share) rest/t0
+    share = min(sink_max_share, 1.0 - 1e-12)
+    cap = share / (1.0 - share) * rest / t0.clamp(min=1e-30)
+    return cap.clamp(max=sink_weight).clamp(min=1.0)
+
+
+def sink_weight_of(x: torch.Tensor, sink_weight: float, sink_max_share: float):
+    """The weight :func:`sink_gram` gives the first positions of the input ``x`` (..., T, K)
+    (0-dim tensor), or 1.0 where it has no position axis or no weight is asked for."""
+    rows = x.reshape(-1, x.shape[-1])
+    x0 = first_positions(x, rows) if sink_weight != 1.0 else None
+    if x0 is None:
+        return 1.0
+    if sink_max_share >= 1.0:
+        return torch.tensor(float(sink_weight), device=x.device)
+    t0 = x0.float().pow(2).sum()
+    return capped_sink_weight(t0, rows.float().pow(2).sum(), sink_weight, sink_max_share)
 
 
 class HessianAccumulator:
