@@ -3,7 +3,7 @@
 For each weight shape (N, K), stored bits (2: E8P; 3: + E8P1; 4: + E8P, row scales) and batch
 M in 1-16: every candidate launch configuration (e8p.candidates) is timed, the fastest is
 timed again and set against ``torch.matmul`` in fp16 on the same x. Timing as
-benchmarks/kernels.py: each timed call reads its own copy of the weight (enough copies to
+benchmarks/kernel_table.py: each timed call reads its own copy of the weight (enough copies to
 exceed 3x the L2), the calls are captured in one CUDA graph and replayed, median of rounds.
 The kernel computes the rotated-basis product only (the Hadamard transforms of QuipLinear
 stay outside it, as in the layer's forward). Each best configuration's output is checked
@@ -98,7 +98,7 @@ def bench(n, k, bits, batches, log) -> list:
     """All batches of one (shape, bits): time every candidate, then the best and fp16."""
     from dataclasses import asdict, replace
 
-    from kernels import graph_time_us
+    from kernel_table import graph_time_us
 
     from kvant.core.e8p_words import kernel_tables
     from kvant.kernels import codebook as cbk

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from kernels import _clone, _copies, tune_graph  # noqa: E402  (shared helpers)
+from kernel_table import _clone, _copies, tune_graph  # noqa: E402  (shared helpers)
 from kvant.serve.generate import capture_graph  # noqa: E402
 
 from kvant.serve import StaticDecoder  # noqa: E402
@@ -190,7 +190,7 @@ class Decoder(StaticDecoder):
 
 def tune_for(model, batch: int) -> int:
     """Tune our kernels once for each distinct QuantLinear shape at this batch, timing graph
-    replays over copies of the layer's weight (benchmarks/kernels.py:tune_graph)."""
+    replays over copies of the layer's weight (benchmarks/kernel_table.py:tune_graph)."""
     from kvant import prepare_for_inference
     from kvant.kernels.triton.repack import PackedWeight
     from kvant.nn.qlinear import QuantLinear

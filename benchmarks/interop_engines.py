@@ -167,8 +167,8 @@ ENGINES = {"transformers": run_transformers, "gptqmodel": run_gptqmodel, "vllm":
 
 
 def main() -> None:
-    # benchmarks/ holds scripts named like packages the engines import (kernels.py,
-    # record.py): keep this script's folder off the import path
+    # benchmarks/ holds scripts named like packages the engines import (record.py
+    # and others): keep this script's folder off the import path
     here = Path(__file__).resolve().parent
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     engine, export, ref_dir = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])

@@ -8,11 +8,11 @@ one-dot-per-chunk variant (``KVANT_W4_ONE_DOT``). What measured best is now the 
 one-dot variant was deleted unmeasured); docs/KERNELS.md's experiment log keeps the history
 and benchmarks/results/archive/kernel_layouts.md and kernel_prefetch*.md the numbers. The
 script as it ran: ``git show 583ba6f:benchmarks/kernel_layouts.py``. To time the kernels today, use
-benchmarks/kernels.py (its tuner still times the prefetch both ways where it can lose).
+benchmarks/kernel_table.py (its tuner still times the prefetch both ways where it can lose).
 """
 
 import sys
 
 if __name__ == "__main__":
     sys.exit("kernel_layouts.py is retired: the switches it compared were removed (issue 16); "
-             "see its docstring, docs/KERNELS.md and benchmarks/kernels.py")
+             "see its docstring, docs/KERNELS.md and benchmarks/kernel_table.py")

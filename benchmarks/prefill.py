@@ -9,7 +9,7 @@ dispatch.MMA_TILES, with and without K splits) and dequantize-into-a-reused-buff
 with M) and GemLite's A16W4 g128 (when the ``gemlite`` package imports; its shipped H100
 configurations are loaded, an H200 reads them as the same sm_90 part).
 
-Timing as in benchmarks/kernels.py: each call reads its own weight copy (enough copies to
+Timing as in benchmarks/kernel_table.py: each call reads its own weight copy (enough copies to
 exceed 3x the L2), the calls are captured in a CUDA graph and replayed; repetitions shrink
 with the call's length. Every path's output is checked against the float64 product of the
 reference weight on the first rows (``rel_err``). A path that fails records its error and
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import (GS, SHAPES, _clone, _copies, _packed_problem, format_bits, int4pack_peer,
+from kernel_table import (GS, SHAPES, _clone, _copies, _packed_problem, format_bits, int4pack_peer,
                      precompile)
 from record import device_name, provenance_or_exit, today
 

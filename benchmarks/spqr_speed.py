@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import record as rep  # noqa: E402  (benchmarks/record.py: device, date, commit)
-from kernels import format_bits  # noqa: E402  (benchmarks/kernels.py)
+from kernel_table import format_bits  # noqa: E402  (benchmarks/kernel_table.py)
 from quip_overhead import MODELS, graphed, time_pass  # noqa: E402  (benchmarks/quip_overhead.py)
 from kvant.eval.table import write_json  # noqa: E402
 from kvant.kernels import KernelOptions, selfcheck  # noqa: E402

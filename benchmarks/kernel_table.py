@@ -10,7 +10,7 @@ configuration is tuned per (shape, batch) first (dispatch.tune; cold L2 between 
 
 Writes benchmarks/results/kernels.{json,md,png}; the card's name is in each.
 
-Usage: ``PYTHONPATH=src python3 benchmarks/kernels.py [--quick] [--out DIR]``.
+Usage: ``PYTHONPATH=src python3 benchmarks/kernel_table.py [--quick] [--out DIR]``.
 """
 
 from __future__ import annotations
