@@ -36,6 +36,11 @@ KERNELS = {
     "pairs": ("kvant.kernels.triton.pairs", "wq_dot_pairs_kernel", _PTRS + _INTS,
               {"M", "chunks_per_split", "n_chunks"},
               dict(GS=128, HAS_PERM=0, SPLIT=1, BN=128, BM=16, TH=16, PREFETCH=1)),
+    "pairs_sz": ("kvant.kernels.triton.pairs_sz", "wq_dot_pairs_sz_kernel",
+                 [a for a in _PTRS if a[0] not in ("s_ptr", "z_ptr")][:2] + [("sz_ptr", "*i32")]
+                 + [a for a in _PTRS if a[0] not in ("s_ptr", "z_ptr")][2:] + _INTS,
+                 {"M", "chunks_per_split", "n_chunks"},
+                 dict(GS=128, HAS_PERM=0, SPLIT=1, BN=128, BM=16, TH=16)),
     "gemm": ("kvant.kernels.triton.gemm", "wq_dot_kernel", _PTRS + _INTS + [("magic", "i32")],
              {"M", "chunks_per_split", "n_chunks", "magic"},
              dict(BITS=3, GS=128, HAS_PERM=0, SPLIT=1, BN=64, BM=16)),
