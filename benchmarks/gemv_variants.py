@@ -96,6 +96,7 @@ def main() -> None:
     dev = torch.cuda.get_device_name(0)
     rows, best = [], {}
     log = lambda s: print(s, flush=True)  # noqa: E731
+    copy_rate()  # warms the clocks
     ceiling = copy_rate()
     log(f"{dev}: copy {ceiling:.0f} GB/s")
     for name in args.shapes.split(","):
@@ -136,9 +137,9 @@ def main() -> None:
                         key = (name, m, fam)
                         if key not in best or us < best[key][0]:
                             best[key] = (us, (split, stages))
-                log(f"{name} M={m}: fp16 {t16:.1f} | " + " | ".join(
-                    f"{f} {best[(name, m, f)][0]:.1f} {best[(name, m, f)][1]}"
-                    for f in ("pairs", "sz", "sz1")))
+            log(f"{name} M={m}: fp16 {t16:.1f} | " + " | ".join(
+                f"{f} {best[(name, m, f)][0]:.1f} {best[(name, m, f)][1]}"
+                for f in ("pairs", "sz", "sz1")))
         del ws, ps, szs
         torch.cuda.empty_cache()
     # one block: the four products in order with each family's best configuration
