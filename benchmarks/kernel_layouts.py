@@ -8,7 +8,8 @@ one-dot-per-chunk variant (``KVANT_W4_ONE_DOT``). What measured best is now the 
 one-dot variant was deleted unmeasured); docs/KERNELS.md's experiment log keeps the history
 and benchmarks/results/archive/kernel_layouts.md and kernel_prefetch*.md the numbers. The
 script as it ran: ``git show 583ba6f:benchmarks/kernel_layouts.py``. To time the kernels today, use
-benchmarks/kernel_table.py (its tuner still times the prefetch both ways where it can lose).
+benchmarks/kernel_table.py. (The prefetch itself is gone since the group words are pipelined:
+benchmarks/results/gemv_70b.md.)
 """
 
 import sys

@@ -164,7 +164,7 @@ def bench_shape(n, k, batches, rows, deadline, log, use_gemlite=True):
                           if chosen.kernel == "dot" else
                           d.Config("dot", bn=128, bm=d.block_m("dot", m), split=1,
                                    warps=d.dot_warps(128, d.block_m("dot", m)), stages=3,
-                                   cpi=1, prefetch=m <= 16)))
+                                   cpi=1)))
         for kind, cfg in paths:
             _attempt(rows, base, kind, _maker(len(ps), lambda i, c=cfg: (
                 lambda p=ps[i]: d.launch(x, p, c))), ref, log, config=repr(cfg))

@@ -14,7 +14,7 @@ so the IR matches what runs on the card. Writes ``<out>/<kernel>.{ttgir,ptx}``.
 
 Usage (``--sass``: also the machine code, one instruction a line, to diff two builds)::
 
-    python3 scripts/kernel_ir.py pairs --const GS=128 BN=128 BM=16 TH=16 PREFETCH=1 --sass
+    python3 scripts/kernel_ir.py pairs --const GS=128 BN=128 BM=16 TH=16 --sass --stages 4
     python3 scripts/kernel_ir.py gemv --const BITS=3 GS=128 BN=32 CPI=1 --stages 2
 """
 
@@ -30,17 +30,15 @@ from pathlib import Path
 # default constexprs)
 _PTRS = [("x_ptr", "*fp16"), ("qw_ptr", "*i32"), ("s_ptr", "*fp16"), ("z_ptr", "*u8"),
          ("perm_ptr", "*i32"), ("out_ptr", "*fp16"), ("part_ptr", "*fp32"), ("cnt_ptr", "*i32")]
+# the pairs kernel reads one pointer of group words (repack.group_words) for scales and zeros
+_PAIRS_PTRS = [a for a in _PTRS if a[0] not in ("s_ptr", "z_ptr")]
+_PAIRS_PTRS.insert(2, ("g_ptr", "*fp16"))
 _INTS = [(n, "i32") for n in ("M", "N", "K", "W", "stride_xm", "stride_om",
                               "chunks_per_split", "n_chunks")]
 KERNELS = {
-    "pairs": ("kvant.kernels.triton.pairs", "wq_dot_pairs_kernel", _PTRS + _INTS,
+    "pairs": ("kvant.kernels.triton.pairs", "wq_dot_pairs_kernel", _PAIRS_PTRS + _INTS,
               {"M", "chunks_per_split", "n_chunks"},
-              dict(GS=128, HAS_PERM=0, SPLIT=1, BN=128, BM=16, TH=16, PREFETCH=1)),
-    "pairs_sz": ("kvant.kernels.triton.pairs_sz", "wq_dot_pairs_sz_kernel",
-                 [a for a in _PTRS if a[0] not in ("s_ptr", "z_ptr")][:2] + [("sz_ptr", "*i32")]
-                 + [a for a in _PTRS if a[0] not in ("s_ptr", "z_ptr")][2:] + _INTS,
-                 {"M", "chunks_per_split", "n_chunks"},
-                 dict(GS=128, HAS_PERM=0, SPLIT=1, BN=128, BM=16, TH=16)),
+              dict(GS=128, HAS_PERM=0, SPLIT=1, BN=128, BM=16, TH=16)),
     "gemm": ("kvant.kernels.triton.gemm", "wq_dot_kernel", _PTRS + _INTS + [("magic", "i32")],
              {"M", "chunks_per_split", "n_chunks", "magic"},
              dict(BITS=3, GS=128, HAS_PERM=0, SPLIT=1, BN=64, BM=16)),
@@ -61,7 +59,7 @@ def compile_kernel(name: str, const: dict, warps: int, stages: int, arch: int = 
     module, fn_name, args, unspecialised, defaults = KERNELS[name]
     fn = getattr(importlib.import_module(module), fn_name)
     consts = {**defaults, **const}
-    for k in ("HAS_PERM", "SPLIT", "PREFETCH"):
+    for k in ("HAS_PERM", "SPLIT"):
         if k in consts:
             consts[k] = bool(consts[k])
     signature = {a: t for a, t in args}

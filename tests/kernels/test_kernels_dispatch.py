@@ -17,7 +17,7 @@ import kvant
 from kvant.algorithms.base import LayerResult
 from kvant.config import QuantArgs
 from kvant.core.grid import rtn
-from kvant.formats.packing import pack
+from kvant.formats.packing import pack, unpack
 from kvant.kernels import KernelOptions, ops, packed
 from kvant.kernels.triton import repack as rp
 from kvant.nn.qlinear import KERNEL_BUFFERS, QuantLinear, prepare_for_inference
@@ -53,6 +53,27 @@ def test_repack_round_trip(bits, gs):
     assert p.k_padded % ck == 0 and p.k_padded - k < ck
     ref = ops.dequantize_weight(qw, s, qz, g_idx, bits, gs, k)
     assert torch.equal(rp.dequantize_packed(p), ref)
+
+
+@pytest.mark.parametrize("gs", [32, 128, -1, 0])
+def test_pairs_group_words_hold_scale_and_zero_point(gs):
+    # the pairs layout keeps a (group, row)'s scale and zero point in one int32 word (fp16
+    # scale low, fp16 zero point high); scales and zeros are views into those words
+    k = 256
+    qw, s, qz, _ = _stored(40, k, 4, gs, seed=3)
+    p = rp.repack(qw, s, qz, None, 4, gs, k)
+    words = rp.group_words(p)
+    g = p.scales.shape[0]
+    assert words.data_ptr() == p.scales.data_ptr() and p.zeros.data_ptr() == words.data_ptr() + 2
+    raw = torch.empty(0, dtype=torch.int32).set_(p.scales.untyped_storage(), 0, (g * 40,))
+    assert torch.equal(raw, rp.pack_group_words(p.scales, p.zeros).reshape(-1))
+    assert torch.equal(p.scales.float(), s.float().expand(40, g).t())
+    assert torch.equal(p.zeros.float(), unpack(qz, 4, g).expand(40, g).t().float())
+    # stored separately (not views into words), the kernels' reader refuses them
+    bad = rp.PackedWeight(p.qweight, p.scales.contiguous(), p.zeros.contiguous(), None, 4,
+                          p.group_size, k, 40, True, p.tile)
+    with pytest.raises(ValueError, match="group words"):
+        rp.group_words(bad)
 
 
 @pytest.mark.parametrize("tile", [1, 16, 64])

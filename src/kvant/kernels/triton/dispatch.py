@@ -42,10 +42,8 @@ class Config:
     GEMM of prefill.py, 4-bit pairs layout); BN output channels and BM rows of x per
     program; ``split`` programs along K; Triton's warps and pipeline stages;
     ``cpi`` chunks loaded per loop iteration (gemv; the 4-bit pairs kernel takes one);
-    ``prefetch``: the 4-bit kernel loads the next chunk's group scales and zero points ahead
-    (H200: +4-20 % at BM 16, most on large shapes; slower at BM 64, where registers are
-    short); the gemv kernel has no prefetch (tried: kernel_prefetch_w2/w3.md); ``kd``:
-    columns a ``tl.dot`` in the mma kernel (32: one per plane, 128: a chunk's planes joined)."""
+    ``kd``: columns a ``tl.dot`` in the mma kernel (32: one per plane, 128: a chunk's planes
+    joined)."""
 
     kernel: str
     bn: int = 64
@@ -54,7 +52,6 @@ class Config:
     warps: int = 4
     stages: int = 2
     cpi: int = 2
-    prefetch: bool = True
     kd: int = 128
 
 
@@ -125,8 +122,7 @@ def mma_config(m: int, n: int, n_chunks: int, sms: int, bn: int, bm: int, warps:
     split = 1
     while tiles * split * 2 <= sms and n_chunks // (split * 2) >= 8 and split < 8:
         split *= 2
-    return Config("mma", bn=bn, bm=bm, split=split, warps=warps, stages=stages, cpi=1,
-                  prefetch=True, kd=kd)
+    return Config("mma", bn=bn, bm=bm, split=split, warps=warps, stages=stages, cpi=1, kd=kd)
 
 
 def heuristic(m: int, n: int, k: int, bits: int, device: torch.device,
@@ -148,11 +144,26 @@ def heuristic(m: int, n: int, k: int, bits: int, device: torch.device,
         return Config("gemv", bn=bn, bm=1, split=_split_for(tiles, n_chunks, sms),
                       cpi=1 if bits == 3 else 2)
     bm = block_m("dot", m, bits)
-    # BN 128 at BM 16 since the prefetch (pairs layout; the H200 tuning chose it everywhere)
+    # BN 128 at BM 16 on the pairs layout (the H200 tuning chose it everywhere)
     bn = 128 if bm >= 64 or (pairs and bm <= 16) else 64
     tiles = -(-n // bn) * -(-m // bm)
+    if pairs and bm <= 16:  # H200, 70B block shapes (results/gemv_70b.md): 4 stages won
+        return Config("dot", bn=bn, bm=bm, split=_pairs_split(tiles, n_chunks, sms),
+                      warps=dot_warps(bn, bm), stages=4, cpi=1)
     return Config("dot", bn=bn, bm=bm, split=_split_for(tiles, n_chunks, sms),
-                  warps=dot_warps(bn, bm), stages=3, cpi=1, prefetch=bm <= 16)
+                  warps=dot_warps(bn, bm), stages=3, cpi=1)
+
+
+def _pairs_split(tiles: int, n_chunks: int, sms: int) -> int:
+    """K splits (at most 8) of the 4-bit kernel at BM 16: double while the programs stay
+    under 8 per SM and either fill fewer than one per SM or keep at least 16 chunks each
+    (H200, the Llama-3-70B block shapes: 4 for 10240×8192 and 8192², 2 for 57344×8192, 8
+    for 8192×28672 were the fastest of 1-8; shorter splits lose to their pipeline fill)."""
+    split = 1
+    while (tiles * split * 2 <= 8 * sms and split < 8 and n_chunks // (split * 2) >= 2
+           and (tiles * split < sms or n_chunks // (split * 2) >= 16)):
+        split *= 2
+    return split
 
 
 def dot_warps(bn: int, bm: int) -> int:
@@ -213,16 +224,16 @@ def launch(x2: torch.Tensor, p: rp.PackedWeight, cfg: Config,
     split = -(-n_chunks // cps)
     split, cps, cnt, part = split_k_buffers(split, cps, n_chunks, grid_m * grid_n, out,
                                             lambda: _counters(x2.device))
-    args = (x2, p.qweight, p.scales, p.zeros, p.perm if p.perm is not None else p.qweight,
-            out, part, cnt if cnt is not None else p.qweight,
+    tail = (p.perm if p.perm is not None else p.qweight, out, part,
+            cnt if cnt is not None else p.qweight,
             m, n, k, p.qweight.shape[1], x2.stride(0), out.stride(0), cps, n_chunks)
     meta = dict(GS=p.group_size, HAS_PERM=p.perm is not None, SPLIT=split > 1, BN=cfg.bn,
                 num_warps=cfg.warps, num_stages=_stages(cfg, p.bits, p.pairs, bm))
     if p.pairs:
-        wq_dot_pairs_kernel[(grid_m, grid_n, split)](*args, BM=bm, TH=p.tile,
-                                                     PREFETCH=cfg.prefetch, **meta)
+        wq_dot_pairs_kernel[(grid_m, grid_n, split)](x2, p.qweight, rp.group_words(p), *tail,
+                                                     BM=bm, TH=p.tile, **meta)
         return out
-    args = args + (MAGIC,)
+    args = (x2, p.qweight, p.scales, p.zeros) + tail + (MAGIC,)
     meta["BITS"] = p.bits
     if cfg.kernel == "gemv":
         wq_gemv_kernel[(grid_m, grid_n, split)](*args, CPI=cpi, **meta)
@@ -271,14 +282,15 @@ def candidates(m: int, p: rp.PackedWeight, device: torch.device) -> list[Config]
                 if bn * cpi <= (32 if p.bits == 3 else 64):  # 3 bits: registers
                     out.update(Config("gemv", bn=bn, bm=1, split=s, cpi=cpi) for s in splits)
     bm = block_m("dot", m, p.bits)
-    # 3 stages only: 4-5 stages (and 16 splits) were never faster on the H200
-    # (kernel_layouts.md); the prefetch is timed both ways where it can lose (BM > 16)
+    # 3 stages (4 too on the pairs layout since its group words are pipelined: 4 won at BM
+    # 16 on the 70B block shapes, gemv_70b.md); 16 splits were never faster on the H200
+    stage_set = (3, 4) if p.pairs else (3,)
     for bn in (32, 64, 128):
         if bn * bm > 8192:
             continue
-        for pf in ((True, False) if p.pairs and bm > 16 else (True,)):
+        for st in stage_set:
             out.update(Config("dot", bn=bn, bm=bm, split=s, warps=dot_warps(bn, bm),
-                              stages=3, cpi=1, prefetch=pf) for s in splits)
+                              stages=st, cpi=1) for s in splits)
     if m >= 64:
         out.add(Config("dequant", bn=32, bm=0))
     return sorted(out, key=repr)

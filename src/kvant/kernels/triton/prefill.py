@@ -12,7 +12,7 @@ x tile a few times from L2); act-order inputs are permuted once on the host (a g
 per element would be slow at this size).
 
 ``dequant_pairs_fast_kernel``: the whole weight as fp16/bf16 for cuBLAS at very large M.
-The slow part of the old dequantizer (pairs.dequant_pairs_kernel, ~440 GB/s on the H200) was
+The slow part of the old dequantizer (planes-style, since removed: ~440 GB/s on the H200) was
 two float conversions a weight (fp16 -> fp32 -> fp16, F2F issues at 16 a clock per SM); here
 the weight is made in packed 16-bit arithmetic (three instructions per two weights) and
 stored as it comes out, 64 bytes a row per plane.
@@ -113,7 +113,7 @@ def _dups(wv, R: tl.constexpr, BF16: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["M", "chunks_per_split", "n_chunks"])
-def wq_mma_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, cnt_ptr,
+def wq_mma_pairs_kernel(x_ptr, qw_ptr, g_ptr, out_ptr, part_ptr, cnt_ptr,
                         M, N, K, W, stride_xm, stride_om, chunks_per_split, n_chunks,
                         GS: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr,
                         BM: tl.constexpr, TH: tl.constexpr, GROUP: tl.constexpr,
@@ -147,16 +147,11 @@ def wq_mma_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, cnt_ptr,
     c_hi = tl.minimum(c_lo + chunks_per_split, n_chunks)
     acc = tl.zeros((BN, BM), tl.float32)
     if GS == 0:  # one zero point and scale a row
-        z0 = tl.load(z_ptr + rows).to(tl.float32)
-        s0 = tl.load(s_ptr + rows).to(tl.float32)
-        z1, s1, z2, s2, z3, s3 = z0, s0, z0, s0, z0, s0
-    else:  # this split's first chunk; later ones are loaded one chunk ahead
-        z0, s0, z1, s1, z2, s2, z3, s3 = _groups(z_ptr, s_ptr, rows, N, K, c_lo, GS, NG)
+        z0, s0, z1, s1, z2, s2, z3, s3 = _groups(g_ptr, rows, N, K, 0, GS, NG)
     for c in range(c_lo, c_hi):
         wv = tl.load(w_ptrs + c * (TH * 16))
-        if GS > 0:  # the next chunk's groups (the last chunk re-reads its own)
-            n0, t0, n1, t1, n2, t2, n3, t3 = _groups(z_ptr, s_ptr, rows, N, K,
-                                                     tl.minimum(c + 1, n_chunks - 1), GS, NG)
+        if GS > 0:  # group words: pipelined through shared memory with the weights
+            z0, s0, z1, s1, z2, s2, z3, s3 = _groups(g_ptr, rows, N, K, c, GS, NG)
         d0, d1, d2, d3 = _dups(wv, BN, BF16, ASM)
         if KD == 128:  # the four planes joined, columns in order: one dot a chunk
             v0 = _wplane(d0, d1, d2, d3, z0, s0, 0, BF16, ASM)
@@ -181,8 +176,6 @@ def wq_mma_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, cnt_ptr,
                 xt = tl.load(x_ptrs + kk[:, None], mask=(kk < K)[:, None] & m_ok[None, :],
                              other=0.0)  # (32, BM)
                 acc = tl.dot(v, xt, acc)
-        if GS > 0:
-            z0, s0, z1, s1, z2, s2, z3, s3 = n0, t0, n1, t1, n2, t2, n3, t3
     mask = (offs_n < N)[:, None] & m_ok[None, :]
     out_ptrs = out_ptr + offs_m[None, :].to(tl.int64) * stride_om + offs_n[:, None]
     part_offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
@@ -191,7 +184,7 @@ def wq_mma_pairs_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, cnt_ptr,
 
 
 @triton.jit
-def dequant_pairs_fast_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, W, stride_on,
+def dequant_pairs_fast_kernel(qw_ptr, g_ptr, out_ptr, N, K, W, stride_on,
                               GS: tl.constexpr, BN: tl.constexpr, TH: tl.constexpr,
                               ASM: tl.constexpr):
     """out (N, Kp) = (q - z) * s in out's 16-bit dtype (see the module docstring for bf16),
@@ -205,12 +198,7 @@ def dequant_pairs_fast_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, W, stride_on,
     offs_r = tl.arange(0, 32)
     rows = tl.minimum(offs_n, N - 1)
     wv = tl.load(row_words(qw_ptr, rows, W, TH) + c * (TH * 16))
-    if GS == 0:
-        z0 = tl.load(z_ptr + rows).to(tl.float32)
-        s0 = tl.load(s_ptr + rows).to(tl.float32)
-        z1, s1, z2, s2, z3, s3 = z0, s0, z0, s0, z0, s0
-    else:
-        z0, s0, z1, s1, z2, s2, z3, s3 = _groups(z_ptr, s_ptr, rows, N, K, c, GS, NG)
+    z0, s0, z1, s1, z2, s2, z3, s3 = _groups(g_ptr, rows, N, K, c, GS, NG)
     d0, d1, d2, d3 = _dups(wv, BN, BF16, ASM)
     o_ptrs = out_ptr + offs_n[:, None].to(tl.int64) * stride_on + (c * CK + offs_r)[None, :]
     n_ok = (offs_n < N)[:, None]
@@ -251,7 +239,7 @@ def launch_mma(x2: torch.Tensor, p: rp.PackedWeight, bn: int, bm: int, split: in
     part = (torch.empty((split, m, n), dtype=torch.float32, device=x2.device)
             if split > 1 else out)
     wq_mma_pairs_kernel[(tiles, split)](
-        x2, p.qweight, p.scales, p.zeros, out, part,
+        x2, p.qweight, rp.group_words(p), out, part,
         counters if split > 1 else p.qweight,
         m, n, k, p.qweight.shape[1], x2.stride(0), out.stride(0), cps, n_chunks,
         GS=p.group_size, SPLIT=split > 1, BN=bn, BM=bm, TH=p.tile, GROUP=GROUP_M, KD=kd, ASM=asm,
@@ -269,7 +257,7 @@ def dequantize_pairs(p: rp.PackedWeight, dtype: torch.dtype, out: Optional[torch
     if out is None:
         out = torch.empty((n, kp), dtype=dtype, device=p.qweight.device)
     dequant_pairs_fast_kernel[(kp // rp.chunk_k(4, True), triton.cdiv(n, bn))](
-        p.qweight, p.scales, p.zeros, out, n, p.in_features, p.qweight.shape[1],
+        p.qweight, rp.group_words(p), out, n, p.in_features, p.qweight.shape[1],
         out.stride(0), GS=p.group_size, BN=bn, TH=p.tile, ASM=asm, num_warps=4)
     return out
 

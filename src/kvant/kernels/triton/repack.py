@@ -26,6 +26,13 @@ Repacked layout ("plane-interleaved"):
   words are stored in tiles of ``tile`` rows (:func:`tile_rows`, default :data:`PAIRS_TILE`);
 - ``scales`` become (G, N) fp16 and zero points (G, N) uint8, transposed so that a tile of
   output channels reads them contiguously. Per-tensor grids are broadcast to per channel.
+  In the 4-bit pairs layout they are one (G, N) int32 array of *group words* instead (fp16
+  scale in the low half, the zero point as fp16 in the high half): 4 bytes a (group, row)
+  are wide enough for Triton to pipeline them through shared memory with the weights
+  (cp.async), and a shared-memory load hands them to the tensor-core layouts without the
+  register shuffle (two barriers a use) that 1-2-byte loads needed (H200, 70B block shapes:
+  benchmarks/results/gemv_70b.md). ``scales`` and ``zeros`` are then fp16 views into
+  that array (stride 2), so the reference and every reader of the two names still work.
 """
 
 from __future__ import annotations
@@ -82,7 +89,8 @@ def supported(bits: int, group_size: int, n_groups: int) -> Optional[str]:
 class PackedWeight:
     """A weight in the kernels' layout (tensors on one device) and its shape.
 
-    qweight: int32 (N, Kp*bits/32); scales: fp16 (G, N); zeros: uint8 (G, N);
+    qweight: int32 (N, Kp*bits/32); scales: fp16 (G, N); zeros: uint8 (G, N) (pairs layout:
+    both fp16 views into the group words, :func:`group_words`);
     perm: int32 (K,) input-column order (act-order) or None; group_size: 0 = one group.
     pairs: 4-bit pairs layout (else planes). tile: rows per tile of the pairs layout (1 =
     row-major; T > 1: qweight's memory holds, for each tile of T rows and each chunk, the T
@@ -259,9 +267,38 @@ def repack(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
     if tile < 1:
         raise ValueError(f"tile must be a positive number of rows, got {tile}")
     tile = tile if pairs else 1
+    if pairs:
+        s_t, z_t = word_views(pack_group_words(s_t, z_t))
     return PackedWeight(tile_rows(torch.cat(words, 0), tile), s_t, z_t,
                         None if perm is None else perm.to(torch.int32).contiguous(),
                         bits, gs, k, n, pairs, tile)
+
+
+def pack_group_words(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """(G, N) fp16 scales and (G, N) integer zero points -> (G, N) int32 group words: the
+    scale's fp16 bits low, the zero point's fp16 bits high (exact: zero points < 2048)."""
+    s = scales.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    z = zeros.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+    return (s | (z << 16)).contiguous()
+
+
+def word_views(words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (G, N) fp16 scales and zero points inside group words (views, stride 2)."""
+    h = words.view(torch.float16)  # (G, 2N): little-endian, the low half first
+    return h[:, 0::2], h[:, 1::2]
+
+
+def group_words(p: PackedWeight) -> torch.Tensor:
+    """The scales of a pairs-layout weight, checked to be the views :func:`word_views`
+    makes, so the kernels may read them as (G, N) int32 group words from ``scales``'
+    address. Raises ValueError for separately stored scales and zero points."""
+    s, z = p.scales, p.zeros
+    g, n = s.shape
+    if not (s.dtype == z.dtype == torch.float16 and s.stride() == (2 * n, 2)
+            and z.stride() == s.stride() and z.data_ptr() == s.data_ptr() + 2):
+        raise ValueError("a 4-bit pairs-layout weight needs its scales and zero points as "
+                         "views into group words (repack.pack_group_words / word_views)")
+    return s
 
 
 def dequantize_packed(p: PackedWeight, dtype: torch.dtype = torch.float16) -> torch.Tensor:
