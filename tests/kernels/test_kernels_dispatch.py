@@ -69,6 +69,9 @@ def test_pairs_group_words_hold_scale_and_zero_point(gs):
     assert torch.equal(raw, rp.pack_group_words(p.scales, p.zeros).reshape(-1))
     assert torch.equal(p.scales.float(), s.float().expand(40, g).t())
     assert torch.equal(p.zeros.float(), unpack(qz, 4, g).expand(40, g).t().float())
+    c = p.clone()  # a clone keeps the views into one (new) copy of the words
+    assert torch.equal(rp.group_words(c).float(), p.scales.float())
+    assert c.scales.data_ptr() != p.scales.data_ptr() and torch.equal(c.zeros, p.zeros)
     # stored separately (not views into words), the kernels' reader refuses them
     bad = rp.PackedWeight(p.qweight, p.scales.contiguous(), p.zeros.contiguous(), None, 4,
                           p.group_size, k, 40, True, p.tile)

@@ -37,7 +37,7 @@ Repacked layout ("plane-interleaved"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -113,6 +113,19 @@ class PackedWeight:
     def k_padded(self) -> int:
         """K rounded up to whole chunks."""
         return self.qweight.shape[1] * 32 // self.bits
+
+    def clone(self) -> "PackedWeight":
+        """A copy with its own tensors (the pairs layout's scales and zero points stay views
+        into one copy of their group words: cloning them one by one would split them)."""
+        if self.pairs:
+            g, n = self.scales.shape
+            words = torch.empty(0, dtype=torch.int32, device=self.scales.device).set_(
+                self.scales.untyped_storage(), self.scales.storage_offset() // 2, (g, n))
+            s, z = word_views(words.clone())
+        else:
+            s, z = self.scales.clone(), self.zeros.clone()
+        perm = None if self.perm is None else self.perm.clone()
+        return replace(self, qweight=self.qweight.clone(), scales=s, zeros=z, perm=perm)
 
     def nbytes(self) -> int:
         """Bytes the kernel reads per call for the weight (qweight, scales, zeros, perm)."""
