@@ -91,14 +91,15 @@ def _split_for(tiles: int, n_chunks: int, sms: int, min_chunks: int = 2) -> int:
 
 # The 4-bit (pairs layout) path by batch: the first row whose bound is >= M applies;
 # (largest M, kernel, BN, BM, warps, stages, KD), "dot" rows leave M to the decode heuristic
-# below. Measured: benchmarks/prefill.py on one H200 at 126ba69 (results/prefill.md,
-# "Dispatch table": the best geometric-mean speed-up over fp16 across the four shapes at each
-# batch). The mma kernel reaches only 0.6-0.7x of cuBLAS fp16 from batch 128 on, and dequantize
-# + cuBLAS 0.7-1.0x: prefill is still slower than fp16 from batch 64 (issue 14).
+# below. Measured: benchmarks/prefill.py on one H200 at 9d2a59b (results/prefill.md,
+# "Dispatch table": the best geometric-mean speed-up over fp16 across the six shapes at each
+# batch; at 64 the tuned dot kernel of kernels.md, 0.90-1.44x, beats the mma tiles' 0.89x
+# geo-mean). The mma kernel reaches 0.6-0.8x of cuBLAS fp16 from batch 128 on, and dequantize
+# + cuBLAS 0.7-1.0x: prefill is still slower than fp16 from batch 128 (issue 14).
 PAIRS_BY_BATCH: tuple[tuple[Optional[int], str, int, int, int, int, int], ...] = (
     (64, "dot", 0, 0, 0, 0, 0),
-    (128, "mma", 128, 128, 8, 4, 128),
-    (256, "mma", 256, 128, 8, 3, 32),
+    (128, "mma", 128, 128, 8, 3, 128),
+    (256, "mma", 128, 128, 8, 3, 32),
     (None, "dequant", 64, 0, 4, 0, 0),
 )
 # tiles of the mma kernel the tuner and the benchmark time: (BN, BM, warps, stages, KD); all
@@ -147,18 +148,19 @@ def heuristic(m: int, n: int, k: int, bits: int, device: torch.device,
     # BN 128 at BM 16 on the pairs layout (the H200 tuning chose it everywhere)
     bn = 128 if bm >= 64 or (pairs and bm <= 16) else 64
     tiles = -(-n // bn) * -(-m // bm)
-    if pairs and bm <= 16:  # H200, 70B block shapes (results/gemv_70b.md): 4 stages won
+    if pairs:  # H200: 4 stages won at BM 16 (gemv_70b.md) and mostly at 32 (kernels.md)
         return Config("dot", bn=bn, bm=bm, split=_pairs_split(tiles, n_chunks, sms),
-                      warps=dot_warps(bn, bm), stages=4, cpi=1)
+                      warps=dot_warps(bn, bm), stages=4 if bm <= 32 else 3, cpi=1)
     return Config("dot", bn=bn, bm=bm, split=_split_for(tiles, n_chunks, sms),
                   warps=dot_warps(bn, bm), stages=3, cpi=1)
 
 
 def _pairs_split(tiles: int, n_chunks: int, sms: int) -> int:
-    """K splits (at most 8) of the 4-bit kernel at BM 16: double while the programs stay
-    under 8 per SM and either fill fewer than one per SM or keep at least 16 chunks each
-    (H200, the Llama-3-70B block shapes: 4 for 10240×8192 and 8192², 2 for 57344×8192, 8
-    for 8192×28672 were the fastest of 1-8; shorter splits lose to their pipeline fill)."""
+    """K splits (at most 8) of the 4-bit kernel: double while the programs stay under 8 per
+    SM and either fill fewer than one per SM or keep at least 16 chunks each (H200, the
+    Llama-3-70B block shapes at BM 16: 4 for 10240×8192 and 8192², 2 for 57344×8192, 8 for
+    8192×28672 were the fastest of 1-8; the kernel table's tuning at BM 32/64 chose 1-4
+    splits where the older rule gave 8: shorter splits lose to their pipeline fill)."""
     split = 1
     while (tiles * split * 2 <= 8 * sms and split < 8 and n_chunks // (split * 2) >= 2
            and (tiles * split < sms or n_chunks // (split * 2) >= 16)):
