@@ -57,7 +57,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    ap.add_argument("--name", default="gemv_70b", help="output file stem")
     args = ap.parse_args()
+    batches = tuple(int(b) for b in args.batches.split(","))
     torch.manual_seed(0)
     dev = torch.cuda.get_device_name(0)
     names = args.shapes.split(",")
@@ -71,7 +74,7 @@ def main() -> None:
         ws = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.01
               for _ in range(_copies(n * k * 2))]
         w_ref = rp.dequantize_packed(p0, torch.float16)
-        for m in BATCHES:
+        for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = (x.float() @ w_ref.float().t())
             t16 = graph_time_us([lambda w=w: torch.matmul(x, w.t()) for w in ws], reps=5,
@@ -106,7 +109,7 @@ def main() -> None:
         del ps, ws, w_ref
         torch.cuda.empty_cache()
     blocks = []
-    for m in BATCHES:
+    for m in batches:
         probs = {nm: _packed_problem(*SHAPES[nm], 4, seed=1) for nm in names}
         xs = {nm: torch.randn(m, SHAPES[nm][1], device="cuda", dtype=torch.float16)
               for nm in names}
@@ -131,17 +134,18 @@ def main() -> None:
                 date=datetime.date.today().isoformat())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "gemv_70b.json").write_text(json.dumps(dict(meta=meta, rows=rows, blocks=blocks),
+    (out / f"{args.name}.json").write_text(json.dumps(dict(meta=meta, rows=rows, blocks=blocks),
                                                   indent=1))
     lines = [f"# The 4-bit decode kernel on the Llama-3-70B block shapes, {dev}", "",
              f"{meta['date']}, commit {commit}, torch {torch.__version__}. Median µs per call "
              "in a replayed CUDA graph, each call on its own weight copy; fp16 activations, "
-             "4-bit g128 (kvant's pairs layout), BN 128. GB/s: the weight's bytes (codes, "
+             "4-bit g128 (kvant's pairs layout), BN 128 in the sweep (the heuristic's own BN where it "
+             "differs). GB/s: the weight's bytes (codes, "
              "group words) per second.", "",
              "| shape | batch | fp16 µs | heuristic µs (split, stages) | GB/s | fastest µs "
              "(split, stages) | GB/s | speed-up vs fp16 |", "|---|---|---|---|---|---|---|---|"]
     for name in names:
-        for m in BATCHES:
+        for m in batches:
             r16 = next(r for r in rows if r["shape"] == name and r["m"] == m
                        and r["kernel"] == "fp16 cuBLAS")
             rh = next(r for r in rows if r.get("heuristic") and r["shape"] == name
@@ -155,7 +159,7 @@ def main() -> None:
     lines += ["", "One block (the four products in order):", "",
               "| batch | kernel | µs a block |", "|---|---|---|"]
     lines += [f"| {b['m']} | {b['kernel']} | {b['us_block']} |" for b in blocks]
-    (out / "gemv_70b.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
