@@ -149,21 +149,23 @@ def heuristic(m: int, n: int, k: int, bits: int, device: torch.device,
     bn = 128 if bm >= 64 or (pairs and bm <= 16) else 64
     tiles = -(-n // bn) * -(-m // bm)
     if pairs:  # H200: 4 stages won at BM 16 (gemv_70b.md) and mostly at 32 (kernels.md)
-        return Config("dot", bn=bn, bm=bm, split=_pairs_split(tiles, n_chunks, sms),
+        return Config("dot", bn=bn, bm=bm, split=_pairs_split(tiles, n_chunks, sms, bm),
                       warps=dot_warps(bn, bm), stages=4 if bm <= 32 else 3, cpi=1)
     return Config("dot", bn=bn, bm=bm, split=_split_for(tiles, n_chunks, sms),
                   warps=dot_warps(bn, bm), stages=3, cpi=1)
 
 
-def _pairs_split(tiles: int, n_chunks: int, sms: int) -> int:
+def _pairs_split(tiles: int, n_chunks: int, sms: int, bm: int = 16) -> int:
     """K splits (at most 8) of the 4-bit kernel: double while the programs stay under 8 per
-    SM and either fill fewer than one per SM or keep at least 16 chunks each (H200, the
-    Llama-3-70B block shapes at BM 16: 4 for 10240×8192 and 8192², 2 for 57344×8192, 8 for
-    8192×28672 were the fastest of 1-8; the kernel table's tuning at BM 32/64 chose 1-4
-    splits where the older rule gave 8: shorter splits lose to their pipeline fill)."""
+    SM and either fill fewer than one per SM or keep at least 16 chunks each; at BM 64 only
+    while they fill fewer than half the SMs. H200, the Llama-3-70B block shapes
+    (results/gemv_70b*.md): at BM 16, 4 splits for 10240×8192 and 8192², 2 for 57344×8192, 8
+    for 8192×28672 were the fastest of 1-8; at BM 64, 1, 2, 1 and 2 (one program an SM is
+    enough there; the old rule's 4-8 splits were 10-20 % slower)."""
     split = 1
     while (tiles * split * 2 <= 8 * sms and split < 8 and n_chunks // (split * 2) >= 2
-           and (tiles * split < sms or n_chunks // (split * 2) >= 16)):
+           and (tiles * split * 2 <= sms if bm >= 64 else
+                tiles * split < sms or n_chunks // (split * 2) >= 16)):
         split *= 2
     return split
 
