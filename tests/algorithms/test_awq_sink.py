@@ -83,16 +83,3 @@ def test_clip_search_default_depends_on_the_grid():
     assert back == cfg and back.clip_search is None and not back.clips
     with pytest.raises(ConfigError, match="clip_search"):
         AWQConfig(clip_search="yes")
-
-
-def test_search_scores_candidates_with_the_given_rounding():
-    block, inputs = _problem()
-    lin = block[1][0]
-    cap = capture_groups(block, [("1.0", "1")], inputs)[0]
-    args = AWQConfig(bits=3, group_size=32).qargs
-    keep = torch.ones(64, dtype=torch.bool)
-    s, info = search_scale(block[1], [lin], cap, args, 4, False, keep,
-                           rounders=[lambda ws: ws])  # exact "rounding": nothing to gain
-    assert info["loss"] == pytest.approx(0.0, abs=1e-9) and info["alpha"] == 0.0
-    _, plain = search_scale(block[1], [lin], cap, args, 4, False, keep)
-    assert plain["loss_rtn"] > 0

@@ -384,23 +384,3 @@ def test_fp16_overflow_is_refused():
     w = torch.full((2, 64), 1e6)
     with pytest.raises(ValueError, match="overflow"):
         gguf_rtn(w, RTNConfig(grid="gguf:Q4_0"), "big")
-
-
-def test_awq_scale_search_rounds_candidates_on_the_gguf_type(monkeypatch):
-    """On a GGUF grid AWQ scores each scale candidate with the layer's own type's block fit
-    (what the file stores), not with min-max on a nearby integer grid."""
-    import kvant.core.gguf_grid as gg
-
-    seen = []
-    real = gg.rtn_fit
-
-    def counting(w, t, imp=None):
-        seen.append(t.name)
-        return real(w, t, imp)
-
-    monkeypatch.setattr(gg, "rtn_fit", counting)
-    m = _llama()
-    cfg = AWQConfig(grid="gguf:Q4_0", scale_unfoldable=False, rounding="gptq", n_grid=3)
-    kvant.quantize(m, cfg, CALIB)  # GPTQ rounding: every rtn_fit call is the search's
-    assert seen and set(seen) <= {"Q4_0", "Q4_1", "Q5_0", "Q8_0"}
-    assert len(seen) % 3 == 0  # n_grid candidates for every searched Linear

@@ -249,7 +249,7 @@ class AWQ(QuantMethod):
         module = st.block.get_submodule(module_name) if module_name else st.block
         lins = [st.linears[n] for n in names]
         s, info = search_scale(module, lins, cap, cfg.qargs, cfg.n_grid, cfg.duo_scaling,
-                               ~plan.dead, self._rounders(names, lins))
+                               ~plan.dead)
         ok, err = self._apply(i, names, plan, s)
         if not ok and cached:
             # a plan cached from an earlier block may not fit this one: probe this block
@@ -273,22 +273,6 @@ class AWQ(QuantMethod):
         return {"layers": names, "module": module_name or "<block>", "treatment": treatment,
                 "alpha": info["alpha"], "loss": info["loss"], "loss_rtn": info["loss_rtn"],
                 "verify_error": err}
-
-    def _rounders(self, names: list[str], lins: list) -> list | None:
-        """On a GGUF grid: each Linear's candidate rounding in the scale search is its own
-        type's block fit (llama.cpp's mix may give it another type than the grid's), the
-        fit the file stores; None (min-max on ``qargs``) on kvant's integer grid."""
-        if self.config.grid == "int":
-            return None
-        from kvant.algorithms.gguf_round import layer_type
-        from kvant.core.gguf_grid import rtn_fit
-
-        out = []
-        for n, lin in zip(names, lins):
-            full = self._state.full(n)
-            t = layer_type(self.config_for(full), linear_weight(lin).shape[1], full)
-            out.append(lambda ws, t=t: rtn_fit(ws, t)[2].to(ws.device))
-        return out
 
     def _apply(self, i: int, names: list[str], plan, s: torch.Tensor) -> tuple[bool, float]:
         """Scale group ``i``'s columns, fold 1/s, add input scales; verify on the probe that

@@ -240,27 +240,11 @@ def scale_candidates(act_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha:
     return s.half().float()  # stored exactly when it ends up as a QuantLinear input_scale
 
 
-def minmax_rounder(qargs: QuantArgs):
-    """The default candidate rounding of the scale search: min-max RTN on ``qargs``' grid,
-    (N, K) float32 -> (N, K) float32."""
-    grid_args = QuantArgs(qargs.bits, qargs.group_size, qargs.sym, False)
-
-    def rnd(ws: torch.Tensor) -> torch.Tensor:
-        sc, z = weight_params(ws, grid_args).expand(ws.shape[1])
-        return fake_quantize(ws, sc, z, qargs.bits)
-    return rnd
-
-
 @torch.no_grad()
 def search_scale(module: nn.Module, lins: list[nn.Module], cap: GroupCapture,
-                 qargs: QuantArgs, n_grid: int, duo: bool, keep: torch.Tensor,
-                 rounders: list | None = None):
+                 qargs: QuantArgs, n_grid: int, duo: bool, keep: torch.Tensor):
     """Grid search of alpha for the group ``lins`` inside ``module``.
 
-    rounders: per Linear, the rounding a candidate ``W * s`` gets ((N, K) float32 -> (N, K)
-    float32 dequantized); default min-max RTN on ``qargs`` (:func:`minmax_rounder`). On a
-    GGUF grid the caller passes the type's own block fit, so the search scores what the
-    file will store.
     Returns (s (K,) float32 on the weights' device, info dict with alpha, loss, loss_rtn).
     """
     weights = [linear_weight(l).detach().float().clone() for l in lins]
@@ -271,15 +255,18 @@ def search_scale(module: nn.Module, lins: list[nn.Module], cap: GroupCapture,
     act = cap.act_mean.to(dev)
     keep = keep.to(dev)
     w_mean = column_importance(weights, qargs) if duo else None
-    rounders = rounders or [minmax_rounder(qargs)] * len(lins)
+    grid_args = QuantArgs(qargs.bits, qargs.group_size, qargs.sym, False)
     best = (float("inf"), 0.0, torch.ones_like(act))
     losses = []
     for i in range(n_grid):
         alpha = i / n_grid
         s = scale_candidates(act, w_mean, alpha, keep)
         cand = {}  # Linear -> Q(W s) / s (N, K), what the model computes after the scaling
-        for lin, w, rnd in zip(lins, weights, rounders):
-            cand[lin] = rnd(w * s) / s
+        for lin, w in zip(lins, weights):
+            ws = w * s
+            p = weight_params(ws, grid_args)
+            sc, z = p.expand(ws.shape[1])
+            cand[lin] = fake_quantize(ws, sc, z, qargs.bits) / s
         if cap.gram is not None:  # one Linear: tr(ΔW G ΔWᵀ) / (T N), in the layer's dtype
             dw = cand[lins[0]].to(lins[0].weight.dtype).float() - weights[0]
             loss = float(((dw @ cap.gram) * dw).sum()) / (cap.tokens * dw.shape[0])
