@@ -168,7 +168,7 @@ def capture_groups(block: nn.Module, specs: list[tuple[str, str]], inputs,
     """
     caps = [GroupCapture() for _ in specs]
     runner = BlockRunner(block, inputs)
-    last_w: dict = {}  # id(cap) -> the first positions' weight of the latest Linear call
+    seen: dict = {}  # id(cap) -> the first positions' weight of each call of its Linear
 
     def stats(a, cap, single):
         x = a[0].detach()
@@ -177,14 +177,15 @@ def capture_groups(block: nn.Module, specs: list[tuple[str, str]], inputs,
         cap.abs_sum = s if cap.abs_sum is None else cap.abs_sum + s
         cap.tokens += rows.shape[0]
         if single:
-            g = sink_gram(x.float(), rows.float(), torch.float32, sink_weight, sink_max_share)
+            g = sink_gram(x, rows, torch.float32, sink_weight, sink_max_share)
             cap.gram = g if cap.gram is None else cap.gram + g
         else:
-            last_w[id(cap)] = sink_weight_of(x, sink_weight, sink_max_share)
+            seen.setdefault(id(cap), []).append(
+                sink_weight_of(x, sink_weight, sink_max_share))
 
-    def call(a, kw, out, cap):
+    def call(a, kw, out, cap):  # the module's call follows its first Linear's
         cap.calls.append((a, kw, block_output(out).detach()))
-        cap.first_weights.append(last_w.get(id(cap), 1.0))
+        cap.first_weights.append(seen.get(id(cap), [1.0])[-1])
 
     before, after = [], []
     for (first, module), cap in zip(specs, caps):
@@ -193,17 +194,12 @@ def capture_groups(block: nn.Module, specs: list[tuple[str, str]], inputs,
         if module and not single:  # the module's calls: (args, kwargs, float output)
             after.append((module, lambda a, kw, out, cap=cap: call(a, kw, out, cap)))
     whole = any(not module for _, module in specs)  # the block itself is inspected
-    whole_w: dict = {}  # id(cap) -> weights per input, the block inspected as a whole
-    if whole:  # the Linear runs once per input: its weights in input order
-        before += [(first, lambda a, kw, cap=cap: whole_w.setdefault(id(cap), []).append(
-            sink_weight_of(a[0].detach(), sink_weight, sink_max_share)))
-            for (first, module), cap in zip(specs, caps) if not module]
     outs = runner.run(before=before, after=after, keep_outputs=whole)
     if whole:
         for i, (inp, out) in enumerate(zip(inputs, outs)):
             for (_, module), cap in zip(specs, caps):
                 if not module:
-                    ws = whole_w.get(id(cap), [])
+                    ws = seen.get(id(cap), [])
                     cap.calls.append((inp.args, inp.kwargs, out))
                     # a Linear run other than once per input: its calls can't be matched
                     cap.first_weights.append(ws[i] if len(ws) == len(inputs) else 1.0)

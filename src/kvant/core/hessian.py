@@ -109,9 +109,8 @@ def capped_sink_weight(t0: torch.Tensor, total: torch.Tensor, sink_weight: float
     batch's input energy ``total`` (traces of the Gram matrices): ``sink_weight``, lowered
     so that they take at most ``sink_max_share`` of the weighted total, never below 1."""
     rest = total - t0
-    # w t0 / (w t0 + rest) <= share  <=>  w <= share/(1-share) rest/t0
-    share = min(sink_max_share, 1.0 - 1e-12)
-    cap = share / (1.0 - share) * rest / t0.clamp(min=1e-30)
+    # w t0 / (w t0 + rest) <= share  <=>  w <= share/(1-share) rest/t0  (share < 1)
+    cap = sink_max_share / (1.0 - sink_max_share) * rest / t0.clamp(min=1e-30)
     return cap.clamp(max=sink_weight).clamp(min=1.0)
 
 
