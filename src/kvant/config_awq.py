@@ -24,6 +24,11 @@ class AWQConfig(WalkConfig):
     clip_grid, clip_max_shrink: shrink factors ``1 - i/clip_grid`` down to ``1 - clip_max_shrink``.
     clip_tokens: calibration tokens sampled per Linear for the clip search.
     rounding: "rtn" (AWQ) or "gptq" (AWQ scales, then GPTQ rounding of the scaled weights).
+    gptq_rescore: with rounding="gptq", the scale search's this many best alphas (scored with
+        RTN on an integer grid near the layer's) and alpha = 0 are scored again with the GPTQ
+        rounding that follows, on the layer's own grid, and the best of them is kept (each
+        costs one GPTQ of the group's Linears); 0: keep the RTN choice. On SmolLM2 Q4_0 the
+        RTN choice rounded worse than GPTQ alone (benchmarks/results/gguf_quality.md).
     damp_percent, act_order, block_size, true_sequential: :class:`WalkConfig`, for GPTQ rounding.
     sink_weight, sink_max_share: :class:`WalkConfig`; they weight the first token of every
         calibration window in the scale search's loss too (same weight, same cap), so that
@@ -50,6 +55,7 @@ class AWQConfig(WalkConfig):
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512
     rounding: str = "rtn"
+    gptq_rescore: int = 2
     fold: bool = True
     scale_unfoldable: bool = True
     outlier_budget: float = 0.0
@@ -66,6 +72,9 @@ class AWQConfig(WalkConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"{name} must be a positive int, got {v!r}")
+        if (not isinstance(self.gptq_rescore, int) or isinstance(self.gptq_rescore, bool)
+                or self.gptq_rescore < 0):
+            raise ConfigError(f"gptq_rescore must be an int >= 0, got {self.gptq_rescore!r}")
         if not 0 <= self.clip_max_shrink < 1:
             raise ConfigError(f"clip_max_shrink must be in [0, 1), got {self.clip_max_shrink!r}")
         if self.rounding not in ("rtn", "gptq"):

@@ -38,12 +38,13 @@ import torch.nn as nn
 from kvant.algorithms.awq_search import (capture_groups, changed, inspected_module,
                                          probe_signature, search_clip, search_scale,
                                          set_weight, small_probe)
-from kvant.algorithms.awq_layer import AWQLayer, AWQUnsupportedError
+from kvant.algorithms.awq_layer import AWQLayer, AWQUnsupportedError, round_scaled
 from kvant.algorithms.base import LayerQuantizer, QuantMethod, as_runner
 from kvant.algorithms.registry import register
 from kvant.calib.capture import BlockInput
 from kvant.calib.runner import BlockRunner
 from kvant.config import AWQConfig
+from kvant.core.result import dense_weight
 from kvant.model import fold
 from kvant.model.discovery import linear_weight
 from kvant.model.mappings import awq_skips_clip
@@ -203,12 +204,12 @@ class AWQ(QuantMethod):
         st.specs = [(names[0], plan[0]) for names, plan in zip(groups, plans)]
         st.sig = probe_signature(st.runner, st.probe, st.specs)
         st.y_ref = st.sig["y"]
-        sink = (self.config.sink_weight, self.config.sink_max_share)
-        caps = capture_groups(st.block, st.specs, st.runner.inputs, *sink)
+        how = (self.config.sink_weight, self.config.sink_max_share, self._rescores)
+        caps = capture_groups(st.block, st.specs, st.runner.inputs, *how)
         report = []
         for i, names in enumerate(groups):
             if caps[i] is None:  # stale: an earlier fold changed what this group reads
-                caps[i] = capture_groups(st.block, [st.specs[i]], st.runner.inputs, *sink)[0]
+                caps[i] = capture_groups(st.block, [st.specs[i]], st.runner.inputs, *how)[0]
             before = st.sig
             entry = self._group(i, names, plans[i], caps[i])
             caps[i] = None
@@ -249,7 +250,8 @@ class AWQ(QuantMethod):
         module = st.block.get_submodule(module_name) if module_name else st.block
         lins = [st.linears[n] for n in names]
         s, info = search_scale(module, lins, cap, cfg.qargs, cfg.n_grid, cfg.duo_scaling,
-                               ~plan.dead)
+                               ~plan.dead, self._rounder(names) if self._rescores else None,
+                               cfg.gptq_rescore)
         ok, err = self._apply(i, names, plan, s)
         if not ok and cached:
             # a plan cached from an earlier block may not fit this one: probe this block
@@ -270,9 +272,29 @@ class AWQ(QuantMethod):
             st.layer_info[st.full(n)] = {"awq_alpha": info["alpha"], "awq_scale": treatment,
                                          "awq_folded_into": folded,
                                          "awq_input_scale_channels": n_free}
-        return {"layers": names, "module": module_name or "<block>", "treatment": treatment,
-                "alpha": info["alpha"], "loss": info["loss"], "loss_rtn": info["loss_rtn"],
-                "verify_error": err}
+        entry = {"layers": names, "module": module_name or "<block>", "treatment": treatment,
+                 "alpha": info["alpha"], "loss": info["loss"], "loss_rtn": info["loss_rtn"],
+                 "verify_error": err}
+        if "rescored" in info:
+            entry["loss_gptq_by_alpha"] = info["rescored"]
+        return entry
+
+    @property
+    def _rescores(self) -> bool:
+        """Whether the scale search scores its best candidates with the GPTQ rounding."""
+        cfg = self.config
+        return cfg.rounding == "gptq" and cfg.gptq_rescore > 0 and cfg.outlier_budget == 0
+
+    def _rounder(self, names: list[str]):
+        """``(Linear, W s, H_s) -> rounded W s`` (N, K) float32: the GPTQ rounding each
+        Linear of the group gets after the search, on its own config's grid."""
+        st = self._state
+        full = {id(st.linears[n]): st.full(n) for n in names}
+
+        def rnd(lin, ws, h):
+            name = full[id(lin)]
+            return dense_weight(round_scaled(ws, h, self.config_for(name), name))
+        return rnd
 
     def _apply(self, i: int, names: list[str], plan, s: torch.Tensor) -> tuple[bool, float]:
         """Scale group ``i``'s columns, fold 1/s, add input scales; verify on the probe that

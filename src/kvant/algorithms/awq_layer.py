@@ -17,6 +17,22 @@ class AWQUnsupportedError(ValueError):
     """A block whose structure AWQ cannot scale (the message names the layer)."""
 
 
+def round_scaled(weight: torch.Tensor, H: torch.Tensor | None, config: AWQConfig,
+                 name: str = "") -> LayerResult:
+    """GPTQ of a scaled weight (N, K) with the Hessian ``H`` (K, K) of its scaled inputs, on
+    the config's grid: llama.cpp's blocks for a GGUF grid (RTN there when ``H`` is None),
+    else kvant's integer grid. GPTQ may change ``H`` in place (dead inputs)."""
+    if config.grid != "int":  # llama.cpp's block grid (kvant.algorithms.gguf_round)
+        from kvant.algorithms.gguf_round import round_layer
+
+        return round_layer(weight, H, config, name)
+    from kvant.algorithms.gptq import gptq_quantize
+
+    return gptq_quantize(weight, H, config.qargs, block_size=config.block_size,
+                         damp_percent=config.damp_percent, act_order=config.act_order,
+                         layer=name)
+
+
 class AWQLayer(LayerQuantizer):
     """Rounds one (already scaled and clipped) Linear with RTN or GPTQ."""
 
@@ -39,17 +55,10 @@ class AWQLayer(LayerQuantizer):
         cfg = self.config
         H = self.acc.result(self.name) if self.acc is not None else None
         self.acc = None
-        if cfg.grid != "int":  # llama.cpp's block grid (kvant.algorithms.gguf_round)
-            from kvant.algorithms.gguf_round import round_layer
-
-            res = round_layer(self.weight, H, cfg, self.name)
-        elif cfg.outlier_budget > 0:
+        if cfg.grid == "int" and cfg.outlier_budget > 0:
             res = self._with_outliers(H)
-        elif H is not None:
-            from kvant.algorithms.gptq import gptq_quantize
-            res = gptq_quantize(self.weight, H, cfg.qargs, block_size=cfg.block_size,
-                                damp_percent=cfg.damp_percent, act_order=cfg.act_order,
-                                layer=self.name)
+        elif H is not None or cfg.grid != "int":
+            res = round_scaled(self.weight, H, cfg, self.name)
         else:
             q, p = rtn(self.weight, cfg.qargs, self.name)
             s, z = p.expand(q.shape[1])

@@ -21,6 +21,7 @@ Blocks and their modules are run, hooked and probed only through a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -38,9 +39,10 @@ class GroupCapture:
     """What one pass over the calibration inputs records for a group.
 
     abs_sum: (K,) float32 sum of |x| over all tokens; tokens: how many; calls: the inspected
-    module's (args, kwargs, float output) of every call; gram: (K, K) float32 ``Σ xᵀx``
-    instead of calls when the inspected module is the group's single Linear, with the first
-    position of every window counted as the sink weight says (core.hessian.sink_gram);
+    module's (args, kwargs, float output) of every call (none when the inspected module is
+    the group's single Linear); gram: (K, K) float32 ``Σ xᵀx`` with the first position of
+    every window counted as the sink weight says (core.hessian.sink_gram), when the group is
+    a single Linear or the capture was asked for it;
     first_weights: per call, that weight of the call's first positions (1.0: unweighted).
     """
 
@@ -152,7 +154,8 @@ def changed(before: dict, after: dict, j: int, tol: float) -> bool:
 
 @torch.no_grad()
 def capture_groups(block: nn.Module, specs: list[tuple[str, str]], inputs,
-                   sink_weight: float = 1.0, sink_max_share: float = 1.0) -> list:
+                   sink_weight: float = 1.0, sink_max_share: float = 1.0,
+                   grams: bool = False) -> list:
     """One pass over all calibration inputs recording, for each (first Linear, inspected
     module) of ``specs``, a :class:`GroupCapture`: |x| of the Linear's input, and the
     inspected module's calls (the block's own calls when the module is "").
@@ -164,7 +167,8 @@ def capture_groups(block: nn.Module, specs: list[tuple[str, str]], inputs,
     ``sink_weight`` / ``sink_max_share``: the first position of every window counts that
     many times in the loss (capped by its share of the Linear's input energy), as in GPTQ's
     Hessian (core.hessian.sink_gram), so the scales are searched for the objective a GPTQ
-    rounding after them minimises.
+    rounding after them minimises. ``grams``: keep that Gram matrix for every group (GPTQ
+    rounding inside the search needs it), not only for single Linears.
     """
     caps = [GroupCapture() for _ in specs]
     runner = BlockRunner(block, inputs)
@@ -176,10 +180,10 @@ def capture_groups(block: nn.Module, specs: list[tuple[str, str]], inputs,
         s = rows.abs().float().sum(0)
         cap.abs_sum = s if cap.abs_sum is None else cap.abs_sum + s
         cap.tokens += rows.shape[0]
-        if single:
+        if single or grams:
             g = sink_gram(x, rows, torch.float32, sink_weight, sink_max_share)
             cap.gram = g if cap.gram is None else cap.gram + g
-        else:
+        if not single:
             seen.setdefault(id(cap), []).append(
                 sink_weight_of(x, sink_weight, sink_max_share))
 
@@ -238,10 +242,20 @@ def scale_candidates(act_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha:
 
 @torch.no_grad()
 def search_scale(module: nn.Module, lins: list[nn.Module], cap: GroupCapture,
-                 qargs: QuantArgs, n_grid: int, duo: bool, keep: torch.Tensor):
+                 qargs: QuantArgs, n_grid: int, duo: bool, keep: torch.Tensor,
+                 rounder: Callable | None = None, rescore_top: int = 0):
     """Grid search of alpha for the group ``lins`` inside ``module``.
 
-    Returns (s (K,) float32 on the weights' device, info dict with alpha, loss, loss_rtn).
+    Every alpha is scored with RTN on ``qargs``' integer grid. With ``rounder`` (the
+    rounding that follows, ``rounder(lin, W s (N, K), H_s (K, K)) -> rounded W s``, H_s the
+    Gram of the scaled inputs ``x / s``; needs ``cap.gram``), the ``rescore_top`` best alphas
+    and alpha = 0 are scored again with it, and the best of those is kept: a GPTQ rounding
+    corrects much of what RTN's score charges a scale with, and alpha = 0 (plain GPTQ) is
+    then always a candidate, so the search never does worse than the rounding alone on the
+    objective it measures.
+
+    Returns (s (K,) float32 on the weights' device, info dict with alpha, loss, loss_rtn,
+    and ``rescored``: {alpha: loss} when rescored).
     """
     weights = [linear_weight(l).detach().float().clone() for l in lins]
     runner = BlockRunner(module, [BlockInput(a, kw) for a, kw, _ in cap.calls])
@@ -252,26 +266,42 @@ def search_scale(module: nn.Module, lins: list[nn.Module], cap: GroupCapture,
     keep = keep.to(dev)
     w_mean = column_importance(weights, qargs) if duo else None
     grid_args = QuantArgs(qargs.bits, qargs.group_size, qargs.sym, False)
-    best = (float("inf"), 0.0, torch.ones_like(act))
-    losses = []
-    for i in range(n_grid):
-        alpha = i / n_grid
-        s = scale_candidates(act, w_mean, alpha, keep)
+    quadratic = cap.gram is not None and not cap.calls  # the group is one Linear
+
+    def score(cand: dict) -> float:
+        if quadratic:  # one Linear: tr(ΔW G ΔWᵀ) / (T N), in the layer's dtype
+            dw = cand[lins[0]].to(lins[0].weight.dtype).float() - weights[0]
+            return float(((dw @ cap.gram) * dw).sum()) / (cap.tokens * dw.shape[0])
+        # the module's output error with the candidate weights, restored after
+        return runner.probe(weights=cand, reference=refs, first_weights=first_w)
+
+    def rtn_candidate(s: torch.Tensor) -> dict:
         cand = {}  # Linear -> Q(W s) / s (N, K), what the model computes after the scaling
         for lin, w in zip(lins, weights):
             ws = w * s
             p = weight_params(ws, grid_args)
             sc, z = p.expand(ws.shape[1])
             cand[lin] = fake_quantize(ws, sc, z, qargs.bits) / s
-        if cap.gram is not None:  # one Linear: tr(ΔW G ΔWᵀ) / (T N), in the layer's dtype
-            dw = cand[lins[0]].to(lins[0].weight.dtype).float() - weights[0]
-            loss = float(((dw @ cap.gram) * dw).sum()) / (cap.tokens * dw.shape[0])
-        else:  # the module's output error with the candidate weights, restored after
-            loss = runner.probe(weights=cand, reference=refs, first_weights=first_w)
-        losses.append(loss)
-        if loss < best[0]:
-            best = (loss, alpha, s)
-    return best[2], {"alpha": best[1], "loss": best[0], "loss_rtn": losses[0]}
+        return cand
+
+    alphas = [i / n_grid for i in range(n_grid)]
+    scales = [scale_candidates(act, w_mean, a, keep) for a in alphas]
+    losses = [score(rtn_candidate(s)) for s in scales]
+    info = {"loss_rtn": losses[0]}
+    if rounder is None:
+        i = min(range(n_grid), key=losses.__getitem__)
+        return scales[i], dict(info, alpha=alphas[i], loss=losses[i])
+    top = sorted(range(n_grid), key=losses.__getitem__)[:rescore_top]
+    gram = cap.gram.to(dev)
+    rescored = {}
+    for i in sorted({0, *top}):
+        s = scales[i]
+        h = gram / (s[:, None] * s[None, :])  # (K, K) Gram of the scaled inputs x / s
+        rescored[i] = score({lin: rounder(lin, w * s, h.clone()) / s
+                             for lin, w in zip(lins, weights)})
+    i = min(rescored, key=rescored.__getitem__)
+    return scales[i], dict(info, alpha=alphas[i], loss=rescored[i],
+                           rescored={alphas[j]: v for j, v in rescored.items()})
 
 
 @torch.no_grad()

@@ -59,3 +59,28 @@ def quant_linear_class(kind: str) -> type:
     if kind not in _KINDS:
         raise ValueError(f"unknown quantized layer kind {kind!r}; known: {sorted(_KINDS)}")
     return _KINDS[kind]
+
+
+def dense_weight(res: LayerResult) -> torch.Tensor:
+    """The float32 (N, K) weight a result of kind "quant" or "gguf" dequantizes to, before any
+    input scale (a packed "quant" layer keeps its scales in fp16: equal within that rounding)."""
+    q = res.qweight.long()
+    if res.layer_kind == "gguf":  # w = a * level(code) + b per sub-block of the type
+        from kvant.core.gguf_grid import gguf_type
+
+        t = gguf_type(res.extras["gguf_type"])
+        a = res.scales.float().repeat_interleave(t.sub, 1)
+        b = res.zeros.float().repeat_interleave(t.sub, 1)
+        return a * t.levels(q.device)[q] + b
+    if res.layer_kind != "quant":
+        raise ValueError(f"dense_weight reads results of kind 'quant' or 'gguf', "
+                         f"not {res.layer_kind!r}")
+    k = q.shape[1]
+    if res.g_idx is not None:
+        g = res.g_idx.long().to(q.device)
+    elif res.scales.shape[1] == 1:
+        g = torch.zeros(k, dtype=torch.long, device=q.device)
+    else:
+        g = torch.arange(k, device=q.device) // res.group_size
+    s, z = res.scales.float()[:, g], res.zeros.float()[:, g]
+    return (q.float() - z) * s
