@@ -187,6 +187,10 @@ def bench_shape(n, k, bits, batches, peer: bool, log) -> list:
         y = d.launch(x, p0, best)
         err = ((y.double() - x.double() @ w_deq.t()).norm() / (x.double() @ w_deq.t()).norm())
         us = graph_time_us([lambda p=p: d.launch(x, p, best) for p in ps])
+        # what a call gets without tuning: the dispatcher's heuristic, timed alike
+        heur = d.heuristic(m, n, k, bits, x.device, p0.pairs)
+        us_heur = us if heur == best else graph_time_us(
+            [lambda p=p: d.launch(x, p, heur) for p in ps])
         us_fp16 = graph_time_us([lambda w=w: torch.matmul(x, w.t()) for w in ws])
         us_peer = None
         if peer:
@@ -199,6 +203,8 @@ def bench_shape(n, k, bits, batches, peer: bool, log) -> list:
         rows.append(dict(
             shape=[n, k], batch=m, bits=bits, group_size=GS, dtype="float16",
             us_kernel=us, us_fp16=us_fp16, speedup=us_fp16 / us, ideal_speedup=16 / fbits,
+            us_heuristic=us_heur, speedup_heuristic=us_fp16 / us_heur,
+            heuristic_config=repr(heur),
             gbps=nbytes / us / 1e3, gbps_fp16=(n * k * 2 + x.numel() * 2 + m * n * 2) / us_fp16 / 1e3,
             us_peer_int4pack=us_peer, speedup_peer=(us_fp16 / us_peer) if us_peer else None,
             peer_rel_err=peer_err, rel_err=float(err), config=repr(best),
@@ -227,18 +233,27 @@ def write_outputs(rows, out: Path, device: str, meta: dict) -> None:
              f"{meta['triton']}. Median µs per call in a replayed CUDA graph, each call on its "
              "own weight copy (no L2 reuse). Ours: fp16 activations, asymmetric g128; "
              "speed-up = fp16 cuBLAS time / our time; ideal = 16 / stored bits per weight "
-             "(bits + (16 + bits)/128). Peer: torch._weight_int4pack_mm (bf16, g128). "
+             "(bits + (16 + bits)/128). Ours is the fastest dispatch candidate (tuned per "
+             "row); heuristic: the configuration a call gets untuned (dispatch.heuristic), "
+             "timed alike (`=` when it is the tuned one). "
+             "Peer: torch._weight_int4pack_mm (bf16, g128). "
              f"Peer's error vs its own dequantization: {meta.get('peer_err', 'n/a')}.", ""]
     for bits in sorted({r["bits"] for r in rows}, reverse=True):
         sub = [r for r in rows if r["bits"] == bits]
         lines += [f"## {bits}-bit g128", "",
-                  "| N×K | batch | ours µs | fp16 µs | speed-up | ideal | GB/s | peer µs | "
-                  "peer speed-up | config |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| N×K | batch | ours µs | fp16 µs | speed-up | heuristic µs | heuristic "
+                  "speed-up | ideal | GB/s | peer µs | peer speed-up | config |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in sub:
             peer = (f"{r['us_peer_int4pack']:.1f} | {r['speedup_peer']:.2f}×"
                     if r["us_peer_int4pack"] else "– | –")
+            heur = "– | –"  # rows recorded before the heuristic was timed
+            if r.get("us_heuristic") is not None:
+                same = "=" if r["heuristic_config"] == r["config"] else ""
+                heur = f"{r['us_heuristic']:.1f}{same} | {r['speedup_heuristic']:.2f}×"
             lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {r['batch']} | "
                          f"{r['us_kernel']:.1f} | {r['us_fp16']:.1f} | {r['speedup']:.2f}× | "
+                         f"{heur} | "
                          f"{r['ideal_speedup']:.2f}× | {r['gbps']:.0f} | {peer} | "
                          f"`{r['config']}` |")
         lines.append("")
