@@ -119,12 +119,14 @@ def config_key(config_dict: dict) -> str:
 
 def config_label(cfg: MethodConfig) -> str:
     """The method's name plus the options that make it a variant (``gptq-actorder``,
-    ``awq+gptq``, ``rot+rtn``, ``rtn+outliers``, ``-clip``, ``-sym``, ``-sink128``,
-    ``-plainmix``)."""
+    ``awq+gptq``, ``awq+gptq-rescore0``, ``rot+rtn``, ``rtn+outliers``, ``-clip``, ``-sym``,
+    ``-sink128``, ``-plainmix``)."""
     name = cfg.method
     rounding, base = getattr(cfg, "rounding", None), getattr(cfg, "base", None)
     if name == "awq" and rounding == "gptq":
         name = "awq+gptq"
+        if cfg.gptq_rescore != type(cfg).gptq_rescore:  # how many alphas GPTQ rescores
+            name += f"-rescore{cfg.gptq_rescore}"
     elif name == "quip" and rounding == "rtn":
         name = "rot+rtn"
     elif name == "spqr" and base == "rtn":

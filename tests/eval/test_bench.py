@@ -347,3 +347,5 @@ def test_config_label_names_the_variant_options():
     assert config_label(config_from_spec("gptq:bits=4,sink_weight=128,sink_max_share=1")
                         ) == "gptq-sink128-share1"
     assert config_label(config_from_spec("awq:bits=4,rounding=gptq")) == "awq+gptq"
+    assert config_label(config_from_spec("awq:bits=4,rounding=gptq,gptq_rescore=0")
+                        ) == "awq+gptq-rescore0"

@@ -8,7 +8,10 @@ none can absorb it, kept as the QuantLinear's ``input_scale``. ``s = act_mean**a
 alpha chosen on a grid to minimise the output error of the smallest module holding the group
 (kvant.algorithms.awq_search). A clipping search then shrinks each weight group's range to
 minimise the layer's output error, and the scaled, clipped weights are rounded with RTN — or
-with GPTQ (``rounding="gptq"``), whose Hessian is that of the scaled inputs ``x / s``.
+with GPTQ (``rounding="gptq"``), whose Hessian is that of the scaled inputs ``x / s``; then the
+search's best few alphas and alpha = 0 are scored again with that GPTQ rounding on the
+layer's own grid (``gptq_rescore``), so a scale is kept only where it helps the rounding
+that really follows.
 
 Everything block-level happens in :meth:`AWQ.prepare_block`, on the float block, before the
 engine quantizes any Linear of it, through the engine's block runner only (kvant.calib.runner):
