@@ -145,8 +145,11 @@ def heuristic(m: int, n: int, k: int, bits: int, device: torch.device,
         return Config("gemv", bn=bn, bm=1, split=_split_for(tiles, n_chunks, sms),
                       cpi=1 if bits == 3 else 2)
     bm = block_m("dot", m, bits)
-    # BN 128 at BM 16 on the pairs layout (the H200 tuning chose it everywhere)
-    bn = 128 if bm >= 64 or (pairs and bm <= 16) else 64
+    # BN 128 at BM >= 64 and, on the pairs layout, at BM 16 where N > 4096; at N <= 4096 (32
+    # tiles of 128 or fewer) BN 64 doubles the tiles the K split must otherwise make up for.
+    # H200, kernels.md at b55dc88: 4096² at batch 1-16 7.7-8.0 µs at BN 64, 8.8-9.4 at 128
+    wide = pairs and bm <= 16 and n > 4096
+    bn = 128 if bm >= 64 or wide else 64
     tiles = -(-n // bn) * -(-m // bm)
     if pairs:  # H200: 4 stages won at BM 16 (gemv_70b.md) and mostly at 32 (kernels.md)
         return Config("dot", bn=bn, bm=bm, split=_pairs_split(tiles, n_chunks, sms, bm),
@@ -157,15 +160,17 @@ def heuristic(m: int, n: int, k: int, bits: int, device: torch.device,
 
 def _pairs_split(tiles: int, n_chunks: int, sms: int, bm: int = 16) -> int:
     """K splits (at most 8) of the 4-bit kernel: double while the programs stay under 8 per
-    SM and either fill fewer than one per SM or keep at least 16 chunks each; at BM 64 only
+    SM and either fill fewer than 1.5 per SM or keep at least 16 chunks each; at BM 64 only
     while they fill fewer than half the SMs. H200, the Llama-3-70B block shapes
     (results/gemv_70b*.md): at BM 16, 4 splits for 10240×8192 and 8192², 2 for 57344×8192, 8
     for 8192×28672 were the fastest of 1-8; at BM 64, 1, 2, 1 and 2 (one program an SM is
-    enough there; the old rule's 4-8 splits were 10-20 % slower)."""
+    enough there; the old rule's 4-8 splits were 10-20 % slower). 1.5 per SM, not 1: at
+    11008×4096 (86 tiles, 32 chunks) 4 splits took 12.6-13.1 µs at batch 1-16 against
+    14.1-14.5 for the 2 that "fewer than one per SM" gave (kernels.md at b55dc88)."""
     split = 1
     while (tiles * split * 2 <= 8 * sms and split < 8 and n_chunks // (split * 2) >= 2
            and (tiles * split * 2 <= sms if bm >= 64 else
-                tiles * split < sms or n_chunks // (split * 2) >= 16)):
+                2 * tiles * split < 3 * sms or n_chunks // (split * 2) >= 16)):
         split *= 2
     return split
 
