@@ -1,7 +1,8 @@
 """Triton GPU kernels for weight-only quantized matmuls (docs/KERNELS.md).
 
 Importing this package imports no Triton: :mod:`.repack` (the load-time layout change and its
-pure-torch inverse) runs anywhere. :mod:`.gemv`, :mod:`.gemm`, :mod:`.pairs` and
+pure-torch inverse) and :mod:`.rules` (the launch configuration by shape and batch) run
+anywhere. :mod:`.gemv`, :mod:`.gemm`, :mod:`.pairs` and
 :mod:`.dispatch` import Triton; ``kernels/packed.py`` imports them only where
 :func:`available` is true.
 """
