@@ -75,12 +75,8 @@ def dense_weight(res: LayerResult) -> torch.Tensor:
     if res.layer_kind != "quant":
         raise ValueError(f"dense_weight reads results of kind 'quant' or 'gguf', "
                          f"not {res.layer_kind!r}")
-    k = q.shape[1]
-    if res.g_idx is not None:
-        g = res.g_idx.long().to(q.device)
-    elif res.scales.shape[1] == 1:
-        g = torch.zeros(k, dtype=torch.long, device=q.device)
-    else:
-        g = torch.arange(k, device=q.device) // res.group_size
-    s, z = res.scales.float()[:, g], res.zeros.float()[:, g]
-    return (q.float() - z) * s
+    from kvant.core.grid import GridParams, dequantize
+
+    params = GridParams(res.scales.float(), res.zeros.float(), res.group_size)
+    s, z = params.expand(q.shape[1], res.g_idx)
+    return dequantize(q.float(), s, z).expand(q.shape)

@@ -28,10 +28,10 @@ from kvant.kernels.triton.gemm import dequant_kernel, wq_dot_kernel
 from kvant.kernels.triton.gemv import wq_gemv_kernel
 from kvant.kernels.triton.pairs import wq_dot_pairs_kernel
 from kvant.kernels.triton.planes import device_counters, split_k_buffers
+# re-exported for the callers that read the rules through this module (benchmarks, spqr.py)
 from kvant.kernels.triton.rules import (DOT_MAX_M, GEMV_MAX_M, MMA_TILES,  # noqa: F401
-                                        PAIRS_BY_BATCH, Config, _pairs_split, _sms,
-                                        _split_for, block_m, dot_warps, heuristic,
-                                        mma_config, pairs_row)
+                                        PAIRS_BY_BATCH, Config, _sms, _split_for, block_m,
+                                        dot_warps, heuristic, mma_config, pairs_row)
 
 log = logging.getLogger(__name__)
 
